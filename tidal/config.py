@@ -1,0 +1,240 @@
+"""The one configuration: params.yaml, presets, and `--set key=value` overrides.
+
+Every key is declared in DEFAULTS with its type; an unknown key or a value of the wrong
+type is an error that names the key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    "experiment": "digits-tidal",
+    "dataset": "digits",
+    "data_root": "data",
+    "runs_dir": "runs",
+    "strategy": "tidal-entropy",
+    "seed": 0,
+    "cycles": 5,
+    "initial_size": 100,
+    "budget": 100,
+    "subset_size": 500,
+    "label_mode": "oracle",
+    "imbalance_ratio": 1.0,
+    "backbone": "small-cnn",
+    "preset": None,
+    "device": "auto",
+    "train": {
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "milestones": [30],
+        "td_weight": 1.0,
+        "crop_pad": 1,
+        "hflip": False,
+    },
+    "score_batch_size": 512,
+}
+
+# A preset is a named set of values applied over DEFAULTS; the params file's own keys and then
+# --set overrides are applied after it, so an explicit value always wins over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny settings so CPU tests exercise every step in seconds.
+    "debug": {
+        "cycles": 2,
+        "initial_size": 40,
+        "budget": 20,
+        "subset_size": 200,
+        "train": {"epochs": 3, "batch_size": 32, "milestones": [2]},
+    },
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "label_mode": ("oracle",),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the key."""
+
+
+def _merge(base: dict, update: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        name = f"{prefix}{key}"
+        if key not in base:
+            hint = difflib.get_close_matches(key, list(base), n=1)
+            suggestion = f" (did you mean '{prefix}{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown params key '{name}'{suggestion}; known keys: "
+                              f"{', '.join(prefix + k for k in base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"params key '{name}' must be a mapping, got {value!r}")
+            out[key] = _merge(base[key], value, prefix=f"{name}.")
+        else:
+            out[key] = _check_type(name, base[key], value)
+    return out
+
+
+def _check_type(name: str, default: Any, value: Any) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"params key '{name}' must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"params key '{name}' must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"params key '{name}' must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"params key '{name}' must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"params key '{name}' must be a list, got {value!r}")
+        return value
+    return value
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn 'train.epochs=5' into {'train': {'epochs': 5}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=5")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    # YAML reads 5e-4 as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"params file '{path}' not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params file '{path}' is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"params file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    # YAML 1.1 reads '5e-4' as a string: convert number-like strings where a number is expected.
+    return _coerce_numbers(data, DEFAULTS)
+
+
+def _coerce_numbers(data: dict, defaults: dict) -> dict:
+    out = {}
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(default, dict) and isinstance(value, dict):
+            out[key] = _coerce_numbers(value, default)
+        elif isinstance(default, float) and isinstance(value, str):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Defaults <- preset <- params file <- overrides, validated. Returns a plain dict."""
+    file_values = _read_yaml(Path(path)) if path is not None else {}
+    override_values: dict[str, Any] = {}
+    for text in overrides or []:
+        override_values = _deep_update(override_values, _coerce_numbers(parse_override(text), DEFAULTS))
+    requested = _deep_update(file_values, override_values)
+    preset = requested.get("preset")
+    params = copy.deepcopy(DEFAULTS)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"params key 'preset': unknown preset '{preset}'; "
+                              f"choose one of {sorted(PRESETS)} or null")
+        params = _merge(params, PRESETS[preset])
+    params = _merge(params, requested)
+    validate(params)
+    return params
+
+
+def validate(params: dict[str, Any]) -> None:
+    """Check values that types alone do not catch; raise ConfigError naming the key."""
+    from tidal.data.sources import SOURCES
+    from tidal.models import BACKBONES
+    from tidal.strategies import STRATEGIES
+
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"params key '{key}' {msg}")
+
+    for key, choices in CHOICES.items():
+        need(params[key] in choices, key, f"must be one of {list(choices)}, got {params[key]!r}")
+    need(params["strategy"] in STRATEGIES, "strategy",
+         f"must be one of {sorted(STRATEGIES)}, got {params['strategy']!r}")
+    need(params["dataset"] in SOURCES, "dataset", f"must be one of {sorted(SOURCES)}, got {params['dataset']!r}")
+    need(params["backbone"] in BACKBONES, "backbone",
+         f"must be one of {sorted(BACKBONES)}, got {params['backbone']!r}")
+    need(isinstance(params["experiment"], str) and params["experiment"].strip() != ""
+         and "/" not in params["experiment"], "experiment", "must be a non-empty name without '/'")
+    for key in ("cycles", "initial_size", "budget", "score_batch_size"):
+        need(params[key] >= 1, key, f"must be at least 1, got {params[key]}")
+    need(params["subset_size"] is None or params["subset_size"] >= params["budget"], "subset_size",
+         f"must be null (score every unlabeled sample) or at least budget={params['budget']}, "
+         f"got {params['subset_size']}")
+    need(params["imbalance_ratio"] >= 1, "imbalance_ratio", f"must be >= 1, got {params['imbalance_ratio']}")
+    train = params["train"]
+    for key in ("epochs", "batch_size"):
+        need(train[key] >= 1, f"train.{key}", f"must be at least 1, got {train[key]}")
+    need(train["lr"] > 0, "train.lr", f"must be positive, got {train['lr']}")
+    need(train["td_weight"] >= 0, "train.td_weight", f"must be >= 0, got {train['td_weight']}")
+    need(train["crop_pad"] >= 0, "train.crop_pad", f"must be >= 0, got {train['crop_pad']}")
+    need(all(isinstance(m, int) and 0 < m for m in train["milestones"]), "train.milestones",
+         f"must be a list of positive epoch numbers, got {train['milestones']}")
+
+
+def dump_params(params: dict[str, Any]) -> str:
+    return yaml.safe_dump(params, sort_keys=False)
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}: the names MLflow and DVC use."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,4 @@
+"""Data: sources (one registry), the labeled/unlabeled pool, and data versions."""
+from tidal.data.sources import SOURCES, Dataset, DataError, load_dataset, materialize
+
+__all__ = ["SOURCES", "Dataset", "DataError", "load_dataset", "materialize"]

@@ -1,0 +1,93 @@
+"""The experiment workspace `runs/<experiment>/`: state.json, cycles/<k>/, learning_curve.csv.
+
+Every file is written atomically (temp file, fsync, rename), so a crash leaves either the old
+or the new version, never a torn one; a rerun resumes from what is on disk.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+LEARNING_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, columns: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+class Workspace:
+    def __init__(self, runs_dir: str | Path, experiment: str) -> None:
+        self.root = Path(runs_dir) / experiment
+        self.experiment = experiment
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def learning_curve_path(self) -> Path:
+        return self.root / "learning_curve.csv"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.json"
+
+    def cycle_dir(self, cycle: int) -> Path:
+        return self.root / "cycles" / str(cycle)
+
+    def exists(self) -> bool:
+        return self.state_path.is_file()
+
+    def load_state(self) -> dict[str, Any]:
+        if not self.exists():
+            raise FileNotFoundError(f"no experiment state at {self.state_path}; start one with `tidal run`")
+        return read_json(self.state_path)
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        write_json(self.state_path, state)
