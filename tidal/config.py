@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "backbone": "small-cnn",
     "preset": None,
     "device": "auto",
+    "tracking": True,
     "train": {
         "epochs": 40,
         "batch_size": 64,
@@ -42,8 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "score_batch_size": 512,
 }
 
-# A preset is a named set of values applied over DEFAULTS; the params file's own keys and then
-# --set overrides are applied after it, so an explicit value always wins over the preset.
+# A preset is a named set of values applied over the params file (so `--set preset=debug` makes
+# any params.yaml tiny); `--set` overrides are applied last and win over the preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # Tiny settings so CPU tests exercise every step in seconds.
     "debug": {
@@ -172,20 +173,19 @@ def _coerce_numbers(data: dict, defaults: dict) -> dict:
 
 
 def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Defaults <- preset <- params file <- overrides, validated. Returns a plain dict."""
+    """Defaults <- params file <- preset <- overrides, validated. Returns a plain dict."""
     file_values = _read_yaml(Path(path)) if path is not None else {}
     override_values: dict[str, Any] = {}
     for text in overrides or []:
         override_values = _deep_update(override_values, _coerce_numbers(parse_override(text), DEFAULTS))
-    requested = _deep_update(file_values, override_values)
-    preset = requested.get("preset")
-    params = copy.deepcopy(DEFAULTS)
+    params = _merge(DEFAULTS, file_values)
+    preset = override_values.get("preset", params["preset"])
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"params key 'preset': unknown preset '{preset}'; "
                               f"choose one of {sorted(PRESETS)} or null")
         params = _merge(params, PRESETS[preset])
-    params = _merge(params, requested)
+    params = _merge(params, override_values)
     validate(params)
     return params
 

@@ -16,7 +16,7 @@ import torch
 from tidal.config import dump_params, flatten
 from tidal.data.pool import candidate_ids, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
-from tidal.data.version import content_hash
+from tidal.data.version import verify_data_version
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy
 from tidal.models import TDPredictor, build_backbone
@@ -29,7 +29,7 @@ from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, read_csv, read_j
 log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
-RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset"}
+RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking"}
 
 
 class ExperimentMismatch(ValueError):
@@ -51,12 +51,15 @@ def _cycle_seed(seed: int, cycle: int) -> int:
 # --- experiment set-up ----------------------------------------------------------------------
 
 def prepare_data(params: dict[str, Any]) -> dict[str, str]:
-    """Materialize the dataset if missing; return its directory and content version."""
+    """Materialize the dataset if missing and check the data directory against its DVC pin.
+
+    Returns {data_dir, data_version, pinned}; the version is the md5 DVC gives data_root.
+    """
     data_dir = materialize(params["data_root"], params["dataset"])
-    return {"data_dir": str(data_dir), "data_version": content_hash(data_dir)}
+    return {"data_dir": str(data_dir), **verify_data_version(params["data_root"])}
 
 
-def _dataset(params: dict[str, Any]) -> Dataset:
+def dataset_for(params: dict[str, Any]) -> Dataset:
     return load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
 
 
@@ -67,7 +70,7 @@ def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any
         state = ws.load_state()
         _check_resumable(state, params, data_version, ws)
         return state
-    data = _dataset(params)
+    data = dataset_for(params)
     initial = initial_labeled_ids(data.pool_ids, params["initial_size"], params["seed"])
     labels = data.pool_labels[data.index_of(initial)].tolist()
     state = {
@@ -137,7 +140,7 @@ def _build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.n
 
 def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = None
                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    data = data or _dataset(params)
+    data = data or dataset_for(params)
     backbone, td = _build_models(params, data)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     backbone.load_state_dict(saved["backbone"])
@@ -155,7 +158,7 @@ def train_step(params: dict[str, Any], cycle: int,
     if ckpt.is_file() and hist_path.is_file():
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": True}
     state = ws.load_state()
-    data = _dataset(params)
+    data = dataset_for(params)
     images, labels = _labeled_tensors(data, state)
     device = resolve_device(params["device"])
     set_deterministic(device)
@@ -179,7 +182,7 @@ def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
     out = workspace(params).cycle_dir(cycle) / "eval.json"
     if out.is_file():
         return float(read_json(out)["test_accuracy"])
-    data = _dataset(params)
+    data = dataset_for(params)
     backbone, _ = load_models(params, checkpoint, data)
     acc = accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
                    params["score_batch_size"])
@@ -194,7 +197,7 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
     if out.is_file():
         return str(out)
     state = ws.load_state()
-    data = _dataset(params)
+    data = dataset_for(params)
     pending = set(state["pending_query"]["ids"]) if state.get("pending_query") else set()
     candidates = candidate_ids(data.pool_ids, set(state["labeled"]) | pending, params["subset_size"],
                                params["seed"], cycle)
@@ -231,7 +234,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
 
 def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, int]:
     """Simulation: the dataset's own labels for the queried ids."""
-    data = _dataset(params)
+    data = dataset_for(params)
     return dict(zip(ids, data.pool_labels[data.index_of(ids)].tolist()))
 
 

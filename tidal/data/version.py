@@ -1,51 +1,61 @@
-"""Data versions: a content hash of a dataset directory, and the DVC pin around it.
+"""Data versions, computed exactly as DVC computes a directory's hash.
 
-The hash is our own (sha256 over sorted relative paths and file bytes), so it is cheap and
-needs no DVC; `dvc_status` asks the real DVC whether the directory still matches `data.dvc`.
+The version of the pool data directory `data_root` is the md5 DVC records for it in
+`<data_root>.dvc` (e.g. `data.dvc`): md5 of the JSON list of {md5, relpath} of its files,
+sorted by path. Computing it here needs neither DVC nor its cache, so a fresh clone can check
+the materialized data against the committed pin before any `dvc` command has run.
 """
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
+import json
 from pathlib import Path
 
+import yaml
 
-def content_hash(directory: str | Path) -> str:
-    """sha256 of every file's relative path and bytes, in sorted order; short hex."""
+from tidal.data.sources import DataError
+
+
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_dir_md5(directory: str | Path) -> str:
+    """The md5 that `dvc add DIRECTORY` writes (without its `.dir` suffix)."""
     root = Path(directory)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode())
-        digest.update(b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    entries = [{"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
 
-def dvc_pin_file(repo_root: str | Path, data_root: str | Path) -> Path | None:
-    """The `.dvc` file that pins data_root in repo_root, if there is one (e.g. data.dvc)."""
-    pin = Path(repo_root) / f"{Path(data_root).name}.dvc"
-    return pin if pin.is_file() else None
+def pin_file(data_root: str | Path) -> Path:
+    """Where DVC keeps the pin of data_root: `data` -> `data.dvc` beside it."""
+    root = Path(data_root)
+    return root.parent / f"{root.name}.dvc"
 
 
-def dvc_pin_md5(pin_file: str | Path) -> str:
-    """The md5 recorded in a .dvc file (the directory's `.dir` hash without the suffix)."""
-    import yaml
-
-    outs = yaml.safe_load(Path(pin_file).read_text())["outs"]
+def pinned_md5(pin: str | Path) -> str:
+    outs = yaml.safe_load(Path(pin).read_text())["outs"]
     return str(outs[0]["md5"]).removesuffix(".dir")
 
 
-def dvc_status(repo_root: str | Path, pin_file: str | Path) -> str:
-    """Run `dvc status` on the pin; return its output ('' when the data matches the pin)."""
-    dvc = shutil.which("dvc")
-    if dvc is None:
-        raise RuntimeError("the `dvc` command is not on PATH; install the project (`make run`)")
-    result = subprocess.run([dvc, "status", "--quiet", str(Path(pin_file).name)], cwd=repo_root,
-                            capture_output=True, text=True)
-    if result.returncode == 0:
-        return ""
-    return (result.stdout + result.stderr).strip() or "changed"
+def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
+    """The data version of data_root, checked against its DVC pin when there is one.
+
+    Returns {data_version, pinned}; raises DataError if the directory differs from the pin.
+    """
+    version = dvc_dir_md5(data_root)
+    pin = pin_file(data_root)
+    if not pin.is_file():
+        return {"data_version": version, "pinned": False}
+    expected = pinned_md5(pin)
+    if expected != version:
+        raise DataError(
+            f"{data_root}/ does not match its pin {pin} (pinned {expected}, found {version}). "
+            f"Restore the pinned data with `dvc checkout {pin.name}`, or pin what is there now with "
+            f"`dvc add {Path(data_root).name}` and commit {pin.name}.")
+    return {"data_version": version, "pinned": True}

@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine (see README.md): `make run` and `make test`.
+# Both create .venv and install the pinned set first; reinstall when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test repro install
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(BIN)/python -c "import tidal, flows, prefect, mlflow, dvc, pytest"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The main job: a TiDAL experiment on the embedded digits data, tracked in ./mlflow.db.
+run: install
+	$(BIN)/tidal run
+
+# The whole test suite (CI runs exactly this through .ci/run).
+test: install
+	$(BIN)/python -m pytest
+
+# Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
+repro: install
+	$(BIN)/tidal data
+	$(BIN)/dvc repro

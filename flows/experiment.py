@@ -1,0 +1,131 @@
+"""Prefect flows for an active-learning experiment.
+
+Thin by design: each task calls one step of `tidal.pipeline` (or `tidal.tracking`) with
+params, paths and ids, never tensors or models, and the steps themselves are resumable.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tidal import pipeline
+from tidal.config import load_params
+from tidal.tracking import log_cycle_model, make_tracker
+
+# Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
+OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+COMPUTE = dict(cache_policy=NO_CACHE)
+
+
+@task(name="verify-data-version", **OUTSIDE)
+def verify_data_version(params: dict) -> dict:
+    return pipeline.prepare_data(params)
+
+
+@task(name="start-experiment", **OUTSIDE)
+def start_experiment(params: dict, data_version: str) -> dict:
+    state = pipeline.start_experiment(params, data_version)
+    parent = state["tracking"].get("parent_run_id")
+    if params["tracking"] and not parent:
+        parent = make_tracker().start_experiment(params, data_version)
+        pipeline.record_tracking(params, "parent_run_id", parent)
+    return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent or ""}
+
+
+@task(name="start-cycle-run", **OUTSIDE)
+def start_cycle_run(params: dict, cycle: int, parent_run_id: str) -> str:
+    state = pipeline.load_state(params)
+    runs = state["tracking"].get("cycle_runs", {})
+    if str(cycle) in runs or not params["tracking"]:
+        return runs.get(str(cycle), "")
+    run_id = make_tracker().start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]))
+    pipeline.record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
+    return run_id
+
+
+@task(name="train", **COMPUTE)
+def train(params: dict, cycle: int, run_id: str) -> dict:
+    result = pipeline.train_step(params, cycle)
+    if params["tracking"] and not result["resumed"]:
+        from tidal.workspace import read_json
+
+        make_tracker().log_training(run_id, read_json(result["history"]))
+    return result
+
+
+@task(name="evaluate", **COMPUTE)
+def evaluate(params: dict, cycle: int, checkpoint: str) -> float:
+    return pipeline.evaluate_step(params, cycle, checkpoint)
+
+
+@task(name="score-candidates", **COMPUTE)
+def score_candidates(params: dict, cycle: int, checkpoint: str) -> str:
+    return pipeline.score_step(params, cycle, checkpoint)
+
+
+@task(name="select-top-k", **COMPUTE)
+def select_top_k(scores_path: str, k: int) -> list[str]:
+    return pipeline.select_step(scores_path, k)
+
+
+@task(name="export-query", **OUTSIDE)
+def export_query(params: dict, cycle: int, scores_path: str, ids: list[str]) -> str:
+    return pipeline.export_query(params, cycle, scores_path, ids)
+
+
+@task(name="reveal-oracle-labels", **COMPUTE)
+def reveal_oracle_labels(params: dict, ids: list[str]) -> dict[str, int]:
+    return pipeline.reveal_oracle_labels(params, ids)
+
+
+@task(name="log-cycle", **OUTSIDE)
+def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
+              test_accuracy: float, query_path: str, checkpoint: str) -> str:
+    if not params["tracking"]:
+        return ""
+    tracker = make_tracker()
+    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
+    model_uri = log_cycle_model(tracker, run_id, params, checkpoint)
+    tracker.end_run(run_id)
+    return model_uri
+
+
+@task(name="commit-state", **OUTSIDE)
+def commit_state(params: dict, cycle: int, test_accuracy: float, query_path: str,
+                 labels: dict[str, int], run_id: str) -> dict:
+    return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
+                                 tracking={"mlflow_run_id": run_id})
+
+
+@flow(name="al-cycle", flow_run_name="cycle-{cycle}")
+def al_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
+    """Train on the current labels, evaluate, score and select, export the query, label it, commit."""
+    logger = get_run_logger()
+    verify_data_version(params)
+    run_id = start_cycle_run(params, cycle, parent_run_id)
+    n_labeled = len(pipeline.load_state(params)["labeled"])
+    trained = train(params, cycle, run_id)
+    acc = evaluate(params, cycle, trained["checkpoint"])
+    scores = score_candidates(params, cycle, trained["checkpoint"])
+    ids = select_top_k(scores, params["budget"])
+    query = export_query(params, cycle, scores, ids)
+    labels = reveal_oracle_labels(params, ids)
+    log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
+    record = commit_state(params, cycle, acc, query, labels, run_id)
+    logger.info("cycle %d: %d labeled, test accuracy %.4f, query %s", cycle, n_labeled, acc, query)
+    return record
+
+
+@flow(name="tidal-experiment")
+def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
+    """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
+    params = load_params(params_path, overrides)
+    version = verify_data_version(params)
+    started = start_experiment(params, version["data_version"])
+    for cycle in range(started["cycle"], params["cycles"]):
+        al_cycle(params, cycle, started["parent_run_id"])
+    history = pipeline.load_state(params)["history"]
+    if params["tracking"] and started["parent_run_id"]:
+        make_tracker().end_run(started["parent_run_id"])
+    return history
+

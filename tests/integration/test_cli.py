@@ -1,0 +1,34 @@
+"""CLI behaviour that needs no Prefect server: errors come before anything starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tidal.cli import main as tidal_main
+
+
+def test_misspelled_key_is_named(tmp_path: Path, capsys):
+    code = tidal_main(["run", "--set", "trian.epochs=5", "--set", f"runs_dir={tmp_path}/runs"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown params key 'trian'" in err and "did you mean 'train'" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_value_in_params_file_is_named(tmp_path: Path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: many\n")
+    assert tidal_main(["run", "--params", str(params)]) == 2
+    assert "'train.epochs' must be an integer" in capsys.readouterr().err
+
+
+def test_status_of_missing_experiment(tmp_path: Path, capsys):
+    code = tidal_main(["status", "--experiment", "nope", "--set", f"runs_dir={tmp_path}"])
+    assert code == 1
+    assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_data_command_writes_and_versions(tmp_path: Path, capsys):
+    assert tidal_main(["data", "--set", f"data_root={tmp_path}/data"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "data/digits/images.npy").is_file()
+    assert "not pinned by DVC here" in out

@@ -1,0 +1,73 @@
+"""`dvc repro` in a fresh git repository holding a copy of this project."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.split()
+    return [f for f in out if not f.startswith("tests/") and (REPO / f).is_file()]
+
+
+@pytest.fixture
+def project_copy(tmp_path: Path, migrated_mlflow_db: Path) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    for rel in _project_files():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, repo / rel)
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("preset: null", "preset: debug"))
+    shutil.copy(migrated_mlflow_db, tmp_path / "mlflow.db")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CI": "1",
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env.pop("PREFECT_API_URL", None)  # its own temporary server, not a test harness's
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=repo, check=True)
+    return repo, env
+
+
+def _run(cmd: list[str], repo: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_dvc_repro_on_a_fresh_clone(project_copy):
+    repo, env = project_copy
+    # A fresh clone has no data and no DVC cache: DVC refuses, as documented ...
+    first = _run([str(BIN / "dvc"), "repro"], repo, env)
+    assert first.returncode != 0 and "missing data" in first.stdout + first.stderr
+    # ... until the embedded data is written; it must match the committed pin bit for bit.
+    data = _run([str(BIN / "tidal"), "data"], repo, env)
+    assert data.returncode == 0, data.stderr
+    assert "matches its DVC pin" in data.stdout
+    repro = _run([str(BIN / "dvc"), "repro"], repo, env)
+    assert repro.returncode == 0, repro.stdout[-3000:] + repro.stderr[-3000:]
+    assert (repo / "dvc.lock").is_file()
+    metrics = (repo / "runs/digits-tidal/metrics.json").read_text()
+    assert '"cycles_done": 2' in metrics
+    status = _run([str(BIN / "dvc"), "status"], repo, env)
+    assert status.returncode == 0
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    # Declared metrics and plots are readable by DVC itself.
+    shown = _run([str(BIN / "dvc"), "metrics", "show"], repo, env)
+    assert "final_test_accuracy" in shown.stdout
+    # A params key the stage does not name leaves it up to date; one it names invalidates it.
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("score_batch_size: 512", "score_batch_size: 256"))
+    assert "Data and pipelines are up to date" in _run([str(BIN / "dvc"), "status"], repo, env).stdout
+    params.write_text(params.read_text().replace("seed: 0", "seed: 1"))
+    changed = _run([str(BIN / "dvc"), "status"], repo, env).stdout
+    assert "params.yaml" in changed and "modified:" in changed and "seed" in changed

@@ -1,0 +1,132 @@
+"""A 2-cycle experiment on digits through the real Prefect flow and a real MLflow store."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from tidal.cli import main as tidal_main
+from tidal.data.sources import load_dataset
+from tidal.data.version import dvc_dir_md5
+
+
+def _overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return ["preset=debug", "experiment=it-digits", f"runs_dir={tmp_path}/runs",
+            f"data_root={tmp_path}/data", *extra]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture
+def finished_experiment(prefect_harness, mlflow_uri, tmp_path, monkeypatch):
+    from flows.experiment import experiment
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the repo
+    history = experiment(params_path=None, overrides=_overrides(tmp_path))
+    return {"history": history, "uri": mlflow_uri, "tmp": tmp_path}
+
+
+def test_experiment_flow_writes_workspace(finished_experiment):
+    tmp = finished_experiment["tmp"]
+    ws = tmp / "runs" / "it-digits"
+    assert [h["cycle"] for h in finished_experiment["history"]] == [0, 1]
+
+    curve = _read_csv(ws / "learning_curve.csv")
+    assert list(curve[0]) == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert [(r["cycle"], r["n_labeled"]) for r in curve] == [("0", "40"), ("1", "60")]
+    assert all(0.0 < float(r["test_accuracy"]) <= 1.0 for r in curve)
+
+    state = json.loads((ws / "state.json").read_text())
+    data = load_dataset(tmp / "data", "digits")
+    pool = set(data.pool_ids)
+    q0 = [r["id"] for r in _read_csv(ws / "cycles/0/query.csv")]
+    q1 = [r["id"] for r in _read_csv(ws / "cycles/1/query.csv")]
+    assert len(q0) == len(set(q0)) == 20 and len(q1) == len(set(q1)) == 20
+    assert set(q0) <= pool and set(q1) <= pool
+    initial = set(list(state["labeled"])[:40])
+    # Each query holds ids that were unlabeled when it was made.
+    assert not set(q0) & initial
+    assert not set(q1) & (initial | set(q0))
+    assert len(state["labeled"]) == 80 and state["cycle"] == 2
+    # Oracle labels are the dataset's own.
+    truth = dict(zip(data.pool_ids, data.pool_labels.tolist()))
+    assert all(state["labeled"][i] == truth[i] for i in q0 + q1)
+    assert state["data_version"] == dvc_dir_md5(tmp / "data")
+
+
+def test_experiment_flow_tracks_in_mlflow(finished_experiment):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=finished_experiment["uri"])
+    exp = client.get_experiment_by_name("it-digits")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("tidal.kind") == "experiment"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["strategy"] == "tidal-entropy"
+    assert parent.data.params["seed"] == "0"
+    assert parent.data.params["dataset"] == "digits"
+    assert parent.data.params["budget"] == "20"
+    assert parent.data.params["data_version"] == dvc_dir_md5(finished_experiment["tmp"] / "data")
+    curve = client.get_metric_history(parent.info.run_id, "test_accuracy")
+    assert sorted(m.step for m in curve) == [40, 60]
+
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["cycle"]))
+    assert [r.data.tags["cycle"] for r in children] == ["0", "1"]
+    for child, n_labeled in zip(children, (40, 60)):
+        run_id = child.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.metrics["n_labeled"] == n_labeled
+        assert 0 < child.data.metrics["test_accuracy"] <= 1
+        for key in ("train_loss", "train_accuracy", "module_kl_loss"):
+            assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
+        kl = [m.value for m in client.get_metric_history(run_id, "module_kl_loss")]
+        assert all(v > 0 for v in kl)  # the TD module was trained
+        assert [a.path for a in client.list_artifacts(run_id, "query")] == ["query/query.csv"]
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in children)
+
+
+def test_rerun_resumes_and_extends(finished_experiment):
+    """Asking for one more cycle runs only that cycle, in the same MLflow parent run."""
+    from flows.experiment import experiment
+    from mlflow import MlflowClient
+
+    tmp = finished_experiment["tmp"]
+    before = json.loads((tmp / "runs/it-digits/state.json").read_text())
+    history = experiment(params_path=None, overrides=_overrides(tmp, "cycles=3"))
+    assert [h["cycle"] for h in history] == [0, 1, 2]
+    assert history[:2] == before["history"]
+    client = MlflowClient(tracking_uri=finished_experiment["uri"])
+    exp = client.get_experiment_by_name("it-digits")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tidal.kind") == "experiment"]
+    assert len(parents) == 1
+    assert sorted(m.step for m in client.get_metric_history(parents[0].info.run_id, "test_accuracy")) == [40, 60, 80]
+
+
+def test_status_reports_the_workspace(finished_experiment, capsys):
+    tmp = finished_experiment["tmp"]
+    assert tidal_main(["status", *sum((["--set", o] for o in _overrides(tmp)), [])]) == 0
+    out = capsys.readouterr().out
+    last = finished_experiment["history"][-1]
+    assert "cycle:        2 done of 2 planned" in out
+    assert "labeled:      80" in out
+    assert f"last test accuracy: {last['test_accuracy']:.4f}" in out
+    assert "cycles/1/query.csv" in out
+
+
+def test_changed_params_refuse_to_resume(finished_experiment, capsys):
+    """Through the CLI, resuming with another strategy is a clear error and changes nothing."""
+    tmp = finished_experiment["tmp"]
+    state_before = (tmp / "runs/it-digits/state.json").read_bytes()
+    code = tidal_main(["run", *sum((["--set", o] for o in _overrides(tmp, "strategy=entropy")), [])])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "strategy='tidal-entropy'" in err and "--set experiment=NEW_NAME" in err
+    assert (tmp / "runs/it-digits/state.json").read_bytes() == state_before

@@ -1,0 +1,138 @@
+"""`tidal` command line: run the experiment flow, show a workspace's state, write the data."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from tidal.config import ConfigError, load_params
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+def _params_path(arg: str | None) -> str | None:
+    if arg is not None:
+        return arg
+    return DEFAULT_PARAMS if Path(DEFAULT_PARAMS).is_file() else None
+
+
+def _offline_defaults() -> None:
+    """Prefect's temporary server takes ~15 s to start on 2 cores; its default timeout is 20 s."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+def format_curve(history: list[dict]) -> str:
+    lines = [f"{'cycle':>5}  {'n_labeled':>9}  {'test_accuracy':>13}", "-" * 31]
+    lines += [f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['test_accuracy']:>13.4f}" for h in history]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params_path = _params_path(args.params)
+    params = load_params(params_path, args.set)  # fail fast, before Prefect starts
+    _offline_defaults()
+    from flows.experiment import experiment
+
+    start = time.perf_counter()
+    history = experiment(params_path=params_path, overrides=args.set)
+    elapsed = time.perf_counter() - start
+    from tidal.pipeline import workspace
+    from tidal.tracking import tracking_uri
+
+    ws = workspace(params)
+    print(f"\nExperiment '{params['experiment']}' ({params['strategy']}, seed {params['seed']}) "
+          f"finished in {elapsed:.0f} s\n")
+    print(format_curve(history))
+    last_query = history[-1]["query"] if history else "(none)"
+    print(f"\nlearning curve:  {ws.learning_curve_path}")
+    print(f"last query:      {last_query}")
+    if params["tracking"]:
+        uri = tracking_uri()
+        print(f"open MLflow:     mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
+              else f"open MLflow:     {uri}")
+    print(f"state:           tidal status --experiment {params['experiment']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    overrides = list(args.set) + ([f"experiment={args.experiment}"] if args.experiment else [])
+    params = load_params(_params_path(args.params), overrides)
+    from tidal.pipeline import workspace
+
+    ws = workspace(params)
+    if not ws.exists():
+        print(f"no experiment '{params['experiment']}' under {ws.root.parent}/; start it with `tidal run`",
+              file=sys.stderr)
+        return 1
+    state = ws.load_state()
+    n_labeled = len(state["labeled"])
+    history = state["history"]
+    print(f"experiment:   {state['experiment']}  ({ws.root})")
+    print(f"strategy:     {state['strategy']}   seed: {state['seed']}   dataset: {state['dataset']}")
+    print(f"data version: {state['data_version']}")
+    print(f"cycle:        {state['cycle']} done of {params['cycles']} planned")
+    print(f"labeled:      {n_labeled}   unlabeled: {state['pool_size'] - n_labeled}")
+    if history:
+        print(f"last test accuracy: {history[-1]['test_accuracy']:.4f} (cycle {history[-1]['cycle']}, "
+              f"{history[-1]['n_labeled']} labels)")
+        print(f"last query:   {history[-1]['query']}")
+        print()
+        print(format_curve(history))
+    parent = state.get("tracking", {}).get("parent_run_id")
+    if parent:
+        print(f"\nMLflow parent run: {parent}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    params = load_params(_params_path(args.params), args.set)
+    from tidal.pipeline import prepare_data
+
+    info = prepare_data(params)
+    pinned = "matches its DVC pin" if info["pinned"] else "not pinned by DVC here"
+    print(f"{info['data_dir']}: data version {info['data_version']} ({pinned})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description="TiDAL active learning pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--params", default=None, help="params file (default: ./params.yaml if present)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one params key, e.g. --set train.epochs=5 (repeatable)")
+
+    p_run = sub.add_parser("run", help="run (or resume) the experiment flow")
+    common(p_run)
+    p_run.set_defaults(func=cmd_run)
+    p_status = sub.add_parser("status", help="print an experiment's state")
+    common(p_status)
+    p_status.add_argument("--experiment", default=None, help="experiment name (default: from params)")
+    p_status.set_defaults(func=cmd_status)
+    p_data = sub.add_parser("data", help="write the dataset if missing and check it against data.dvc")
+    common(p_data)
+    p_data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tidal.data.sources import DataError
+    from tidal.pipeline import ExperimentMismatch
+    from tidal.train import TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ExperimentMismatch, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

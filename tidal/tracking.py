@@ -1,0 +1,161 @@
+"""The only module that talks to MLflow.
+
+One parent run per experiment (params, data version), one child run per cycle (per-epoch
+train metrics, test accuracy, n_labeled, the query as an artifact, the cycle's model). The
+parent also gets test_accuracy with step = n_labeled, so the MLflow UI's chart compares
+strategies on the budget axis. Every call names its run id explicitly: MLflow's active run is
+thread-local and Prefect runs tasks in worker threads.
+
+`mlflow` is imported lazily so that the library trains on a box without it (tracking off).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+class MlflowTracker:
+    def __init__(self, uri: str | None = None) -> None:
+        # No usage reports from an offline pipeline.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = uri or tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found else self.client.create_experiment(name)
+
+    def start_experiment(self, params: dict[str, Any], data_version: str) -> str:
+        """Create the parent run; return its id."""
+        from tidal.config import flatten
+
+        run = self.client.create_run(
+            self._experiment_id(params["experiment"]),
+            run_name=f"{params['strategy']}-seed{params['seed']}",
+            tags={"strategy": params["strategy"], "dataset": params["dataset"],
+                  "data_version": data_version, "tidal.kind": "experiment"})
+        flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
+        flat["data_version"] = data_version
+        self._log(run.info.run_id, params=flat)
+        return run.info.run_id
+
+    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int) -> str:
+        parent = self.client.get_run(parent_run_id)
+        run = self.client.create_run(
+            parent.info.experiment_id, run_name=f"cycle-{cycle}",
+            tags={"mlflow.parentRunId": parent_run_id, "cycle": str(cycle), "tidal.kind": "cycle",
+                  "data_version": parent.data.tags.get("data_version", ""),
+                  "strategy": parent.data.tags.get("strategy", "")})
+        self._log(run.info.run_id, params={"cycle": cycle, "n_labeled": n_labeled})
+        return run.info.run_id
+
+    def log_training(self, run_id: str, history: list[dict]) -> None:
+        """Per-epoch train loss, accuracy, TD-module KL and learning rate, in one batch."""
+        metrics = []
+        for record in history:
+            for key in ("loss", "accuracy", "td_kl", "lr"):
+                metrics.append((f"train_{key}" if key != "td_kl" else "module_kl_loss", record[key],
+                                record["epoch"]))
+        self._log(run_id, metrics=metrics)
+
+    def log_cycle_result(self, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
+                         test_accuracy: float, query_path: str) -> None:
+        self._log(run_id, metrics=[("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)])
+        self.client.log_artifact(run_id, query_path, artifact_path="query")
+        self._log(parent_run_id, metrics=[("test_accuracy", test_accuracy, n_labeled),
+                                          ("test_accuracy_by_cycle", test_accuracy, cycle)])
+
+    def log_model(self, run_id: str, backbone: Any, example_input: Any) -> str:
+        """Log the cycle's classifier as an MLflow PyTorch model; return its model URI."""
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        from tidal.train import normalize
+
+        class Classifier(torch.nn.Module):
+            """Float images in [0, 1] (N×C×H×W) -> class logits."""
+
+            def __init__(self, net: torch.nn.Module) -> None:
+                super().__init__()
+                self.net = net
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.net(normalize(x))[0]
+
+        model = Classifier(backbone.cpu().eval())
+        with torch.inference_mode():
+            out = model(example_input)
+        signature = infer_signature(np.asarray(example_input), out.numpy())
+        with self._mlflow.start_run(run_id=run_id):
+            info = self._mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=np.asarray(example_input),
+                # Explicit requirements: inferring them spawns a slow subprocess per model.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        return info.model_uri
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def _log(self, run_id: str, params: dict | None = None, metrics: list[tuple] | None = None) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        p = [Param(k, str(v)) for k, v in (params or {}).items()]
+        m = [Metric(k, float(v), now, int(step)) for k, v, step in (metrics or [])]
+        # MLflow accepts at most 100 params and 1000 metrics per batch.
+        for i in range(0, len(p), 100):
+            self.client.log_batch(run_id, params=p[i:i + 100])
+        for i in range(0, len(m), 1000):
+            self.client.log_batch(run_id, metrics=m[i:i + 1000])
+
+
+class NullTracker:
+    """Tracking off (a bare GPU box, quick checks): same calls, nothing recorded."""
+
+    uri = "none"
+
+    def start_experiment(self, params: dict[str, Any], data_version: str) -> str:
+        return ""
+
+    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int) -> str:
+        return ""
+
+    def log_training(self, run_id: str, history: list[dict]) -> None:
+        pass
+
+    def log_cycle_result(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_model(self, run_id: str, backbone: Any, example_input: Any) -> str:
+        return ""
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        pass
+
+
+def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:
+    return MlflowTracker() if enabled else NullTracker()
+
+
+def log_cycle_model(tracker: MlflowTracker | NullTracker, run_id: str, params: dict, checkpoint: str | Path) -> str:
+    """Load the cycle's checkpoint and log its backbone as the cycle's model."""
+    from tidal.pipeline import dataset_for, load_models
+    from tidal.train import to_float
+
+    data = dataset_for(params)
+    backbone, _ = load_models(params, checkpoint, data)
+    return tracker.log_model(run_id, backbone, to_float(data.test_images[:2]))
