@@ -84,8 +84,16 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     return out
 
 
+# Keys whose value may be null; for every other key null is an error, not a crash later.
+NULLABLE = {"preset", "subset_size"}
+
+
 def _check_type(name: str, default: Any, value: Any) -> Any:
-    if default is None or value is None:
+    if value is None:
+        if default is None or name in NULLABLE:
+            return None
+        raise ConfigError(f"params key '{name}' must not be empty or null")
+    if default is None:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -115,13 +123,9 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=5")
     key, raw = text.split("=", 1)
+    # Read as YAML (5 -> int, true -> bool, [30] -> list); number-like strings such as 5e-4
+    # become floats later, only where the key expects a number (_coerce_numbers).
     value = yaml.safe_load(raw) if raw.strip() else None
-    # YAML reads 5e-4 as a string; accept it as the number the user meant.
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
     out: dict[str, Any] = {}
     node = out
     parts = key.strip().split(".")

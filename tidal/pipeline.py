@@ -23,8 +23,8 @@ from tidal.models import TDPredictor, build_backbone
 from tidal.scoring import top_k_uncertain
 from tidal.strategies import build_strategy
 from tidal.train import TrainConfig, train_cycle
-from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, read_csv, read_json, write_csv,
-                             write_json)
+from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_text, read_csv, read_json,
+                             write_csv, write_json)
 
 log = logging.getLogger("tidal")
 
@@ -88,7 +88,7 @@ def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any
         "tracking": {},
     }
     ws.root.mkdir(parents=True, exist_ok=True)
-    (ws.root / "params.yaml").write_text(dump_params(params))
+    atomic_write_text(ws.root / "params.yaml", dump_params(params))
     ws.save_state(state)
     _write_curve(ws, state)
     return state

@@ -1,0 +1,194 @@
+"""tidal.config: unknown keys, types, overrides, presets, YAML number quirks."""
+from __future__ import annotations
+
+import pytest
+
+from tidal.config import DEFAULTS, PRESETS, ConfigError, load_params, parse_override
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_without_file():
+    params = load_params(None)
+    assert params["train"]["epochs"] == DEFAULTS["train"]["epochs"]
+    assert params["strategy"] == DEFAULTS["strategy"]
+
+
+def test_unknown_top_level_key_names_key_and_suggests_match(tmp_path):
+    path = _write(tmp_path, "strategyy: entropy\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "'strategyy'" in msg
+    assert "did you mean 'strategy'" in msg
+
+
+def test_unknown_nested_key_names_full_key_and_suggests_match(tmp_path):
+    path = _write(tmp_path, "train:\n  epochss: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert "'train.epochss'" in msg
+    assert "did you mean 'train.epochs'" in msg
+
+
+def test_unknown_nested_key_via_override():
+    with pytest.raises(ConfigError) as err:
+        load_params(None, ["train.ephocs=5"])
+    assert "train.ephocs" in str(err.value)
+    assert "train.epochs" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("cycles: three\n", "cycles"),  # int expected, string given
+        ("cycles: 2.5\n", "cycles"),  # int expected, float given
+        ("train:\n  epochs: true\n", "train.epochs"),  # bool is not an int
+        ("train:\n  lr: fast\n", "train.lr"),  # number expected
+        ("train:\n  hflip: 1\n", "train.hflip"),  # bool expected
+        ("strategy: 3\n", "strategy"),  # string expected
+        ("train:\n  milestones: 30\n", "train.milestones"),  # list expected
+        ("train: 5\n", "train"),  # mapping expected
+    ],
+)
+def test_wrong_type_raises_naming_key(tmp_path, text, key):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert f"'{key}'" in str(err.value)
+
+
+def test_int_accepted_where_float_expected_and_converted(tmp_path):
+    params = load_params(_write(tmp_path, "train:\n  lr: 1\n"))
+    assert params["train"]["lr"] == 1.0
+    assert isinstance(params["train"]["lr"], float)
+
+
+def test_set_overrides_apply_and_win_over_file(tmp_path):
+    path = _write(tmp_path, "cycles: 7\ntrain:\n  epochs: 9\n  batch_size: 16\n")
+    params = load_params(path, ["train.epochs=5", "strategy=entropy"])
+    assert params["train"]["epochs"] == 5
+    assert isinstance(params["train"]["epochs"], int)
+    assert params["strategy"] == "entropy"
+    # keys not overridden keep the file's values, siblings in the same mapping included
+    assert params["cycles"] == 7
+    assert params["train"]["batch_size"] == 16
+
+
+def test_later_override_wins_over_earlier():
+    params = load_params(None, ["train.epochs=5", "train.epochs=6"])
+    assert params["train"]["epochs"] == 6
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError):
+        load_params(None, ["train.epochs"])
+
+
+def test_override_scientific_notation_is_float():
+    params = load_params(None, ["train.weight_decay=1e-3"])
+    assert params["train"]["weight_decay"] == pytest.approx(1e-3)
+    assert isinstance(params["train"]["weight_decay"], float)
+
+
+def test_parse_override_nested_structure():
+    assert parse_override("train.epochs=5") == {"train": {"epochs": 5}}
+    assert parse_override("train.milestones=[3, 4]") == {"train": {"milestones": [3, 4]}}
+
+
+def test_debug_preset_applied():
+    params = load_params(None, ["preset=debug"])
+    debug = PRESETS["debug"]
+    assert params["preset"] == "debug"
+    assert params["cycles"] == debug["cycles"] != DEFAULTS["cycles"]
+    assert params["train"]["epochs"] == debug["train"]["epochs"] != DEFAULTS["train"]["epochs"]
+    assert params["train"]["milestones"] == debug["train"]["milestones"]
+    # keys the preset does not name keep the defaults (nested merge, not replacement)
+    assert params["train"]["lr"] == DEFAULTS["train"]["lr"]
+    assert params["train"]["momentum"] == DEFAULTS["train"]["momentum"]
+
+
+def test_set_overrides_win_over_preset(tmp_path):
+    path = _write(tmp_path, "preset: debug\n")
+    params = load_params(path, ["cycles=4", "train.epochs=7", "budget=25"])
+    assert params["cycles"] == 4
+    assert params["train"]["epochs"] == 7
+    assert params["budget"] == 25
+    # what is not explicit still comes from the preset
+    assert params["initial_size"] == PRESETS["debug"]["initial_size"]
+    assert params["train"]["batch_size"] == PRESETS["debug"]["train"]["batch_size"]
+
+
+def test_preset_applies_over_params_file(tmp_path):
+    # Documented order: defaults <- params file <- preset <- overrides, so `--set preset=debug`
+    # makes any params.yaml tiny while the file's other keys stay.
+    path = _write(tmp_path, "cycles: 9\nstrategy: entropy\ntrain:\n  epochs: 50\n  lr: 0.2\n")
+    params = load_params(path, ["preset=debug"])
+    assert params["cycles"] == PRESETS["debug"]["cycles"]
+    assert params["train"]["epochs"] == PRESETS["debug"]["train"]["epochs"]
+    assert params["strategy"] == "entropy"
+    assert params["train"]["lr"] == 0.2
+
+
+def test_preset_from_override_and_explicit_override_wins():
+    params = load_params(None, ["train.epochs=11", "preset=debug"])
+    assert params["train"]["epochs"] == 11
+    assert params["cycles"] == PRESETS["debug"]["cycles"]
+
+
+def test_unknown_preset_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        load_params(None, ["preset=nope"])
+    assert "preset" in str(err.value)
+
+
+def test_yaml_scientific_notation_read_as_float(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-4 (no dot) as a string.
+    path = _write(tmp_path, "train:\n  weight_decay: 5e-4\n  lr: 1e-2\n")
+    params = load_params(path)
+    assert isinstance(params["train"]["weight_decay"], float)
+    assert params["train"]["weight_decay"] == pytest.approx(5e-4)
+    assert isinstance(params["train"]["lr"], float)
+    assert params["train"]["lr"] == pytest.approx(1e-2)
+
+
+def test_numeric_string_not_coerced_where_string_expected(tmp_path):
+    # coercion is only where a number is expected: a string key keeps the string
+    params = load_params(_write(tmp_path, "experiment: '5e-4'\n"))
+    assert params["experiment"] == "5e-4"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("strategy=bogus", "strategy"),
+        ("dataset=bogus", "dataset"),
+        ("budget=0", "budget"),
+        ("subset_size=10", "subset_size"),  # smaller than budget
+        ("train.lr=-1", "train.lr"),
+        ("device=tpu", "device"),
+        ("experiment=a/b", "experiment"),
+    ],
+)
+def test_invalid_values_raise_naming_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_params(None, [override])
+    assert f"'{key}'" in str(err.value)
+
+
+def test_missing_file_and_non_mapping_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_load_params_does_not_mutate_defaults():
+    before = repr(DEFAULTS)
+    load_params(None, ["preset=debug", "train.epochs=2", "train.milestones=[1]"])
+    assert repr(DEFAULTS) == before

@@ -1,0 +1,186 @@
+"""tidal.workspace atomic files, and the workspace state transitions in tidal.pipeline."""
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+from tidal import pipeline
+from tidal.config import load_params
+from tidal.data import materialize
+from tidal.pipeline import ExperimentMismatch
+from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text,
+                             read_csv, read_json, write_csv, write_json)
+
+
+# --- atomic files ---------------------------------------------------------------------------
+
+def test_atomic_write_replaces_contents_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write_text(target, "first version, rather long\n")
+    assert target.read_text() == "first version, rather long\n"
+    atomic_write_text(target, "second\n")
+    assert target.read_text() == "second\n"  # replaced, not appended or partially overwritten
+    atomic_write_bytes(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.txt"]
+
+
+def test_failed_atomic_write_keeps_old_file_and_cleans_up(tmp_path, monkeypatch):
+    target = tmp_path / "state.json"
+    atomic_write_text(target, "old\n")
+
+    def broken_replace(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_json_and_csv_round_trip(tmp_path):
+    write_json(tmp_path / "a.json", {"x": [1, 2.5, None], "y": "z"})
+    assert read_json(tmp_path / "a.json") == {"x": [1, 2.5, None], "y": "z"}
+    write_csv(tmp_path / "b.csv", ["id", "score"], [{"id": "s-1", "score": 0.5}, {"id": "s-2", "score": 1}])
+    assert read_csv(tmp_path / "b.csv") == [{"id": "s-1", "score": "0.5"}, {"id": "s-2", "score": "1"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv"]
+
+
+def test_workspace_paths_and_missing_state(tmp_path):
+    ws = Workspace(tmp_path / "runs", "exp")
+    assert ws.state_path == tmp_path / "runs" / "exp" / "state.json"
+    assert ws.cycle_dir(3) == tmp_path / "runs" / "exp" / "cycles" / "3"
+    assert not ws.exists()
+    with pytest.raises(FileNotFoundError):
+        ws.load_state()
+
+
+# --- experiment state ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    materialize(root, "digits")
+    return root
+
+
+@pytest.fixture
+def params(tmp_path, data_root):
+    return load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={data_root}",
+                              "device=cpu", "strategy=entropy"])
+
+
+DATA_VERSION = "v-test"
+
+
+def _read_curve(path):
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return reader.fieldnames, list(reader)
+
+
+def test_start_experiment_creates_state_and_empty_curve(params):
+    state = pipeline.start_experiment(params, DATA_VERSION)
+    ws = pipeline.workspace(params)
+    assert ws.exists()
+    assert state["cycle"] == 0
+    assert len(state["labeled"]) == params["initial_size"]
+    assert read_json(ws.state_path) == state
+    columns, rows = _read_curve(ws.learning_curve_path)
+    assert columns == LEARNING_CURVE_COLUMNS == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert rows == []
+
+
+def test_start_experiment_initial_set_depends_on_seed_not_strategy(tmp_path, data_root):
+    def initial(strategy, seed):
+        p = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/{strategy}-{seed}",
+                               f"data_root={data_root}", f"strategy={strategy}", f"seed={seed}"])
+        return pipeline.start_experiment(p, DATA_VERSION)["labeled"]
+
+    assert initial("entropy", 0) == initial("random", 0)
+    assert initial("entropy", 0) != initial("entropy", 1)
+
+
+def _unlabeled(params, state, n):
+    data = pipeline.dataset_for(params)
+    ids = [i for i in data.pool_ids if i not in state["labeled"]][:n]
+    return dict(zip(ids, data.pool_labels[data.index_of(ids)].tolist()))
+
+
+def test_commit_cycle_updates_state_and_learning_curve(params):
+    state = pipeline.start_experiment(params, DATA_VERSION)
+    ws = pipeline.workspace(params)
+    n0 = len(state["labeled"])
+    new = _unlabeled(params, state, params["budget"])
+    record = pipeline.commit_cycle(params, 0, 0.8125, "cycles/0/query.csv", new)
+    assert record["cycle"] == 0 and record["n_labeled"] == n0 and record["n_queried"] == len(new)
+
+    state = ws.load_state()
+    assert state["cycle"] == 1
+    assert len(state["labeled"]) == n0 + len(new)
+    assert all(state["labeled"][i] == y for i, y in new.items())
+    assert state["history"][-1]["test_accuracy"] == 0.8125
+
+    new2 = _unlabeled(params, state, params["budget"])
+    pipeline.commit_cycle(params, 1, 0.875, "cycles/1/query.csv", new2)
+    columns, rows = _read_curve(ws.learning_curve_path)
+    assert columns == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert [r["strategy"] for r in rows] == ["entropy", "entropy"]
+    assert [r["seed"] for r in rows] == [str(params["seed"])] * 2
+    assert [int(r["cycle"]) for r in rows] == [0, 1]
+    assert [int(r["n_labeled"]) for r in rows] == [n0, n0 + len(new)]
+    assert [float(r["test_accuracy"]) for r in rows] == [0.8125, 0.875]
+    metrics = read_json(ws.metrics_path)
+    assert metrics["cycles_done"] == 2
+    assert metrics["final_test_accuracy"] == 0.875
+    assert metrics["aubc"] == pytest.approx((0.8125 + 0.875) / 2)
+    assert [p.name for p in ws.root.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_commit_cycle_rejects_wrong_cycle_and_relabeling(params):
+    state = pipeline.start_experiment(params, DATA_VERSION)
+    ws = pipeline.workspace(params)
+    before = ws.state_path.read_bytes()
+    with pytest.raises(RuntimeError, match="cycle"):
+        pipeline.commit_cycle(params, 1, 0.5, "q.csv", _unlabeled(params, state, 3))
+    already = next(iter(state["labeled"]))
+    with pytest.raises(ValueError, match="already labeled"):
+        pipeline.commit_cycle(params, 0, 0.5, "q.csv", {already: state["labeled"][already]})
+    assert ws.state_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("override, key", [("strategy=random", "strategy"), ("seed=3", "seed"),
+                                           ("train.lr=0.01", "train.lr")])
+def test_changed_params_raise_mismatch_and_leave_state_untouched(params, override, key):
+    pipeline.start_experiment(params, DATA_VERSION)
+    ws = pipeline.workspace(params)
+    before = ws.state_path.read_bytes()
+    curve_before = ws.learning_curve_path.read_bytes()
+    changed = load_params(None, ["preset=debug", f"runs_dir={params['runs_dir']}",
+                                 f"data_root={params['data_root']}", "device=cpu", "strategy=entropy",
+                                 override])
+    with pytest.raises(ExperimentMismatch) as err:
+        pipeline.start_experiment(changed, DATA_VERSION)
+    assert f"{key}=" in str(err.value)  # names the key with its old and new values
+    assert ws.state_path.read_bytes() == before
+    assert ws.learning_curve_path.read_bytes() == curve_before
+
+
+def test_resumable_keys_may_change(params):
+    first = pipeline.start_experiment(params, DATA_VERSION)
+    more_cycles = dict(params, cycles=params["cycles"] + 3, score_batch_size=7)
+    assert pipeline.start_experiment(more_cycles, DATA_VERSION) == first
+
+
+def test_changed_data_version_is_refused(params):
+    from tidal.data import DataError
+
+    pipeline.start_experiment(params, DATA_VERSION)
+    before = pipeline.workspace(params).state_path.read_bytes()
+    with pytest.raises(DataError):
+        pipeline.start_experiment(params, "another-version")
+    assert pipeline.workspace(params).state_path.read_bytes() == before

@@ -1,0 +1,196 @@
+"""Training on real digits, bit-identical pipeline reruns on CPU, and divergence detection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tidal import pipeline
+from tidal.config import load_params
+from tidal.data import load_dataset, materialize
+from tidal.evaluate import accuracy
+from tidal.models import TDPredictor, build_backbone
+from tidal.train import TrainConfig, TrainingDiverged, train_cycle
+from tidal.workspace import read_csv, read_json
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism_flag():
+    # train_step switches on deterministic algorithms globally; keep other tests unaffected.
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    materialize(root, "digits")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits(data_root):
+    return load_dataset(data_root, "digits")
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=5, batch_size=32, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[4],
+                td_weight=1.0, crop_pad=1, hflip=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _models(seed: int = 0, with_td: bool = True):
+    torch.manual_seed(seed)
+    backbone = build_backbone("small-cnn", 1, 10)
+    td = TDPredictor(backbone.stage_channels, 10) if with_td else None
+    return backbone, td
+
+
+@pytest.mark.parametrize("with_td", [True, False])
+def test_train_cycle_beats_chance(digits, with_td):
+    backbone, td = _models(with_td=with_td)
+    images, labels = digits.pool_images[:300], digits.pool_labels[:300]
+    seen = []
+    history = train_cycle(backbone, td, images, labels, _cfg(), CPU, seed=0, on_epoch=seen.append)
+    assert [r["epoch"] for r in history] == list(range(1, 6))
+    assert seen == history
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["lr"] == pytest.approx(0.005)  # ×0.1 at the milestone
+    if with_td:
+        assert all(r["td_kl"] > 0 for r in history)
+    else:
+        assert all(r["td_kl"] == 0 for r in history)
+    acc = accuracy(backbone, digits.test_images, digits.test_labels, CPU)
+    assert acc > 0.5, f"test accuracy {acc:.3f} is not above chance (0.1) by a margin"
+
+
+def test_train_cycle_same_seed_same_weights(digits):
+    images, labels = digits.pool_images[:64], digits.pool_labels[:64]
+    results = []
+    for seed in (0, 0, 1):
+        backbone, td = _models(seed=0)
+        train_cycle(backbone, td, images, labels, _cfg(epochs=2), CPU, seed=seed)
+        results.append(torch.cat([p.detach().flatten() for p in backbone.parameters()]))
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])  # the data order/augmentation seed matters
+
+
+def test_td_loss_trains_the_backbone_too(digits):
+    # The module's gradient flows into the backbone (the reference never detaches): with the KL
+    # weight switched on, the backbone ends up with different weights than with it off.
+    images, labels = digits.pool_images[:64], digits.pool_labels[:64]
+    weights = {}
+    for td_weight in (0.0, 1.0):
+        backbone, td = _models(seed=0)
+        train_cycle(backbone, td, images, labels, _cfg(epochs=1, td_weight=td_weight), CPU, seed=0)
+        weights[td_weight] = backbone.stages[0][0].weight.detach().clone()
+    assert not torch.equal(weights[0.0], weights[1.0])
+
+
+def test_huge_lr_raises_training_diverged(digits):
+    backbone, td = _models()
+    with pytest.raises(TrainingDiverged, match=r"epoch 1\b"):
+        train_cycle(backbone, td, digits.pool_images[:96], digits.pool_labels[:96],
+                    _cfg(epochs=3, lr=1e10), CPU, seed=0)
+
+
+def test_nan_loss_raises_training_diverged_naming_the_epoch(digits, monkeypatch):
+    n, batch_size = 64, 32  # two batches per epoch
+    calls = {"n": 0}
+    real_ce = F.cross_entropy
+
+    def ce_nan_from_epoch_3(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 * (n // batch_size) else loss
+
+    monkeypatch.setattr(F, "cross_entropy", ce_nan_from_epoch_3)
+    backbone, td = _models()
+    seen = []
+    with pytest.raises(TrainingDiverged, match=r"epoch 3\b"):
+        train_cycle(backbone, td, digits.pool_images[:n], digits.pool_labels[:n],
+                    _cfg(epochs=5, batch_size=batch_size), CPU, seed=0, on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [1, 2]  # the diverged epoch is never reported as done
+
+
+# --- the pipeline steps, twice with the same seed -------------------------------------------
+
+def _run(tmp_path, name: str, strategy: str, data_root, seed: int = 0, cycles: int = 1):
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/{name}", f"data_root={data_root}",
+                                "device=cpu", f"strategy={strategy}", f"seed={seed}"])
+    prepared = pipeline.prepare_data(params)
+    pipeline.start_experiment(params, prepared["data_version"])
+    selections, score_files, weights = [], [], []
+    for cycle in range(cycles):
+        trained = pipeline.train_step(params, cycle)
+        scores_path = pipeline.score_step(params, cycle, trained["checkpoint"])
+        ids = pipeline.select_step(scores_path, params["budget"])
+        selections.append(ids)
+        with open(scores_path, "rb") as fh:
+            score_files.append(fh.read())
+        weights.append(torch.load(trained["checkpoint"], weights_only=True))
+        if cycle + 1 < cycles:
+            acc = pipeline.evaluate_step(params, cycle, trained["checkpoint"])
+            query = pipeline.export_query(params, cycle, scores_path, ids)
+            pipeline.commit_cycle(params, cycle, acc, query, pipeline.reveal_oracle_labels(params, ids))
+    return params, selections, score_files, weights
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    if (a["td_module"] is None) != (b["td_module"] is None):
+        return False
+    parts = ["backbone"] + (["td_module"] if a["td_module"] is not None else [])
+    return all(torch.equal(a[p][k], b[p][k]) for p in parts for k in a[p])
+
+
+def test_pipeline_rerun_is_bit_identical_tidal_entropy(tmp_path, data_root):
+    params, sel_a, scores_a, w_a = _run(tmp_path, "a", "tidal-entropy", data_root, cycles=2)
+    _, sel_b, scores_b, w_b = _run(tmp_path, "b", "tidal-entropy", data_root, cycles=2)
+    assert sel_a == sel_b
+    assert scores_a == scores_b  # the score files byte for byte
+    assert all(_same_weights(x, y) for x, y in zip(w_a, w_b))
+    for ids in sel_a:
+        assert len(ids) == params["budget"] == len(set(ids))
+    # the second cycle queried nothing it had already labeled, and learned from cycle 0's query
+    state = pipeline.load_state(params)
+    assert state["cycle"] == 1
+    assert set(sel_a[0]) <= set(state["labeled"])
+    assert not set(sel_a[1]) & set(state["labeled"])
+    assert len(state["labeled"]) == params["initial_size"] + params["budget"]
+
+
+@pytest.mark.parametrize("strategy", ["tidal-margin", "entropy", "random"])
+def test_pipeline_rerun_is_bit_identical_other_strategies(tmp_path, data_root, strategy):
+    _, sel_a, scores_a, w_a = _run(tmp_path, "a", strategy, data_root)
+    _, sel_b, scores_b, w_b = _run(tmp_path, "b", strategy, data_root)
+    assert sel_a == sel_b
+    assert scores_a == scores_b
+    assert _same_weights(w_a[0], w_b[0])
+
+
+def test_pipeline_different_seed_different_selection(tmp_path, data_root):
+    _, sel_0, _, _ = _run(tmp_path, "s0", "tidal-entropy", data_root, seed=0)
+    _, sel_1, _, _ = _run(tmp_path, "s1", "tidal-entropy", data_root, seed=1)
+    assert sel_0 != sel_1
+
+
+def test_pipeline_steps_resume_without_redoing_work(tmp_path, data_root):
+    params, sel, _, _ = _run(tmp_path, "r", "tidal-entropy", data_root)
+    ckpt = pipeline.workspace(params).cycle_dir(0) / "model.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    again = pipeline.train_step(params, 0)
+    assert again["resumed"] is True
+    assert ckpt.stat().st_mtime_ns == mtime
+    scores_path = pipeline.score_step(params, 0, again["checkpoint"])
+    assert pipeline.select_step(scores_path, params["budget"]) == sel[0]
+    history = read_json(again["history"])
+    assert [r["epoch"] for r in history] == list(range(1, params["train"]["epochs"] + 1))
+    rows = read_csv(scores_path)
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
