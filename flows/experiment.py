@@ -5,8 +5,12 @@ params, paths and ids, never tensors or models, and the steps themselves are res
 """
 from __future__ import annotations
 
+import re
+
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
 from tidal import pipeline
 from tidal.config import load_params
@@ -27,18 +31,20 @@ def start_experiment(params: dict, data_version: str) -> dict:
     state = pipeline.start_experiment(params, data_version)
     parent = state["tracking"].get("parent_run_id")
     if params["tracking"] and not parent:
-        parent = make_tracker().start_experiment(params, data_version)
+        parent = make_tracker().start_experiment(params, data_version,
+                                                 prefect_flow_run_id=flow_run.get_id() or "")
         pipeline.record_tracking(params, "parent_run_id", parent)
     return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent or ""}
 
 
 @task(name="start-cycle-run", **OUTSIDE)
-def start_cycle_run(params: dict, cycle: int, parent_run_id: str) -> str:
+def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str) -> str:
     state = pipeline.load_state(params)
     runs = state["tracking"].get("cycle_runs", {})
     if str(cycle) in runs or not params["tracking"]:
         return runs.get(str(cycle), "")
-    run_id = make_tracker().start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]))
+    run_id = make_tracker().start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]),
+                                        prefect_flow_run_id=prefect_flow_run_id)
     pipeline.record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
     return run_id
 
@@ -94,15 +100,33 @@ def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_label
 def commit_state(params: dict, cycle: int, test_accuracy: float, query_path: str,
                  labels: dict[str, int], run_id: str) -> dict:
     return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
-                                 tracking={"mlflow_run_id": run_id})
+                                 tracking={"mlflow_run_id": run_id,
+                                           "prefect_flow_run_id": flow_run.get_id() or ""})
 
 
-@flow(name="al-cycle", flow_run_name="cycle-{cycle}")
-def al_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
+@task(name="publish-learning-curve", **OUTSIDE)
+def publish_learning_curve(params: dict) -> None:
+    """A Prefect table artifact, so the Prefect UI shows the learning curve and the lineage."""
+    state = pipeline.load_state(params)
+    rows = [{"cycle": h["cycle"], "n_labeled": h["n_labeled"], "test_accuracy": round(h["test_accuracy"], 4),
+             "query": h["query"], "mlflow_run_id": h.get("mlflow_run_id", ""),
+             "data_version": state["data_version"]} for h in state["history"]]
+    create_table_artifact(table=rows, key=artifact_key(params["experiment"]),
+                          description=f"Learning curve of {params['experiment']} "
+                                      f"({params['strategy']}, seed {params['seed']})")
+
+
+def artifact_key(experiment: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "learning-curve-" + re.sub(r"[^a-z0-9-]+", "-", experiment.lower()).strip("-")
+
+
+@flow(name="cycle", flow_run_name="cycle-{cycle}")
+def cycle_flow(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     """Train on the current labels, evaluate, score and select, export the query, label it, commit."""
     logger = get_run_logger()
     verify_data_version(params)
-    run_id = start_cycle_run(params, cycle, parent_run_id)
+    run_id = start_cycle_run(params, cycle, parent_run_id, flow_run.get_id() or "")
     n_labeled = len(pipeline.load_state(params)["labeled"])
     trained = train(params, cycle, run_id)
     acc = evaluate(params, cycle, trained["checkpoint"])
@@ -112,6 +136,7 @@ def al_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     labels = reveal_oracle_labels(params, ids)
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
     record = commit_state(params, cycle, acc, query, labels, run_id)
+    publish_learning_curve(params)
     logger.info("cycle %d: %d labeled, test accuracy %.4f, query %s", cycle, n_labeled, acc, query)
     return record
 
@@ -123,9 +148,19 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
     version = verify_data_version(params)
     started = start_experiment(params, version["data_version"])
     for cycle in range(started["cycle"], params["cycles"]):
-        al_cycle(params, cycle, started["parent_run_id"])
+        cycle_flow(params, cycle, started["parent_run_id"])
     history = pipeline.load_state(params)["history"]
     if params["tracking"] and started["parent_run_id"]:
         make_tracker().end_run(started["parent_run_id"])
     return history
 
+
+
+@flow(name="al-cycle")
+def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> dict:
+    """One more cycle of the experiment, whatever `cycles` says: train on the current labels,
+    score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
+    params = load_params(params_path, overrides)
+    version = verify_data_version(params)
+    started = start_experiment(params, version["data_version"])
+    return cycle_flow(params, started["cycle"], started["parent_run_id"])

@@ -38,7 +38,7 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(name)
         return found.experiment_id if found else self.client.create_experiment(name)
 
-    def start_experiment(self, params: dict[str, Any], data_version: str) -> str:
+    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "") -> str:
         """Create the parent run; return its id."""
         from tidal.config import flatten
 
@@ -46,19 +46,22 @@ class MlflowTracker:
             self._experiment_id(params["experiment"]),
             run_name=f"{params['strategy']}-seed{params['seed']}",
             tags={"strategy": params["strategy"], "dataset": params["dataset"],
-                  "data_version": data_version, "tidal.kind": "experiment"})
+                  "data_version": data_version, "tidal.kind": "experiment",
+                  "prefect.flow_run_id": prefect_flow_run_id})
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
         flat["data_version"] = data_version
         self._log(run.info.run_id, params=flat)
         return run.info.run_id
 
-    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int) -> str:
+    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int,
+                    prefect_flow_run_id: str = "") -> str:
         parent = self.client.get_run(parent_run_id)
         run = self.client.create_run(
             parent.info.experiment_id, run_name=f"cycle-{cycle}",
             tags={"mlflow.parentRunId": parent_run_id, "cycle": str(cycle), "tidal.kind": "cycle",
                   "data_version": parent.data.tags.get("data_version", ""),
-                  "strategy": parent.data.tags.get("strategy", "")})
+                  "strategy": parent.data.tags.get("strategy", ""),
+                  "prefect.flow_run_id": prefect_flow_run_id})
         self._log(run.info.run_id, params={"cycle": cycle, "n_labeled": n_labeled})
         return run.info.run_id
 
@@ -131,7 +134,8 @@ class NullTracker:
     def start_experiment(self, params: dict[str, Any], data_version: str) -> str:
         return ""
 
-    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int) -> str:
+    def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int,
+                    prefect_flow_run_id: str = "") -> str:
         return ""
 
     def log_training(self, run_id: str, history: list[dict]) -> None:
