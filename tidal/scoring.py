@@ -1,15 +1,25 @@
-"""Score candidates in fixed-size batches under inference mode, keeping only the running top-k.
+"""Choose the candidates to label, in fixed-size batches under inference mode.
 
-Memory holds one batch plus k scores, whatever the number of candidates.
+Pointwise strategies (`Strategy.score`) stream the candidates and keep only the running top-k:
+memory holds one batch plus k scores, whatever the number of candidates. Set strategies
+(`SetStrategy.select`, e.g. CoreSet, BADGE) need every candidate at once, so the backbone's
+logits and penultimate features (N×(C + D), never the images) are gathered batch by batch and
+the strategy then chooses k from them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from tidal.models.backbones import penultimate
 from tidal.progress import progress
-from tidal.strategies.base import ModelOutput, Strategy
+from tidal.strategies.base import Embeddings, ModelOutput, QueryStrategy, SetStrategy, Strategy
 from tidal.train import normalize, to_float
+
+
+def _check_td(strategy: QueryStrategy, td_module: nn.Module | None) -> None:
+    if strategy.uses_td_module and td_module is None:
+        raise ValueError(f"strategy '{strategy.name}' needs the TD module, but none was trained")
 
 
 @torch.inference_mode()
@@ -26,8 +36,12 @@ def top_k_uncertain(
 
     Ties keep the earlier position, so the result does not depend on the batch size.
     """
-    if strategy.uses_td_module and td_module is None:
-        raise ValueError(f"strategy '{strategy.name}' needs the TD module, but none was trained")
+    if isinstance(strategy, SetStrategy):
+        raise TypeError(f"strategy '{strategy.name}' chooses a set jointly; use select_candidates")
+    _check_td(strategy, td_module)
+    head = getattr(backbone, "head", None) if strategy.uses_head else None
+    if strategy.uses_head and head is None:
+        raise ValueError(f"strategy '{strategy.name}' needs a backbone with a `head` module")
     backbone.to(device).eval()
     if td_module is not None:
         td_module.to(device).eval()
@@ -38,10 +52,68 @@ def top_k_uncertain(
         x = normalize(to_float(images_u8[start:start + batch_size].to(device)))
         logits, features = backbone(x)
         td_logits = td_module(features) if strategy.uses_td_module else None
-        scores = strategy.score(ModelOutput(logits=logits, td_logits=td_logits)).float().cpu()
+        out = ModelOutput(logits=logits, td_logits=td_logits,
+                          embedding=penultimate(features) if head is not None else None, head=head)
+        scores = strategy.score(out).float().cpu()
         pos = torch.arange(start, start + len(scores))
         all_scores = torch.cat([top_scores, scores])
         all_pos = torch.cat([top_pos, pos])
         order = torch.sort(all_scores, descending=True, stable=True).indices[:k]
         top_scores, top_pos = all_scores[order], all_pos[order]
     return top_pos, top_scores
+
+
+@torch.inference_mode()
+def embed(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device, batch_size: int = 512,
+          desc: str = "embed") -> Embeddings:
+    """Backbone logits (N×C) and penultimate features (N×D) of every image, on `device`."""
+    backbone.to(device).eval()
+    logits_parts, feature_parts = [], []
+    starts = range(0, len(images_u8), batch_size)
+    for start in progress(starts, desc=desc, total=len(starts)):
+        x = normalize(to_float(images_u8[start:start + batch_size].to(device)))
+        logits, features = backbone(x)
+        logits_parts.append(logits.float())
+        feature_parts.append(penultimate(features).float())
+    if not logits_parts:
+        return Embeddings(logits=torch.empty(0, 0, device=device), features=torch.empty(0, 0, device=device))
+    return Embeddings(logits=torch.cat(logits_parts), features=torch.cat(feature_parts))
+
+
+@torch.inference_mode()
+def select_set(
+    backbone: nn.Module,
+    images_u8: torch.Tensor,
+    strategy: SetStrategy,
+    k: int,
+    device: torch.device,
+    batch_size: int = 512,
+    labeled_u8: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (into images_u8) of the k the set strategy chooses, in selection order, and scores."""
+    candidates = embed(backbone, images_u8, device, batch_size, desc="embed candidates")
+    labeled = None
+    if strategy.uses_labeled and labeled_u8 is not None and len(labeled_u8) > 0:
+        labeled = embed(backbone, labeled_u8, device, batch_size, desc="embed labeled")
+    pos, scores = strategy.select(candidates, labeled, min(k, len(images_u8)))
+    return pos.cpu(), scores.float().cpu()
+
+
+def select_candidates(
+    backbone: nn.Module,
+    td_module: nn.Module | None,
+    images_u8: torch.Tensor,
+    strategy: QueryStrategy,
+    k: int,
+    device: torch.device,
+    batch_size: int = 512,
+    labeled_u8: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Either kind of strategy: positions of the k to label (in order) and a score for each.
+
+    `labeled_u8` (the labeled images) is read only by set strategies that ask for it (CoreSet).
+    """
+    _check_td(strategy, td_module)
+    if isinstance(strategy, SetStrategy):
+        return select_set(backbone, images_u8, strategy, k, device, batch_size, labeled_u8)
+    return top_k_uncertain(backbone, td_module, images_u8, strategy, k, device, batch_size)

@@ -1,7 +1,15 @@
-"""What every query strategy sees, and the one method it implements."""
+"""What every query strategy sees, and the one method each kind implements.
+
+Two kinds of strategy:
+- `Strategy` (pointwise): `score(out)` gives each candidate a score from its own model outputs,
+  so scoring can stream the candidates in batches and keep only the running top-k.
+- `SetStrategy`: `select(candidates, labeled, k)` chooses the k jointly (CoreSet, BADGE), from
+  the backbone outputs of the whole candidate set (and of the labeled set, when it asks for it).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -12,10 +20,20 @@ class ModelOutput:
 
     logits: torch.Tensor  # backbone class logits, B×C
     td_logits: torch.Tensor | None = None  # TD module logits, B×C (TiDAL strategies only)
+    embedding: torch.Tensor | None = None  # penultimate features (the head's input), B×D (uses_head only)
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None  # backbone head: B×D -> B×C (uses_head only)
 
 
-class Strategy:
-    """A query strategy scores candidates; higher score = more uncertain = labeled sooner."""
+@dataclass
+class Embeddings:
+    """Backbone outputs for a whole set of samples, gathered batch by batch."""
+
+    logits: torch.Tensor  # N×C
+    features: torch.Tensor  # N×D penultimate features (global-average-pooled last stage)
+
+
+class QueryStrategy:
+    """What both kinds share: a registry name, a seed, and how params configure them."""
 
     name: str = ""
     uses_td_module: bool = False
@@ -23,7 +41,29 @@ class Strategy:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any], seed: int = 0) -> "QueryStrategy":
+        """Build from the experiment params; strategies with their own keys override this."""
+        return cls(seed=seed)
+
+
+class Strategy(QueryStrategy):
+    """A pointwise strategy scores candidates; higher score = more uncertain = labeled sooner."""
+
+    uses_head: bool = False  # needs ModelOutput.embedding and .head (e.g. MC dropout on the head)
+
     def score(self, out: ModelOutput) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SetStrategy(QueryStrategy):
+    """A set strategy chooses k candidates jointly from their embeddings."""
+
+    uses_labeled: bool = False  # needs the labeled set's embeddings too
+
+    def select(self, candidates: Embeddings, labeled: Embeddings | None, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (into candidates) of the k chosen, in selection order, and a score for each."""
         raise NotImplementedError
 
 
