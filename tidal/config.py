@@ -26,6 +26,9 @@ DEFAULTS: dict[str, Any] = {
     "label_mode": "oracle",
     "imbalance_ratio": 1.0,
     "backbone": "small-cnn",
+    "dropout": 0.0,  # dropout before the backbone's head while training (small-cnn only); 0 = none
+    "bald_passes": 10,  # bald: MC dropout passes T
+    "bald_dropout": 0.5,  # bald: dropout rate on the head's input at scoring time
     "preset": None,
     "device": "auto",
     "tracking": True,
@@ -43,6 +46,19 @@ DEFAULTS: dict[str, Any] = {
     "score_batch_size": 512,
 }
 
+_PAPER: dict[str, Any] = {
+    "dataset": "cifar10",
+    "data_root": "datasets/torchvision",
+    "backbone": "resnet18",
+    "imbalance_ratio": 1.0,
+    "cycles": 10,
+    "initial_size": 1000,
+    "budget": 1000,
+    "subset_size": 10000,
+    "train": {"epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
+              "milestones": [160], "td_weight": 1.0, "crop_pad": 4, "hflip": True},
+}
+
 # A preset is a named set of values applied over the params file (so `--set preset=debug` makes
 # any params.yaml tiny); `--set` overrides are applied last and win over the preset.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -53,6 +69,43 @@ PRESETS: dict[str, dict[str, Any]] = {
         "budget": 20,
         "subset_size": 200,
         "train": {"epochs": 3, "batch_size": 32, "milestones": [2]},
+    },
+    # The paper's protocol (DESIGN.md "Paper protocol"; hyperconnect/TiDAL main.py + config.py):
+    # initial set = per-cycle budget (1,000 on CIFAR-10, 2,000 on CIFAR-100; half that on the
+    # imbalanced variants), 10 cycles, a random subset of 10,000 unlabeled samples scored per
+    # cycle, CIFAR ResNet-18, SGD 0.1 / 0.9 / 5e-4, batch 128, 200 epochs, lr x0.1 at 160
+    # (the reference's second milestone, 260, is never reached), crop 32 pad 4 + flip.
+    # Needs torchvision's files under datasets/torchvision/cifar10 (or cifar100); GPU-sized.
+    # data_root is not `data/`: that directory is pinned by data.dvc (digits only), and any
+    # extra file under it would break that pin.
+    "paper-cifar10": {**_PAPER, "experiment": "paper-cifar10"},
+    "paper-cifar100": {**_PAPER, "experiment": "paper-cifar100", "dataset": "cifar100",
+                       "initial_size": 2000, "budget": 2000},
+    "paper-cifar10-imb100": {**_PAPER, "experiment": "paper-cifar10-imb100", "imbalance_ratio": 100.0,
+                             "initial_size": 500, "budget": 500},
+    "paper-cifar100-imb100": {**_PAPER, "experiment": "paper-cifar100-imb100", "dataset": "cifar100",
+                              "imbalance_ratio": 100.0, "initial_size": 1000, "budget": 1000},
+    # CIFAR-10 on 2 CPU cores, from the JPEG image folder (../shared/data/cifar10-jpg.tar.gz
+    # unpacked with `mkdir -p datasets/cifar10-jpg && tar xzf cifar10-jpg.tar.gz -C
+    # datasets/cifar10-jpg --strip-components=1`, giving datasets/cifar10-jpg/{train,test}).
+    # Cost per strategy and seed. DESIGN.md's ~790 train img/s is for a 4-layer width-32 net
+    # that pools early; our SmallCNN (width 32/64/128, 2nd conv at full 32×32) measured here,
+    # with TD module, 2 busy cores: ~75 train img/s, ~195 inference img/s, ~2,900 JPEG decodes/s.
+    #   train: labeled 200, 400, 600, 800 over 4 cycles = 2,000 x 15 epochs = 30k img / 75 ≈ 400 s
+    #   score: 4 x 2,000 subset = 8k img / 195 ≈ 41 s;  test: 4 x 10,000 = 40k img / 195 ≈ 205 s
+    #   ≈ 11 min (about half that on idle cores), + ~30 s to decode the 60k JPEGs once into the
+    #   tensor cache (first run only). Batch 64 so even 200 labels give 3+ steps per epoch.
+    "cpu-cifar10": {
+        "experiment": "cpu-cifar10",
+        "dataset": "imagefolder",
+        "data_root": "datasets/cifar10-jpg",
+        "backbone": "small-cnn",
+        "cycles": 4,
+        "initial_size": 200,
+        "budget": 200,
+        "subset_size": 2000,
+        "train": {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
+                  "milestones": [12], "crop_pad": 4, "hflip": True},
     },
 }
 
@@ -219,6 +272,11 @@ def validate(params: dict[str, Any]) -> None:
          f"must be null (score every unlabeled sample) or at least budget={params['budget']}, "
          f"got {params['subset_size']}")
     need(params["imbalance_ratio"] >= 1, "imbalance_ratio", f"must be >= 1, got {params['imbalance_ratio']}")
+    need(0 <= params["dropout"] < 1, "dropout", f"must be in [0, 1), got {params['dropout']}")
+    need(params["dropout"] == 0 or params["backbone"] == "small-cnn", "dropout",
+         f"is only supported by backbone small-cnn, got backbone {params['backbone']!r}")
+    need(params["bald_passes"] >= 1, "bald_passes", f"must be at least 1, got {params['bald_passes']}")
+    need(0 < params["bald_dropout"] < 1, "bald_dropout", f"must be in (0, 1), got {params['bald_dropout']}")
     train = params["train"]
     for key in ("epochs", "batch_size"):
         need(train[key] >= 1, f"train.{key}", f"must be at least 1, got {train[key]}")

@@ -13,14 +13,14 @@ from typing import Any, Callable
 
 import torch
 
-from tidal.config import dump_params, flatten
+from tidal.config import DEFAULTS, dump_params, flatten
 from tidal.data.pool import candidate_ids, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
 from tidal.data.version import verify_data_version
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy
 from tidal.models import TDPredictor, build_backbone
-from tidal.scoring import top_k_uncertain
+from tidal.scoring import select_candidates
 from tidal.strategies import build_strategy
 from tidal.train import TrainConfig, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_text, read_csv, read_json,
@@ -95,8 +95,10 @@ def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any
 
 
 def _check_resumable(state: dict, params: dict, data_version: str, ws: Workspace) -> None:
+    # A key added to the params after the experiment started counts as its default there.
+    defaults = flatten(DEFAULTS)
     old, new = state["fingerprint"], _fingerprint(params)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
     if changed:
         key = changed[0]
         raise ExperimentMismatch(
@@ -132,8 +134,8 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
 
 
 def _build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes)
-    strategy = build_strategy(params["strategy"])
+    backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
+    strategy = build_strategy(params["strategy"], params=params)
     td = TDPredictor(backbone.stage_channels, data.num_classes) if strategy.uses_td_module else None
     return backbone, td
 
@@ -191,7 +193,11 @@ def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
 
 
 def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
-    """Score this cycle's random candidate subset; keep the top `budget` in cycles/<k>/scores.csv."""
+    """Score this cycle's random candidate subset; keep the top `budget` in cycles/<k>/scores.csv.
+
+    Rows are in selection order: most uncertain first for pointwise strategies, pick order for set
+    strategies (whose score is the strategy's pick-time value, e.g. CoreSet's distance).
+    """
     ws = workspace(params)
     out = ws.cycle_dir(cycle) / "scores.csv"
     if out.is_file():
@@ -206,9 +212,13 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
                         f"the experiment cannot query more (lower `cycles`)")
     k = min(params["budget"], len(candidates))
     backbone, td = load_models(params, checkpoint, data)
-    strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle))
-    pos, scores = top_k_uncertain(backbone, td, data.pool_images[data.index_of(candidates)], strategy, k,
-                                  resolve_device(params["device"]), params["score_batch_size"])
+    strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
+    # Set strategies that ask for it (CoreSet) also see the labeled set.
+    labeled_images = (data.pool_images[data.index_of(list(state["labeled"]))]
+                      if getattr(strategy, "uses_labeled", False) else None)
+    pos, scores = select_candidates(backbone, td, data.pool_images[data.index_of(candidates)], strategy, k,
+                                    resolve_device(params["device"]), params["score_batch_size"],
+                                    labeled_u8=labeled_images)
     rows = [{"id": candidates[p], "score": f"{s:.8g}"} for p, s in zip(pos.tolist(), scores.tolist())]
     write_csv(out, ["id", "score"], rows)
     log.info("cycle %d: scored %d candidates with %s", cycle, len(candidates), params["strategy"])

@@ -1,9 +1,20 @@
 """Dataset sources behind one registry.
 
-A source writes its data under `data_root/<name>/` (materialize) and reads it back as uint8
-tensors with a stable string id per sample (load). The directory is what DVC pins, so
-materializing must be byte-for-byte deterministic: the same files give the same md5 as the
-committed `data.dvc`.
+A source reads its data under `data_root/<name>/` (or data_root itself, for image folders and
+manifests) as uint8 tensors N×C×H×W with a stable string id per pool sample. Sources:
+
+- `digits`: written by us (materialize) under data_root/digits; the directory is what DVC pins,
+  so materializing is byte-for-byte deterministic (the md5 in the committed `data.dvc`).
+- `cifar10`, `cifar100`, `fashion-mnist`, `mnist`, `svhn`: torchvision's files under
+  data_root/<name>, read with download=False. Missing files are a DataError that names the
+  path and the command to fetch them on a machine with network; nothing is ever downloaded.
+  Pool = the official train split, test = the official test split; ids `cifar10-train-00042`.
+- `imagefolder`: data_root/{train,test}/<class>/<file>; classes sorted by folder name; ids
+  are the relative path without extension (`train/cat/0042`).
+- `manifest`: data_root/manifest.csv with columns `path,label,split` (see read_manifest) and
+  data_root/classes.txt declaring the classes.
+
+Image files are decoded once into a tensor cache keyed by the data version (tidal.data.cache).
 """
 from __future__ import annotations
 
@@ -115,12 +126,245 @@ def _load_npy_dir(name: str, src: Path, classes: list[str]) -> Dataset:
     )
 
 
+# --- torchvision datasets: read from data_root/<name>, never downloaded ---------------------
+
+UNLABELED = -1  # pool label of a sample without a label (manifest rows with an empty label)
+
+
+@dataclass(frozen=True)
+class _Torchvision:
+    cls: str                     # torchvision.datasets class name
+    files: tuple[str, ...]       # what download=True leaves under the root (both splits)
+    split_kw: bool = False       # SVHN takes split="train"/"test" instead of train=True/False
+
+    def fetch_command(self, root: Path) -> str:
+        if self.split_kw:
+            calls = "; ".join(f"torchvision.datasets.{self.cls}('{root}', split='{s}', download=True)"
+                              for s in ("train", "test"))
+        else:  # one download holds both splits
+            calls = f"torchvision.datasets.{self.cls}('{root}', download=True)"
+        return f'python -c "import torchvision; {calls}"'
+
+
+def _mnist_raw(folder: str) -> tuple[str, ...]:
+    return tuple(f"{folder}/raw/{stem}-{kind}-idx{n}-ubyte" for stem in ("train", "t10k")
+                 for kind, n in (("images", 3), ("labels", 1)))
+
+
+TORCHVISION: dict[str, _Torchvision] = {
+    "cifar10": _Torchvision("CIFAR10", tuple(f"cifar-10-batches-py/{f}" for f in (
+        *(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"))),
+    "cifar100": _Torchvision("CIFAR100", tuple(f"cifar-100-python/{f}" for f in ("train", "test", "meta"))),
+    "fashion-mnist": _Torchvision("FashionMNIST", _mnist_raw("FashionMNIST")),
+    "mnist": _Torchvision("MNIST", _mnist_raw("MNIST")),
+    "svhn": _Torchvision("SVHN", ("train_32x32.mat", "test_32x32.mat"), split_kw=True),
+}
+
+
+def _torchvision_hint(name: str, root: Path) -> str:
+    return (f"fetch it on a machine with network access with\n  {TORCHVISION[name].fetch_command(root)}\n"
+            f"and copy {root}/ here (tidal never downloads data)")
+
+
+def _torchvision_split(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import torchvision
+
+    spec = TORCHVISION[name]
+    split = {"split": "train" if train else "test"} if spec.split_kw else {"train": train}
+    try:
+        ds = getattr(torchvision.datasets, spec.cls)(str(root), download=False, **split)
+    except RuntimeError as err:  # torchvision's "not found or corrupted" (md5 check failed)
+        raise DataError(f"dataset '{name}' under {root} is unreadable ({err}); "
+                        f"{_torchvision_hint(name, root)}") from None
+    data = ds.data
+    images = data if torch.is_tensor(data) else torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
+    if images.ndim == 3:                      # MNIST-like: N×H×W
+        images = images[:, None]
+    elif images.shape[-1] == 3:               # CIFAR: N×H×W×C
+        images = images.permute(0, 3, 1, 2)
+    # (SVHN is already N×C×H×W)
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = ds.labels
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    classes = [str(c) for c in getattr(ds, "classes", [])] or [str(d) for d in range(10)]
+    return images.contiguous(), labels, classes
+
+
+def _read_torchvision(name: str, root: Path, cache: Path | None = None) -> Dataset:
+    pool_images, pool_labels, classes = _torchvision_split(name, root, train=True)
+    test_images, test_labels, _ = _torchvision_split(name, root, train=False)
+    return Dataset(name, classes, [f"{name}-train-{i:05d}" for i in range(len(pool_labels))],
+                   pool_images, pool_labels, test_images, test_labels)
+
+
+# --- imagefolder: data_root/{train,test}/<class>/<image> -------------------------------------
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    from tidal.data.cache import IMAGE_SUFFIXES
+
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
+    """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name."""
+    from tidal.data.cache import cached, data_key, decode_images, file_stat_entry
+
+    train_dir, test_dir = root / "train", root / "test"
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
+    if not classes:
+        raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
+    unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and _visible(p) and p.name not in classes)
+    if unknown:
+        raise DataError(f"{test_dir} has class folder(s) {unknown} that {train_dir} lacks; "
+                        f"the classes are the folders of train/: {classes}")
+    files: list[Path] = []
+    ids: list[str] = []
+    labels: list[int] = []
+    counts = {}
+    for split, folder in (("train", train_dir), ("test", test_dir)):
+        start = len(files)
+        for c, name in enumerate(classes):
+            if not (folder / name).is_dir():
+                continue
+            for path in _image_files(folder / name):
+                files.append(path)
+                ids.append(path.relative_to(root).with_suffix("").as_posix())
+                labels.append(c)
+        counts[split] = len(files) - start
+        if counts[split] == 0:
+            raise DataError(f"{folder} holds no images; expected {folder}/<class>/<image files>")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"two images under {root} share the id '{dup}' (same name, different extension); "
+                        f"rename one")
+    relpaths = [p.relative_to(root).as_posix() for p in files]
+    key = data_key("imagefolder", [file_stat_entry(p, r) for p, r in zip(files, relpaths)])
+    images = cached("imagefolder", key, lambda: {"images": decode_images(files, lambda i: f"{root}/{relpaths[i]}")},
+                    cache)["images"]
+    n = counts["train"]
+    label_t = torch.tensor(labels, dtype=torch.int64)
+    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:])
+
+
+# --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
+
+MANIFEST_CSV = "manifest.csv"
+MANIFEST_CLASSES = "classes.txt"
+MANIFEST_SPLITS = ("train", "test")
+
+
+def _inside(root: Path, text: str) -> Path | None:
+    """root/text if text is a relative path that stays inside root, else None."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    rel = PurePosixPath(text.replace("\\", "/"))
+    if rel.is_absolute() or PureWindowsPath(text).drive or ".." in rel.parts or not rel.parts:
+        return None
+    path = root / rel
+    try:
+        path.resolve().relative_to(root.resolve())  # a symlink pointing outside escapes too
+    except ValueError:
+        return None
+    return path
+
+
+def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
+    """root/manifest.csv with header `path,label,split`, and root/classes.txt (one class per line).
+
+    path: an image file relative to root (no absolute paths, no `..`); label: a class name from
+    classes.txt, or empty for an unlabeled pool sample (pool label UNLABELED); split: `train`
+    (the pool) or `test` (must be labeled). Ids are the path without extension.
+    """
+    import csv
+
+    from tidal.data.cache import cached, data_key, decode_images, file_stat_entry
+
+    csv_path, classes_path = root / MANIFEST_CSV, root / MANIFEST_CLASSES
+    classes = [line.strip() for line in classes_path.read_text().splitlines() if line.strip()]
+    if not classes or len(set(classes)) != len(classes):
+        raise DataError(f"{classes_path} must list each class once, one per line (got {classes})")
+    class_index = {c: i for i, c in enumerate(classes)}
+    rows: list[tuple[int, str, Path, int, str]] = []  # (line, path text, path, label, split)
+    seen: dict[str, int] = {}
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not {"path", "label", "split"} <= set(header):
+            raise DataError(f"{csv_path} line 1: the header must name the columns path,label,split; got {header}")
+        reader.fieldnames = header
+        for row in reader:
+            line = reader.line_num
+            text = (row.get("path") or "").strip()
+            where = f"{csv_path} line {line}, path '{text}'"
+            path = _inside(root, text)
+            if path is None:
+                raise DataError(f"{where}: the path must be relative to {root} and stay inside it")
+            split = (row.get("split") or "").strip()
+            if split not in MANIFEST_SPLITS:
+                raise DataError(f"{where}: split must be one of {list(MANIFEST_SPLITS)}, got '{split}'")
+            label_text = (row.get("label") or "").strip()
+            if label_text == "":
+                if split == "test":
+                    raise DataError(f"{where}: a test sample needs a label")
+                label = UNLABELED
+            elif label_text in class_index:
+                label = class_index[label_text]
+            else:
+                raise DataError(f"{where}: label '{label_text}' is not one of the classes in "
+                                f"{classes_path}: {classes}")
+            if not path.is_file():
+                raise DataError(f"{where}: image file not found")
+            sid = Path(text.replace("\\", "/")).with_suffix("").as_posix()
+            if sid in seen:
+                raise DataError(f"{where}: same id '{sid}' as line {seen[sid]} (a path listed twice, "
+                                f"or the same name with another extension)")
+            seen[sid] = line
+            rows.append((line, text, path, label, split))
+    for split in MANIFEST_SPLITS:
+        if not any(r[4] == split for r in rows):
+            raise DataError(f"{csv_path} has no row with split '{split}'; the pool and the test set "
+                            f"both need samples")
+    rows.sort(key=lambda r: r[4] == "test")  # pool rows first, each split in file order
+    files = [r[2] for r in rows]
+    key = data_key("manifest", [file_stat_entry(p, r[1]) for p, r in zip(files, rows)])
+    images = cached("manifest", key, lambda: {"images": decode_images(
+        files, lambda i: f"{csv_path} line {rows[i][0]}, path '{rows[i][1]}'")}, cache)["images"]
+    n = sum(r[4] == "train" for r in rows)
+    labels = torch.tensor([r[3] for r in rows], dtype=torch.int64)
+    ids = [Path(r[1].replace("\\", "/")).with_suffix("").as_posix() for r in rows[:n]]
+    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:])
+
+
+# --- the registry -----------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class Source:
+    """name; files: what must exist in the dataset dir; write: writes them (None: external data
+    we never fetch); read(dir, cache_dir); in_root: the dataset dir is data_root itself;
+    hint(dir): what to do when files are missing."""
+
     name: str
     files: tuple[str, ...]
-    write: Callable[[Path], None]
-    read: Callable[[Path], Dataset]
+    write: Callable[[Path], None] | None
+    read: Callable[[Path, Path | None], Dataset]
+    in_root: bool = False
+    hint: Callable[[Path], str] | None = None
+
+
+def _imagefolder_hint(root: Path) -> str:
+    return (f"put the images at {root}/train/<class>/<image> and {root}/test/<class>/<image> "
+            f"(e.g. `mkdir -p {root} && tar xzf cifar10-jpg.tar.gz -C {root} --strip-components=1`)")
+
+
+def _manifest_hint(root: Path) -> str:
+    return (f"write {root}/{MANIFEST_CSV} (header path,label,split; paths relative to {root}; empty "
+            f"label = unlabeled; split train or test) and {root}/{MANIFEST_CLASSES} (one class per line)")
 
 
 SOURCES: dict[str, Source] = {
@@ -128,35 +372,64 @@ SOURCES: dict[str, Source] = {
         name="digits",
         files=("images.npy", "labels.npy", "is_test.npy"),
         write=_materialize_digits,
-        read=lambda src: _load_npy_dir("digits", src, [str(d) for d in range(10)]),
+        read=lambda src, cache=None: _load_npy_dir("digits", src, [str(d) for d in range(10)]),
     ),
+    **{name: Source(name=name, files=spec.files, write=None,
+                    read=lambda src, cache=None, name=name: _read_torchvision(name, src, cache),
+                    hint=lambda root, name=name: _torchvision_hint(name, root))
+       for name, spec in TORCHVISION.items()},
+    "imagefolder": Source(name="imagefolder", files=("train", "test"), write=None, read=read_imagefolder,
+                          in_root=True, hint=_imagefolder_hint),
+    "manifest": Source(name="manifest", files=(MANIFEST_CSV, MANIFEST_CLASSES), write=None, read=read_manifest,
+                       in_root=True, hint=_manifest_hint),
 }
 
 
 def dataset_dir(data_root: str | Path, dataset: str) -> Path:
-    return Path(data_root) / dataset
+    return Path(data_root) if SOURCES[dataset].in_root else Path(data_root) / dataset
+
+
+def _missing(source: Source, src: Path) -> list[str]:
+    return [f for f in source.files if not (src / f).exists()]
+
+
+def _missing_error(source: Source, src: Path, missing: list[str]) -> DataError:
+    todo = source.hint(src) if source.hint else "run `tidal data` (or `tidal run`) to write it"
+    return DataError(f"dataset '{source.name}' is missing {missing} under {src}; {todo}")
 
 
 def materialize(data_root: str | Path, dataset: str) -> Path:
-    """Write the dataset's files under data_root/<dataset> if any is missing; return the dir."""
+    """Write the dataset's files under its dir if any is missing; return the dir.
+
+    External sources (write=None) are only checked: missing files raise DataError at once.
+    """
     source = SOURCES[dataset]
     dest = dataset_dir(data_root, dataset)
-    if not all((dest / f).is_file() for f in source.files):
+    missing = _missing(source, dest)
+    if missing:
+        if source.write is None:
+            raise _missing_error(source, dest, missing)
         source.write(dest)
     return dest
 
 
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
-                 seed: int = 0) -> Dataset:
-    """Read a materialized dataset; imbalance (if any) is applied to the pool only."""
+                 seed: int = 0, cache_dir: str | Path | None = None) -> Dataset:
+    """Read a materialized dataset; imbalance (if any) is applied to the pool only.
+
+    cache_dir: where decoded image-file sources keep their tensor cache (default
+    $TIDAL_CACHE_DIR or .cache/tidal, outside data_root; see tidal.data.cache).
+    """
     source = SOURCES[dataset]
     src = dataset_dir(data_root, dataset)
-    missing = [f for f in source.files if not (src / f).is_file()]
+    missing = _missing(source, src)
     if missing:
-        raise DataError(f"dataset '{dataset}' is missing {missing} under {src}; "
-                        f"run `tidal data` (or `tidal run`) to write it")
-    data = source.read(src)
+        raise _missing_error(source, src, missing)
+    data = source.read(src, cache_dir)
     if imbalance_ratio > 1:
+        if bool((data.pool_labels == UNLABELED).any()):
+            raise DataError(f"imbalance_ratio={imbalance_ratio} needs a label for every pool sample, but "
+                            f"'{dataset}' under {src} has unlabeled ones; use imbalance_ratio 1")
         keep = imbalanced_indices(data.pool_labels.numpy(), imbalance_ratio, data.num_classes, seed)
         data = Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep],
                        data.pool_images[keep], data.pool_labels[keep], data.test_images, data.test_labels)
