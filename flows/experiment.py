@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.tracking import log_cycle_model, make_tracker
+from tidal.workspace import read_json
 
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
 OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
@@ -51,11 +52,11 @@ def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_r
 
 @task(name="train", **COMPUTE)
 def train(params: dict, cycle: int, run_id: str) -> dict:
-    result = pipeline.train_step(params, cycle)
-    if params["tracking"] and not result["resumed"]:
-        from tidal.workspace import read_json
-
-        make_tracker().log_training(run_id, read_json(result["history"]))
+    tracker = make_tracker(params["tracking"])
+    with tracker.system_metrics(run_id):
+        result = pipeline.train_step(params, cycle)
+    if not result["resumed"]:
+        tracker.log_training(run_id, read_json(result["history"]))
     return result
 
 

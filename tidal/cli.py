@@ -32,6 +32,17 @@ def format_curve(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_lineage(history: list[dict], data_version: str) -> str:
+    """The learning curve with, per cycle, the ids that find it in Prefect, MLflow and DVC."""
+    head = f"{'cycle':>5}  {'n_labeled':>9}  {'test_acc':>8}  {'prefect flow run':<36}  {'mlflow run':<32}  data version"
+    lines = [head, "-" * len(head)]
+    for h in history:
+        lines.append(f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['test_accuracy']:>8.4f}  "
+                     f"{h.get('prefect_flow_run_id') or '-':<36}  {h.get('mlflow_run_id') or '-':<32}  "
+                     f"{data_version}")
+    return "\n".join(lines)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params_path = _params_path(args.params)
     params = load_params(params_path, args.set)  # fail fast, before Prefect starts
@@ -82,7 +93,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{history[-1]['n_labeled']} labels)")
         print(f"last query:   {history[-1]['query']}")
         print()
-        print(format_curve(history))
+        print(format_lineage(history, state["data_version"]))
     parent = state.get("tracking", {}).get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
@@ -96,6 +107,61 @@ def cmd_data(args: argparse.Namespace) -> int:
     info = prepare_data(params)
     pinned = "matches its DVC pin" if info["pinned"] else "not pinned by DVC here"
     print(f"{info['data_dir']}: data version {info['data_version']} ({pinned})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV."""
+    from tidal.report import CURVE_COLUMNS, markdown_table, plot_curves, summarize
+    from tidal.tracking import MlflowTracker
+    from tidal.workspace import atomic_write_text, write_csv
+
+    tracker = MlflowTracker()
+    try:
+        rows = tracker.learning_curves(args.experiment or None)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: no experiment runs with a learning curve at {tracker.uri}; run `tidal run` first",
+              file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    summary = summarize(rows)
+    png = plot_curves(summary, out / "learning_curves.png",
+                      title=", ".join(sorted({r["experiment"] for r in rows}))[:60])
+    md = out / "learning_curves.md"
+    atomic_write_text(md, markdown_table(summary))
+    csv_path = out / "learning_curves.csv"
+    write_csv(csv_path, CURVE_COLUMNS, sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["n_labeled"])))
+    run_id = tracker.log_report([png, md, csv_path])
+    print(md.read_text())
+    print(f"plot: {png}\ntable: {md}\ncurves: {csv_path}\nlogged to MLflow run {run_id} "
+          f"(experiment 'tidal-comparisons')")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register the best (or last) cycle model of an experiment under an alias."""
+    from tidal.tracking import MlflowTracker
+
+    try:
+        uri = MlflowTracker().register_cycle_model(args.experiment, args.name or args.experiment, args.alias,
+                                                   args.pick)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"registered: {uri}\nload it with mlflow.pytorch.load_model('{uri}')")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve prefect.yaml's deployments (with their schedules) from this process."""
+    load_params(_params_path(args.params), args.set)  # fail fast on bad overrides
+    _offline_defaults()
+    from flows.serve import serve
+
+    serve(args.prefect_yaml, args.set)
     return 0
 
 
@@ -118,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_data = sub.add_parser("data", help="write the dataset if missing and check it against data.dvc")
     common(p_data)
     p_data.set_defaults(func=cmd_data)
+    p_serve = sub.add_parser("serve", help="serve the scheduled deployments of prefect.yaml without a work pool")
+    common(p_serve)
+    p_serve.add_argument("--prefect-yaml", default="prefect.yaml", help="deployments file (default: prefect.yaml)")
+    p_serve.set_defaults(func=cmd_serve)
+    p_compare = sub.add_parser("compare", help="compare strategies' learning curves from MLflow")
+    p_compare.add_argument("--experiment", action="append", default=[],
+                           help="MLflow experiment name (repeatable; default: all)")
+    p_compare.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    p_compare.set_defaults(func=cmd_compare)
+    p_register = sub.add_parser("register", help="register a cycle's model under an alias")
+    p_register.add_argument("--experiment", required=True, help="MLflow experiment (= params 'experiment')")
+    p_register.add_argument("--alias", default="champion", help="alias to set (default: champion)")
+    p_register.add_argument("--pick", choices=["best", "last"], default="best",
+                            help="the cycle with the best test accuracy, or the last one")
+    p_register.add_argument("--name", default=None, help="registered model name (default: the experiment)")
+    p_register.set_defaults(func=cmd_register)
     return parser
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -113,6 +114,75 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float = 2.0) -> Iterator[None]:
+        """Sample CPU, memory (and GPU, when present) into the run while the block runs."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+
+    def learning_curves(self, experiments: list[str] | None = None) -> list[dict]:
+        """Every experiment parent run's test accuracy by number of labels, as plain rows."""
+        if experiments:
+            found = [self.client.get_experiment_by_name(name) for name in experiments]
+            missing = [n for n, e in zip(experiments, found) if e is None]
+            if missing:
+                raise ValueError(f"no MLflow experiment named {missing} at {self.uri}")
+        else:
+            found = self.client.search_experiments()
+        ids = [e.experiment_id for e in found]
+        rows = []
+        if not ids:
+            return rows
+        for run in self.client.search_runs(ids, filter_string="tags.`tidal.kind` = 'experiment'",
+                                           max_results=5000):
+            exp_name = self.client.get_experiment(run.info.experiment_id).name
+            for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
+                rows.append({"experiment": exp_name, "strategy": run.data.params.get("strategy", "?"),
+                             "seed": int(run.data.params.get("seed", 0)), "n_labeled": m.step,
+                             "test_accuracy": m.value})
+        return rows
+
+    def log_report(self, files: list[str | Path], experiment: str = "tidal-comparisons") -> str:
+        """Log a comparison report's files as artifacts of a new run; return its id."""
+        run = self.client.create_run(self._experiment_id(experiment), run_name=time.strftime("compare-%Y%m%d-%H%M%S"),
+                                     tags={"tidal.kind": "comparison"})
+        for path in files:
+            self.client.log_artifact(run.info.run_id, str(path))
+        self.client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def register_cycle_model(self, experiment: str, registered_name: str, alias: str, pick: str = "best") -> str:
+        """Register one cycle's model of an experiment (the best test accuracy, or the last
+        cycle) and point `alias` at it; return `models:/<name>@<alias>`."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ValueError(f"no MLflow experiment named '{experiment}' at {self.uri}")
+        cycles = self.client.search_runs([exp.experiment_id], filter_string="tags.`tidal.kind` = 'cycle'",
+                                         max_results=5000)
+        cycles = [r for r in cycles if "test_accuracy" in r.data.metrics]
+        if not cycles:
+            raise ValueError(f"experiment '{experiment}' has no finished cycle with a model yet")
+        if pick == "best":
+            chosen = max(cycles, key=lambda r: (r.data.metrics["test_accuracy"], int(r.data.tags["cycle"])))
+        elif pick == "last":
+            chosen = max(cycles, key=lambda r: int(r.data.tags["cycle"]))
+        else:
+            raise ValueError(f"pick must be 'best' or 'last', got {pick!r}")
+        models = self.client.search_logged_models(
+            experiment_ids=[exp.experiment_id], filter_string=f"source_run_id = '{chosen.info.run_id}'")
+        if not models:
+            raise ValueError(f"cycle run {chosen.info.run_id} has no logged model")
+        version = self._mlflow.register_model(models[0].model_uri, registered_name)
+        self.client.set_registered_model_alias(registered_name, alias, version.version)
+        return f"models:/{registered_name}@{alias}"
+
     def _log(self, run_id: str, params: dict | None = None, metrics: list[tuple] | None = None) -> None:
         from mlflow.entities import Metric, Param
 
@@ -149,6 +219,10 @@ class NullTracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         pass
+
+    @contextmanager
+    def system_metrics(self, run_id: str, interval_s: float = 2.0) -> Iterator[None]:
+        yield
 
 
 def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:

@@ -119,6 +119,13 @@ def test_status_reports_the_workspace(finished_experiment, capsys):
     assert "labeled:      80" in out
     assert f"last test accuracy: {last['test_accuracy']:.4f}" in out
     assert "cycles/1/query.csv" in out
+    # Lineage: each cycle's Prefect flow run, MLflow run and the DVC data version.
+    state = json.loads((tmp / "runs/it-digits/state.json").read_text())
+    for record in state["history"]:
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"{record['cycle']}  "))
+        assert record["prefect_flow_run_id"] and record["prefect_flow_run_id"] in line
+        assert record["mlflow_run_id"] and record["mlflow_run_id"] in line
+        assert state["data_version"] in line
 
 
 def test_changed_params_refuse_to_resume(finished_experiment, capsys):
@@ -130,3 +137,66 @@ def test_changed_params_refuse_to_resume(finished_experiment, capsys):
     err = capsys.readouterr().err
     assert "strategy='tidal-entropy'" in err and "--set experiment=NEW_NAME" in err
     assert (tmp / "runs/it-digits/state.json").read_bytes() == state_before
+
+
+def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
+    """A second strategy in the same store: `tidal compare` plots both, tables AUBC and the gain."""
+    from flows.experiment import experiment
+    from mlflow import MlflowClient
+
+    tmp = finished_experiment["tmp"]
+    experiment(params_path=None, overrides=_overrides(tmp, "strategy=random", "experiment=it-digits-random"))
+    assert tidal_main(["compare", "--out", str(tmp / "rep")]) == 0
+    png, md = tmp / "rep/learning_curves.png", tmp / "rep/learning_curves.md"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = md.read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"random", "tidal-entropy"}
+    tidal_row = [c.strip() for c in rows["tidal-entropy"].split("|")]
+    accs = [float(h["test_accuracy"]) for h in finished_experiment["history"]]
+    assert tidal_row[3:5] == [f"{a:.4f}" for a in accs]  # per-budget accuracy of the only seed
+    assert tidal_row[5] == f"{sum(accs) / 2:.4f}"  # AUBC = mean over cycles, one seed: no interval
+    assert tidal_row[6].startswith(("+", "-"))  # paired gain over random
+    client = MlflowClient(tracking_uri=finished_experiment["uri"])
+    comp = client.get_experiment_by_name("tidal-comparisons")
+    run = client.search_runs([comp.experiment_id])[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "learning_curves.png", "learning_curves.md", "learning_curves.csv"}
+
+
+def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
+    import mlflow
+    import torch
+
+    from tidal import pipeline
+    from tidal.config import load_params
+    from tidal.train import normalize, to_float
+
+    tmp = finished_experiment["tmp"]
+    assert tidal_main(["register", "--experiment", "it-digits", "--alias", "newest", "--pick", "last"]) == 0
+    assert "models:/it-digits@newest" in capsys.readouterr().out
+    model = mlflow.pytorch.load_model("models:/it-digits@newest")
+    params = load_params(None, _overrides(tmp))
+    backbone, _ = pipeline.load_models(params, tmp / "runs/it-digits/cycles/1/model.pt")
+    data = pipeline.dataset_for(params)
+    x = to_float(data.test_images[:16])
+    with torch.inference_mode():
+        expected = backbone.eval()(normalize(x))[0]
+        got = model(x)  # an exported (pt2) program, already in eval mode
+    torch.testing.assert_close(got, expected)
+
+
+def test_system_metrics_are_sampled_into_the_run(mlflow_uri):
+    import time
+
+    from mlflow import MlflowClient
+
+    from tidal.tracking import MlflowTracker
+
+    tracker = MlflowTracker()
+    run_id = tracker.client.create_run(tracker._experiment_id("sysmetrics")).info.run_id
+    with tracker.system_metrics(run_id, interval_s=0.5):
+        time.sleep(2.0)
+    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).data.metrics
+    assert any(k.startswith("system/cpu_utilization") for k in metrics), metrics
+    assert any(k.startswith("system/system_memory_usage") for k in metrics), metrics

@@ -1,0 +1,46 @@
+"""Comparison statistics on hand-built learning curves whose answers are known."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tidal.report import markdown_table, mean_ci, summarize
+
+
+def _rows(strategy: str, seed: int, accs: list[float], start: int = 100, step: int = 100) -> list[dict]:
+    return [{"strategy": strategy, "seed": seed, "n_labeled": start + i * step, "test_accuracy": a}
+            for i, a in enumerate(accs)]
+
+
+def test_mean_ci_matches_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    # t_{0.975, 2} = 4.3027, sd = 1, n = 3
+    assert mean == 2.0
+    assert half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(mean_ci([0.5])[1])
+
+
+def test_aubc_and_paired_gain():
+    rows = (_rows("random", 0, [0.5, 0.7]) + _rows("random", 1, [0.6, 0.8])
+            + _rows("tidal-entropy", 0, [0.6, 0.8]) + _rows("tidal-entropy", 1, [0.6, 0.9]))
+    s = summarize(rows)
+    assert s["strategies"] == ["random", "tidal-entropy"]  # random first, as the reference
+    assert s["aubc"]["random"] == {0: pytest.approx(0.6), 1: pytest.approx(0.7)}
+    assert s["aubc"]["tidal-entropy"] == {0: pytest.approx(0.7), 1: pytest.approx(0.75)}
+    assert s["gains"]["tidal-entropy"] == {0: pytest.approx(0.1), 1: pytest.approx(0.05)}
+    assert s["curves"]["tidal-entropy"][200] == [0.8, 0.9]
+
+
+def test_gain_is_paired_by_seed_only():
+    rows = _rows("random", 0, [0.5]) + _rows("entropy", 0, [0.6]) + _rows("entropy", 1, [0.9])
+    assert summarize(rows)["gains"]["entropy"] == {0: pytest.approx(0.1)}
+
+
+def test_markdown_table_shows_a_losing_method_as_negative():
+    rows = _rows("random", 0, [0.8, 0.9]) + _rows("random", 1, [0.8, 0.9]) \
+        + _rows("entropy", 0, [0.7, 0.8]) + _rows("entropy", 1, [0.7, 0.8])
+    table = markdown_table(summarize(rows))
+    line = next(l for l in table.splitlines() if l.startswith("| entropy"))
+    assert "-0.1000 ± 0.0000" in line
+    assert "| 0.7000 | 0.8000 |" in line

@@ -1,0 +1,104 @@
+"""Compare strategies: learning curves (mean ± std over seeds), AUBC with 95 % intervals,
+and each strategy's paired per-seed gain over random. Plain rows in, files out.
+
+AUBC here is the plain mean of test accuracy over the cycles' budgets (every cycle adds the
+same number of labels, so it equals the normalized trapezoid area up to the end points).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+CURVE_COLUMNS = ["experiment", "strategy", "seed", "n_labeled", "test_accuracy"]
+
+
+def _t95(n: int) -> float:
+    """Two-sided 95 % Student t quantile for n samples (n-1 degrees of freedom)."""
+    if n < 2:
+        return float("nan")
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % confidence interval (nan for a single value)."""
+    arr = np.asarray(values, dtype=float)
+    if len(arr) < 2:
+        return float(arr.mean()), float("nan")
+    return float(arr.mean()), _t95(len(arr)) * float(arr.std(ddof=1)) / math.sqrt(len(arr))
+
+
+def summarize(rows: list[dict]) -> dict:
+    """rows: strategy, seed, n_labeled, test_accuracy. Returns curves, AUBC and paired gains."""
+    by_run: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        by_run[(r["strategy"], int(r["seed"]))][int(r["n_labeled"])] = float(r["test_accuracy"])
+    strategies = sorted({s for s, _ in by_run}, key=lambda s: (s != "random", s))
+    budgets = sorted({n for curve in by_run.values() for n in curve})
+    curves, aubc, gains = {}, {}, {}
+    for s in strategies:
+        seeds = sorted(seed for st, seed in by_run if st == s)
+        curves[s] = {n: [by_run[(s, seed)][n] for seed in seeds if n in by_run[(s, seed)]] for n in budgets}
+        aubc[s] = {seed: float(np.mean(list(by_run[(s, seed)].values()))) for seed in seeds}
+    if "random" in aubc:
+        for s in strategies:
+            paired = sorted(set(aubc[s]) & set(aubc["random"]))
+            gains[s] = {seed: aubc[s][seed] - aubc["random"][seed] for seed in paired}
+    return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains}
+
+
+def markdown_table(summary: dict) -> str:
+    budgets, lines = summary["budgets"], []
+    lines.append("| strategy | seeds | " + " | ".join(f"{n}" for n in budgets)
+                 + " | AUBC (mean ± 95 % CI) | paired AUBC gain over random |")
+    lines.append("|---" * (len(budgets) + 4) + "|")
+    for s in summary["strategies"]:
+        cells = []
+        for n in budgets:
+            vals = summary["curves"][s][n]
+            cells.append(f"{np.mean(vals):.4f}" if vals else "–")
+        mean, half = mean_ci(list(summary["aubc"][s].values()))
+        gain = summary["gains"].get(s)
+        if gain and s != "random":
+            g_mean, g_half = mean_ci(list(gain.values()))
+            gain_text = f"{g_mean:+.4f} ± {g_half:.4f}" if not math.isnan(g_half) else f"{g_mean:+.4f}"
+        else:
+            gain_text = "–"
+        ci = f" ± {half:.4f}" if not math.isnan(half) else ""
+        lines.append(f"| {s} | {len(summary['aubc'][s])} | " + " | ".join(cells) + f" | {mean:.4f}{ci} | {gain_text} |")
+    lines.append("")
+    lines.append("Columns under the budgets are mean test accuracy over seeds at that number of labels. "
+                 "AUBC: mean test accuracy over the cycles. Intervals: 95 % Student t over seeds "
+                 "(none with one seed).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summary: dict, path: str | Path, title: str = "Learning curves") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for s in summary["strategies"]:
+        xs = [n for n in summary["budgets"] if summary["curves"][s][n]]
+        mean = np.array([np.mean(summary["curves"][s][n]) for n in xs])
+        std = np.array([np.std(summary["curves"][s][n]) for n in xs])
+        style = {"linestyle": "--", "color": "gray"} if s == "random" else {}
+        ax.plot(xs, mean, marker="o", label=f"{s} (n={len(summary['aubc'][s])})", **style)
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=style.get("color"))
+    ax.set_xlabel("labeled samples")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{title} (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
