@@ -42,6 +42,14 @@ DEFAULTS: dict[str, Any] = {
         "td_weight": 1.0,
         "crop_pad": 1,
         "hflip": False,
+        "lloss_weight": 1.0,  # lloss: λ of the loss prediction module's margin ranking loss
+        # lloss: the module's gradient stops reaching the backbone after this epoch (1-based,
+        # literal: epochs > this are detached). The paper's 120 of 200 epochs; a schedule of at
+        # most this many epochs never detaches, so scale it with train.epochs (e.g. 0.6 × epochs).
+        "lloss_detach_epoch": 120,
+        # CUDA only: false, "default" or "reduce-overhead" (torch.compile of the backbone for
+        # training). On CPU it is refused with an error: the CPU path stays deterministic fp32.
+        "compile": False,
     },
     "score_batch_size": 512,
 }
@@ -110,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "label_mode": ("oracle",),
+    "label_mode": ("oracle", "human"),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -140,6 +148,9 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
 # Keys whose value may be null; for every other key null is an error, not a crash later.
 NULLABLE = {"preset", "subset_size"}
 
+# Keys whose default is false but which may also be one of these strings.
+FALSE_OR_CHOICE: dict[str, tuple[str, ...]] = {"train.compile": ("default", "reduce-overhead")}
+
 
 def _check_type(name: str, default: Any, value: Any) -> Any:
     if value is None:
@@ -147,6 +158,11 @@ def _check_type(name: str, default: Any, value: Any) -> Any:
             return None
         raise ConfigError(f"params key '{name}' must not be empty or null")
     if default is None:
+        return value
+    if name in FALSE_OR_CHOICE:
+        if value is not False and value not in FALSE_OR_CHOICE[name]:
+            raise ConfigError(f"params key '{name}' must be false or one of "
+                              f"{list(FALSE_OR_CHOICE[name])}, got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -283,6 +299,11 @@ def validate(params: dict[str, Any]) -> None:
     need(train["lr"] > 0, "train.lr", f"must be positive, got {train['lr']}")
     need(train["td_weight"] >= 0, "train.td_weight", f"must be >= 0, got {train['td_weight']}")
     need(train["crop_pad"] >= 0, "train.crop_pad", f"must be >= 0, got {train['crop_pad']}")
+    need(train["lloss_weight"] >= 0, "train.lloss_weight", f"must be >= 0, got {train['lloss_weight']}")
+    need(train["lloss_detach_epoch"] >= 0, "train.lloss_detach_epoch",
+         f"must be >= 0 (0 detaches from the first epoch), got {train['lloss_detach_epoch']}")
+    need(not (train["compile"] and params["device"] == "cpu"), "train.compile",
+         f"is only supported on CUDA (got {train['compile']!r} with device cpu); set train.compile=false")
     need(all(isinstance(m, int) and 0 < m for m in train["milestones"]), "train.milestones",
          f"must be a list of positive epoch numbers, got {train['milestones']}")
 

@@ -14,18 +14,21 @@ from torch import nn
 from tidal.models.backbones import penultimate
 from tidal.progress import progress
 from tidal.strategies.base import Embeddings, ModelOutput, QueryStrategy, SetStrategy, Strategy
-from tidal.train import normalize, to_float
+from tidal.train import normalize, precision_context, prepare_input, prepare_model, to_float
 
 
-def _check_td(strategy: QueryStrategy, td_module: nn.Module | None) -> None:
-    if strategy.uses_td_module and td_module is None:
+def _check_td(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
+    """A strategy that reads an auxiliary module (the TD module, the loss predictor) gets one."""
+    if strategy.uses_td_module and aux_module is None:
         raise ValueError(f"strategy '{strategy.name}' needs the TD module, but none was trained")
+    if strategy.uses_loss_module and aux_module is None:
+        raise ValueError(f"strategy '{strategy.name}' needs the loss prediction module, but none was trained")
 
 
 @torch.inference_mode()
 def top_k_uncertain(
     backbone: nn.Module,
-    td_module: nn.Module | None,
+    aux_module: nn.Module | None,
     images_u8: torch.Tensor,
     strategy: Strategy,
     k: int,
@@ -35,25 +38,28 @@ def top_k_uncertain(
     """Positions (into images_u8) and scores of the k highest-scoring candidates, best first.
 
     Ties keep the earlier position, so the result does not depend on the batch size.
+    `aux_module` is the TD module (TiDAL strategies) or the loss predictor (lloss), else None.
     """
     if isinstance(strategy, SetStrategy):
         raise TypeError(f"strategy '{strategy.name}' chooses a set jointly; use select_candidates")
-    _check_td(strategy, td_module)
+    _check_td(strategy, aux_module)
     head = getattr(backbone, "head", None) if strategy.uses_head else None
     if strategy.uses_head and head is None:
         raise ValueError(f"strategy '{strategy.name}' needs a backbone with a `head` module")
-    backbone.to(device).eval()
-    if td_module is not None:
-        td_module.to(device).eval()
+    net = prepare_model(backbone.eval(), device)
+    if aux_module is not None:
+        aux_module.to(device).eval()
     top_scores = torch.empty(0)
     top_pos = torch.empty(0, dtype=torch.long)
     starts = range(0, len(images_u8), batch_size)
     for start in progress(starts, desc="score", total=len(starts)):
-        x = normalize(to_float(images_u8[start:start + batch_size].to(device)))
-        logits, features = backbone(x)
-        td_logits = td_module(features) if strategy.uses_td_module else None
-        out = ModelOutput(logits=logits, td_logits=td_logits,
-                          embedding=penultimate(features) if head is not None else None, head=head)
+        x = prepare_input(normalize(to_float(images_u8[start:start + batch_size].to(device))), device)
+        with precision_context(device):
+            logits, features = net(x)
+            td_logits = aux_module(features).float() if strategy.uses_td_module else None
+            pred_loss = aux_module(features).float() if strategy.uses_loss_module else None
+        out = ModelOutput(logits=logits.float(), td_logits=td_logits, pred_loss=pred_loss,
+                          embedding=penultimate(features).float() if head is not None else None, head=head)
         scores = strategy.score(out).float().cpu()
         pos = torch.arange(start, start + len(scores))
         all_scores = torch.cat([top_scores, scores])
@@ -67,12 +73,13 @@ def top_k_uncertain(
 def embed(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device, batch_size: int = 512,
           desc: str = "embed") -> Embeddings:
     """Backbone logits (N×C) and penultimate features (N×D) of every image, on `device`."""
-    backbone.to(device).eval()
+    net = prepare_model(backbone.eval(), device)
     logits_parts, feature_parts = [], []
     starts = range(0, len(images_u8), batch_size)
     for start in progress(starts, desc=desc, total=len(starts)):
-        x = normalize(to_float(images_u8[start:start + batch_size].to(device)))
-        logits, features = backbone(x)
+        x = prepare_input(normalize(to_float(images_u8[start:start + batch_size].to(device))), device)
+        with precision_context(device):
+            logits, features = net(x)
         logits_parts.append(logits.float())
         feature_parts.append(penultimate(features).float())
     if not logits_parts:
@@ -101,7 +108,7 @@ def select_set(
 
 def select_candidates(
     backbone: nn.Module,
-    td_module: nn.Module | None,
+    aux_module: nn.Module | None,
     images_u8: torch.Tensor,
     strategy: QueryStrategy,
     k: int,
@@ -113,7 +120,7 @@ def select_candidates(
 
     `labeled_u8` (the labeled images) is read only by set strategies that ask for it (CoreSet).
     """
-    _check_td(strategy, td_module)
+    _check_td(strategy, aux_module)
     if isinstance(strategy, SetStrategy):
         return select_set(backbone, images_u8, strategy, k, device, batch_size, labeled_u8)
-    return top_k_uncertain(backbone, td_module, images_u8, strategy, k, device, batch_size)
+    return top_k_uncertain(backbone, aux_module, images_u8, strategy, k, device, batch_size)

@@ -1,11 +1,18 @@
-"""One cycle's training: CE(f(x), y) + λ·KL(p̄ ‖ p̃), with the TD recorder and batched augmentation.
+"""One cycle's training: CE(f(x), y) + λ·(auxiliary module's loss), with batched augmentation.
+
+The auxiliary module is TiDAL's TD predictor (λ·KL(p̄ ‖ p̃), with the TD recorder) or Learning
+Loss's loss predictor (λ·margin ranking loss); each is an `AuxTask` over one shared loop.
 
 Data lives on the training device as uint8; each batch is cropped and flipped there, so
 there is no per-sample Python or PIL work in the loop. Loss and accuracy are accumulated on
 the device and read once per epoch.
+
+On CUDA the forward passes run under bf16 autocast (losses in fp32) on channels_last tensors,
+optionally through torch.compile; on CPU none of that (`precision_context`, `prepare_model`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -15,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.dynamics import TDRecorder
+from tidal.models.loss_module import LossPredictor, loss_ranking_loss
 from tidal.progress import progress
 
 
@@ -33,6 +41,9 @@ class TrainConfig:
     td_weight: float
     crop_pad: int
     hflip: bool
+    lloss_weight: float = 1.0  # λ of Learning Loss's ranking loss
+    lloss_detach_epoch: int = 120  # Learning Loss: features detached for epochs after this one
+    compile: str | bool = False  # CUDA only: false, "default" or "reduce-overhead"
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainConfig":
@@ -68,6 +79,114 @@ def td_kl_loss(td_logits: torch.Tensor, td_target: torch.Tensor) -> torch.Tensor
     return F.kl_div(F.log_softmax(td_logits, dim=1), td_target.detach(), reduction="batchmean")
 
 
+# --- auxiliary modules: trained jointly with the backbone, each with its own loss -------------
+
+class AuxTask:
+    """A module trained with the backbone: total loss = CE + weight · loss(module output).
+
+    The trainer gives the module its own SGD optimizer and schedule with the backbone's
+    hyperparameters (as both papers do); a task only says how to run it and what its loss is.
+    `metric` names the per-epoch mean of that loss in the history records.
+    """
+
+    metric = "aux_loss"
+
+    def __init__(self, module: nn.Module, weight: float) -> None:
+        self.module, self.weight = module, weight
+
+    def start(self, num_samples: int, device: torch.device) -> None:
+        """Called once before the first epoch of a cycle."""
+
+    def forward(self, features: list[torch.Tensor], epoch: int) -> torch.Tensor:
+        return self.module(features)
+
+    def loss(self, out: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TDTask(AuxTask):
+    """TiDAL: KL(p̄ ‖ p̃) between the recorded training dynamics and the TD module's prediction."""
+
+    metric = "td_kl"
+
+    def start(self, num_samples: int, device: torch.device) -> None:
+        self.recorder = TDRecorder(num_samples, self.module.num_classes, device)
+
+    def loss(self, out, idx, logits, y):
+        return td_kl_loss(out, self.recorder.update(idx, torch.softmax(logits, dim=1)))
+
+
+class LossPredTask(AuxTask):
+    """Learning Loss: margin ranking loss between predicted and true per-sample CE losses.
+
+    After epoch `detach_epoch` (1-based, read literally: 120 means epochs 121, 122, ... are
+    detached, as in the paper's 200-epoch schedule; a schedule of at most `detach_epoch` epochs
+    never detaches, 0 detaches from the start) the module reads detached features, so its loss
+    no longer reaches the backbone; the module itself keeps training.
+    """
+
+    metric = "lloss_rank"
+
+    def __init__(self, module: nn.Module, weight: float, detach_epoch: int, margin: float = 1.0) -> None:
+        super().__init__(module, weight)
+        self.detach_epoch, self.margin = detach_epoch, margin
+
+    def forward(self, features, epoch):
+        if epoch > self.detach_epoch:
+            features = [f.detach() for f in features]
+        return self.module(features)
+
+    def loss(self, out, idx, logits, y):
+        return loss_ranking_loss(out, F.cross_entropy(logits, y, reduction="none"), self.margin)
+
+
+def aux_task(module: nn.Module | AuxTask | None, cfg: "TrainConfig") -> AuxTask | None:
+    """The task for a module: a LossPredictor is Learning Loss, any other module the TD predictor."""
+    if module is None or isinstance(module, AuxTask):
+        return module
+    if isinstance(module, LossPredictor):
+        return LossPredTask(module, cfg.lloss_weight, cfg.lloss_detach_epoch)
+    return TDTask(module, cfg.td_weight)
+
+
+# --- the device's training path: GPU speed-ups, the CPU path unchanged ------------------------
+
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def precision_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for forward passes on CUDA; on CPU nothing (deterministic fp32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """channels_last on CUDA (what its bf16 convolutions are fastest with); unchanged on CPU."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def prepare_model(model: nn.Module, device: torch.device, compile_mode: str | bool = False) -> nn.Module:
+    """Move the model to the device; on CUDA also channels_last and, if asked, torch.compile.
+
+    Returns the module to call (the compiled wrapper shares the model's parameters, so the
+    model's own state_dict is what gets saved). On CPU, compile is refused: the CPU path is the
+    deterministic fp32 reference, and inductor there needs a C++ toolchain and long compiles.
+    """
+    model.to(device)
+    if device.type != "cuda":
+        if compile_mode:
+            raise ValueError(f"train.compile={compile_mode!r} is only supported on CUDA, but training "
+                             f"runs on {device}; set train.compile=false")
+        return model
+    model.to(memory_format=torch.channels_last)
+    if compile_mode:
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile must be false or one of {list(COMPILE_MODES)}, got {compile_mode!r}")
+        return torch.compile(model, mode=compile_mode)
+    return model
+
+
 def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     batches = list(perm.split(batch_size))
     # BatchNorm cannot train on a batch of one; such a tail batch waits for the next epoch.
@@ -78,7 +197,7 @@ def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def train_cycle(
     backbone: nn.Module,
-    td_module: nn.Module | None,
+    aux: nn.Module | AuxTask | None,
     images_u8: torch.Tensor,
     labels: torch.Tensor,
     cfg: TrainConfig,
@@ -87,54 +206,60 @@ def train_cycle(
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
 ) -> list[dict]:
-    """Train backbone (and TD module, when given) from scratch on one labeled set.
+    """Train backbone (and the auxiliary module, when given) from scratch on one labeled set.
 
-    Returns one record per epoch: epoch, loss, accuracy, td_kl, lr.
+    `aux` is a TD module (TiDAL), a `LossPredictor` (Learning Loss) or an `AuxTask`.
+    Returns one record per epoch: epoch, loss, accuracy, td_kl (0 without a TD module), lr,
+    and the task's own metric (e.g. lloss_rank) when it is not td_kl.
     """
-    backbone.to(device).train()
-    params = list(backbone.parameters())
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    task = aux_task(aux, cfg)
+    backbone.train()
+    net = prepare_model(backbone, device, cfg.compile)
+    opt = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=0.1)
-    recorder = None
-    if td_module is not None:
-        td_module.to(device).train()
-        # The module has its own optimizer with the backbone's hyperparameters (as in the paper).
-        td_opt = torch.optim.SGD(td_module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay)
-        td_sched = torch.optim.lr_scheduler.MultiStepLR(td_opt, milestones=cfg.milestones, gamma=0.1)
-        recorder = TDRecorder(len(labels), td_module.num_classes, device)
+    if task is not None:
+        task.module.to(device).train()
+        # The module has its own optimizer with the backbone's hyperparameters (as in the papers).
+        aux_opt = torch.optim.SGD(task.module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
+        aux_sched = torch.optim.lr_scheduler.MultiStepLR(aux_opt, milestones=cfg.milestones, gamma=0.1)
+        task.start(len(labels), device)
     images = to_float(images_u8.to(device))
     labels = labels.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     history = []
     for epoch in progress(range(1, cfg.epochs + 1), desc=desc, total=cfg.epochs):
-        sums = torch.zeros(4, device=device)  # loss, correct, td_kl, seen
+        sums = torch.zeros(3, device=device)  # loss, correct, aux loss; summed over samples
+        seen = 0  # on the host: no copy to the device per batch
         for idx in _batches(torch.randperm(len(labels), generator=order_gen).to(device), cfg.batch_size):
-            x = normalize(augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen))
+            x = prepare_input(normalize(augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen)), device)
             y = labels[idx]
-            logits, features = backbone(x)
+            with precision_context(device):
+                logits, features = net(x)
+                aux_out = task.forward(features, epoch) if task is not None else None
+            logits = logits.float()  # losses in fp32 (a no-op on the CPU's fp32 path)
             loss = F.cross_entropy(logits, y)
-            kl = torch.zeros((), device=device)
-            if td_module is not None:
-                target = recorder.update(idx, torch.softmax(logits, dim=1))
-                kl = td_kl_loss(td_module(features), target)
-                loss = loss + cfg.td_weight * kl
-                td_opt.zero_grad(set_to_none=True)
+            aux_loss = torch.zeros((), device=device)
+            if task is not None:
+                aux_loss = task.loss(aux_out.float(), idx, logits, y)
+                loss = loss + task.weight * aux_loss
+                aux_opt.zero_grad(set_to_none=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if td_module is not None:
-                td_opt.step()
+            if task is not None:
+                aux_opt.step()
             n = len(idx)
-            sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), kl.detach() * n,
-                                 torch.tensor(float(n), device=device)])
+            seen += n
+            sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), aux_loss.detach() * n])
         sched.step()
-        if td_module is not None:
-            td_sched.step()
-        loss_sum, correct, kl_sum, seen = sums.tolist()
-        record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
-                  "td_kl": kl_sum / seen, "lr": opt.param_groups[0]["lr"]}
+        if task is not None:
+            aux_sched.step()
+        loss_sum, correct, aux_sum = sums.tolist()
+        metric = task.metric if task is not None else "td_kl"
+        record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen, "td_kl": 0.0,
+                  metric: aux_sum / seen, "lr": opt.param_groups[0]["lr"]}
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"training loss became {record['loss']} at epoch {epoch}; "
                                    f"lower train.lr (now {cfg.lr}) or check the labels")

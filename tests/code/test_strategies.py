@@ -43,9 +43,17 @@ def _images(backbone_rows, td_rows=None) -> torch.Tensor:
     return torch.from_numpy(np.stack([bb, td], axis=1)[:, None])
 
 
+class FakeLossModule(nn.Module):
+    """Loss prediction 'module': its predicted loss is the mean of row 1 of the image."""
+
+    def forward(self, features):
+        return features[0][:, 0, 0, :].mean(dim=1)
+
+
 def _select(name: str, images, k: int, batch_size: int = 512, seed: int = 0):
     strategy = build_strategy(name, seed=seed)
-    pos, scores = top_k_uncertain(FakeBackbone(), FakeTD(), images, strategy, k, CPU, batch_size)
+    aux = FakeLossModule() if strategy.uses_loss_module else FakeTD()
+    pos, scores = top_k_uncertain(FakeBackbone(), aux, images, strategy, k, CPU, batch_size)
     return pos.tolist(), scores
 
 
@@ -70,7 +78,7 @@ POINTWISE = sorted(n for n, cls in STRATEGIES.items() if issubclass(cls, Strateg
 
 def test_registry_holds_the_strategies():
     assert set(STRATEGIES) == {"random", "entropy", "tidal-entropy", "tidal-margin", "margin",
-                               "least-confidence", "bald", "coreset", "badge"}
+                               "least-confidence", "bald", "coreset", "badge", "lloss"}
 
 
 @pytest.mark.parametrize("name", POINTWISE)

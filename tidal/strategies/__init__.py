@@ -9,6 +9,7 @@ from tidal.strategies.base import Embeddings, ModelOutput, QueryStrategy, SetStr
 from tidal.strategies.coreset import CoreSet
 from tidal.strategies.entropy import Entropy
 from tidal.strategies.least_confidence import LeastConfidence
+from tidal.strategies.lloss import LearningLoss
 from tidal.strategies.margin import Margin
 from tidal.strategies.random_sampling import RandomSampling
 from tidal.strategies.tidal_entropy import TiDALEntropy
@@ -16,7 +17,7 @@ from tidal.strategies.tidal_margin import TiDALMargin
 
 STRATEGIES: dict[str, type[QueryStrategy]] = {
     cls.name: cls for cls in (RandomSampling, Entropy, TiDALEntropy, TiDALMargin,
-                              Margin, LeastConfidence, BALD, CoreSet, BADGE)
+                              Margin, LeastConfidence, BALD, CoreSet, BADGE, LearningLoss)
 }
 
 

@@ -20,6 +20,7 @@ class ModelOutput:
 
     logits: torch.Tensor  # backbone class logits, B×C
     td_logits: torch.Tensor | None = None  # TD module logits, B×C (TiDAL strategies only)
+    pred_loss: torch.Tensor | None = None  # loss prediction module's output, B (uses_loss_module only)
     embedding: torch.Tensor | None = None  # penultimate features (the head's input), B×D (uses_head only)
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # backbone head: B×D -> B×C (uses_head only)
 
@@ -37,6 +38,7 @@ class QueryStrategy:
 
     name: str = ""
     uses_td_module: bool = False
+    uses_loss_module: bool = False  # needs the Learning Loss module (ModelOutput.pred_loss)
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
