@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.tracking import log_cycle_model, make_tracker
-from tidal.workspace import read_json
+from tidal.workspace import ExperimentLock, read_json
 
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
 OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
@@ -28,8 +28,8 @@ def verify_data_version(params: dict) -> dict:
 
 
 @task(name="start-experiment", **OUTSIDE)
-def start_experiment(params: dict, data_version: str) -> dict:
-    state = pipeline.start_experiment(params, data_version)
+def start_experiment(params: dict, data_version: str, pool_version: str) -> dict:
+    state = pipeline.start_experiment(params, data_version, pool_version)
     parent = state["tracking"].get("parent_run_id")
     if params["tracking"] and not parent:
         parent = make_tracker().start_experiment(params, data_version,
@@ -99,10 +99,11 @@ def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_label
 
 @task(name="commit-state", **OUTSIDE)
 def commit_state(params: dict, cycle: int, test_accuracy: float, query_path: str,
-                 labels: dict[str, int], run_id: str) -> dict:
+                 labels: dict[str, int] | None, run_id: str, ids: list[str]) -> dict:
     return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
                                  tracking={"mlflow_run_id": run_id,
-                                           "prefect_flow_run_id": flow_run.get_id() or ""})
+                                           "prefect_flow_run_id": flow_run.get_id() or ""},
+                                 queried_ids=ids)
 
 
 @task(name="publish-learning-curve", **OUTSIDE)
@@ -134,9 +135,10 @@ def cycle_flow(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     scores = score_candidates(params, cycle, trained["checkpoint"])
     ids = select_top_k(scores, params["budget"])
     query = export_query(params, cycle, scores, ids)
-    labels = reveal_oracle_labels(params, ids)
+    # Oracle: the data set's own labels now. Human: the query waits for annotators.
+    labels = reveal_oracle_labels(params, ids) if params["label_mode"] == "oracle" else None
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
-    record = commit_state(params, cycle, acc, query, labels, run_id)
+    record = commit_state(params, cycle, acc, query, labels, run_id, ids)
     publish_learning_curve(params)
     logger.info("cycle %d: %d labeled, test accuracy %.4f, query %s", cycle, n_labeled, acc, query)
     return record
@@ -146,14 +148,28 @@ def cycle_flow(params: dict, cycle: int, parent_run_id: str = "") -> dict:
 def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
     """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
     params = load_params(params_path, overrides)
-    version = verify_data_version(params)
-    started = start_experiment(params, version["data_version"])
-    for cycle in range(started["cycle"], params["cycles"]):
-        cycle_flow(params, cycle, started["parent_run_id"])
-    history = pipeline.load_state(params)["history"]
-    if params["tracking"] and started["parent_run_id"]:
-        make_tracker().end_run(started["parent_run_id"])
+    with ExperimentLock(pipeline.workspace(params).root):
+        version = verify_data_version(params)
+        started = start_experiment(params, version["data_version"], version["pool_version"])
+        for cycle in range(started["cycle"], params["cycles"]):
+            if _waiting(params):
+                break
+            cycle_flow(params, cycle, started["parent_run_id"])
+            if params["label_mode"] == "human":
+                break  # the query is with the annotators: stop until labels are imported
+        history = pipeline.load_state(params)["history"]
+        if params["tracking"] and started["parent_run_id"] and not pipeline.waiting_for_labels(params):
+            make_tracker().end_run(started["parent_run_id"])
     return history
+
+
+def _waiting(params: dict) -> bool:
+    waiting = pipeline.waiting_for_labels(params)
+    if waiting:
+        get_run_logger().warning(
+            "waiting for labels of query %s (%d pending): annotate %s and run `tidal import-labels FILE`",
+            waiting["query_id"], waiting["n_pending"], waiting["query"])
+    return bool(waiting)
 
 
 
@@ -162,6 +178,41 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
     """One more cycle of the experiment, whatever `cycles` says: train on the current labels,
     score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
     params = load_params(params_path, overrides)
-    version = verify_data_version(params)
-    started = start_experiment(params, version["data_version"])
-    return cycle_flow(params, started["cycle"], started["parent_run_id"])
+    with ExperimentLock(pipeline.workspace(params).root):
+        version = verify_data_version(params)
+        started = start_experiment(params, version["data_version"], version["pool_version"])
+        if _waiting(params):
+            return {"waiting_for_labels": pipeline.waiting_for_labels(params)}
+        return cycle_flow(params, started["cycle"], started["parent_run_id"])
+
+
+@task(name="merge-labels", **COMPUTE)
+def merge_labels(params: dict, path: str, fmt: str | None, force: bool, relabel: bool) -> dict:
+    return pipeline.import_labels(params, path, fmt, force=force, relabel=relabel)
+
+
+@task(name="pin-labels", **OUTSIDE)
+def pin_labels(params: dict, data_version: str) -> bool:
+    """`dvc add` the data directory so data.dvc pins the labels just imported."""
+    from tidal.data.version import dvc_add
+
+    return dvc_add(params["data_root"])
+
+
+@task(name="record-data-version", **OUTSIDE)
+def record_data_version(params: dict, data_version: str) -> None:
+    parent = pipeline.load_state(params)["tracking"].get("parent_run_id")
+    if params["tracking"] and parent:
+        make_tracker().record_data_version(parent, data_version)
+
+
+@flow(name="import-labels")
+def import_labels(path: str, params_path: str | None = "params.yaml", overrides: list[str] | None = None,
+                  fmt: str | None = None, force: bool = False, relabel: bool = False) -> dict:
+    """Validate and merge annotations, re-pin the data with DVC, record the version in MLflow."""
+    params = load_params(params_path, overrides)
+    with ExperimentLock(pipeline.workspace(params).root):
+        summary = merge_labels(params, path, fmt, force, relabel)
+        pinned = pin_labels(params, summary["data_version"])
+        record_data_version(params, summary["data_version"])
+    return {**summary, "dvc_pinned": pinned}

@@ -56,8 +56,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidal.tracking import tracking_uri
 
     ws = workspace(params)
+    from tidal.pipeline import waiting_for_labels
+
+    waiting = waiting_for_labels(params)
+    done = "is waiting for labels after" if waiting else "finished in"
     print(f"\nExperiment '{params['experiment']}' ({params['strategy']}, seed {params['seed']}) "
-          f"finished in {elapsed:.0f} s\n")
+          f"{done} {elapsed:.0f} s\n")
     print(format_curve(history))
     last_query = history[-1]["query"] if history else "(none)"
     print(f"\nlearning curve:  {ws.learning_curve_path}")
@@ -67,7 +71,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"open MLflow:     mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
               else f"open MLflow:     {uri}")
     print(f"state:           tidal status --experiment {params['experiment']}")
+    if waiting:
+        _print_waiting(waiting, params)
     return 0
+
+
+def _print_waiting(waiting: dict, params: dict) -> None:
+    query = Path(waiting["query"])
+    print(f"\nWAITING FOR LABELS: query {waiting['query_id']} ({waiting['n_pending']} samples pending)")
+    print(f"  annotate:  {query}  (fill the `label` column; or {query.with_suffix('.jsonl').name}, "
+          f"or import {query.parent / 'query_labelstudio.json'} into Label Studio)")
+    print(f"  then:      tidal import-labels FILE --experiment {params['experiment']}")
+    print("  and:       tidal run   (the next cycle trains on the new labels)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -76,6 +91,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from tidal.pipeline import workspace
 
     ws = workspace(params)
+    if ws.exists() and args.history:
+        return _print_history(params, args.history)
     if not ws.exists():
         print(f"no experiment '{params['experiment']}' under {ws.root.parent}/; start it with `tidal run`",
               file=sys.stderr)
@@ -97,6 +114,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     parent = state.get("tracking", {}).get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
+    from tidal.pipeline import waiting_for_labels
+
+    waiting = waiting_for_labels(params)
+    if waiting:
+        _print_waiting(waiting, params)
+    return 0
+
+
+def _print_history(params: dict, sample_id: str) -> int:
+    from tidal.labels import label_history
+    from tidal.pipeline import labels_file, workspace
+
+    state = workspace(params).load_state()
+    rows = label_history(labels_file(params), sample_id) if labels_file(params).is_file() else []
+    if not rows and sample_id not in state["labeled"] and sample_id not in state.get("pending", {}):
+        print(f"error: no label history for '{sample_id}' in experiment '{params['experiment']}'", file=sys.stderr)
+        return 1
+    print(f"label history of {sample_id} in {params['experiment']}:")
+    if sample_id in state["labeled"] and not rows:
+        print(f"  {state['labeled'][sample_id]}  (from the data set: initial set or oracle)")
+    for r in rows:
+        extra = f", supersedes {r['supersedes']}" if r.get("supersedes") else ""
+        print(f"  {r['label']}  by {r.get('annotator') or '?'} at {r['imported_at']} "
+              f"(cycle {r['cycle']}, query {r['query_id']}, from {r['source']}{extra})")
+    if sample_id in state.get("pending", {}):
+        print(f"  pending in query {state['pending'][sample_id]['query_id']}")
+    return 0
+
+
+def cmd_import_labels(args: argparse.Namespace) -> int:
+    overrides = list(args.set) + ([f"experiment={args.experiment}"] if args.experiment else [])
+    params_path = _params_path(args.params)
+    load_params(params_path, overrides)
+    _offline_defaults()
+    from flows.experiment import import_labels
+
+    summary = import_labels(path=args.file, params_path=params_path, overrides=overrides, fmt=args.format,
+                            force=args.force, relabel=args.relabel)
+    print(f"imported {summary['new']} new label(s), {summary['relabeled']} relabeled, "
+          f"{summary['unchanged']} unchanged, {summary['skipped']} skipped (no label); "
+          f"{summary['still_pending']} still pending")
+    pinned = "re-pinned in data.dvc" if summary["dvc_pinned"] else "not DVC-pinned here"
+    print(f"data version {summary['data_version']} ({pinned}); next: tidal run")
     return 0
 
 
@@ -180,7 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_status = sub.add_parser("status", help="print an experiment's state")
     common(p_status)
     p_status.add_argument("--experiment", default=None, help="experiment name (default: from params)")
+    p_status.add_argument("--history", default=None, metavar="ID", help="every label this sample id ever had")
     p_status.set_defaults(func=cmd_status)
+    p_import = sub.add_parser("import-labels", help="validate and merge annotations of a query")
+    common(p_import)
+    p_import.add_argument("file", help="annotated query.csv, query.jsonl or a Label Studio JSON export")
+    p_import.add_argument("--experiment", default=None, help="experiment name (default: from params)")
+    p_import.add_argument("--format", choices=["csv", "jsonl", "label-studio"], default=None,
+                          help="file format (default: from the extension)")
+    p_import.add_argument("--force", action="store_true", help="accept ids that are not in the pending query")
+    p_import.add_argument("--relabel", action="store_true",
+                          help="let a new label supersede an earlier one (the old one stays in the history)")
+    p_import.set_defaults(func=cmd_import_labels)
     p_data = sub.add_parser("data", help="write the dataset if missing and check it against data.dvc")
     common(p_data)
     p_data.set_defaults(func=cmd_data)
@@ -208,10 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.data.sources import DataError
     from tidal.pipeline import ExperimentMismatch
     from tidal.train import TrainingDiverged
+    from tidal.workspace import ExperimentLocked
 
+    errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
+                                           ExperimentLocked, FileNotFoundError)
+    from tidal.labels import LabelImportError
+
+    errors += (LabelImportError,)
     try:
         return args.func(args)
-    except (ConfigError, DataError, ExperimentMismatch, TrainingDiverged) as err:
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

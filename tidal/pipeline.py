@@ -7,6 +7,7 @@ from the last completed step. The Prefect flows in `flows/` call exactly these f
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -16,20 +17,22 @@ import torch
 from tidal.config import DEFAULTS, dump_params, flatten
 from tidal.data.pool import candidate_ids, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
-from tidal.data.version import verify_data_version
+from tidal.data.version import LABELS_DIR, dvc_dir_md5, verify_data_version
 from tidal.device import resolve_device, set_deterministic
-from tidal.evaluate import accuracy
-from tidal.models import TDPredictor, build_backbone
+from tidal.evaluate import accuracy, predict_logits
+from tidal.faults import failpoint
+from tidal.models import LossPredictor, TDPredictor, build_backbone
 from tidal.scoring import select_candidates
 from tidal.strategies import build_strategy
 from tidal.train import TrainConfig, train_cycle
-from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_text, read_csv, read_json,
+from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
                              write_csv, write_json)
 
 log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
-RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking"}
+RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking",
+                  "train.compile"}
 
 
 class ExperimentMismatch(ValueError):
@@ -41,7 +44,8 @@ def workspace(params: dict[str, Any]) -> Workspace:
 
 
 def _fingerprint(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten(params).items() if k.split(".")[0] not in RESUMABLE_KEYS}
+    return {k: v for k, v in flatten(params).items()
+            if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
 
 
 def _cycle_seed(seed: int, cycle: int) -> int:
@@ -63,15 +67,21 @@ def dataset_for(params: dict[str, Any]) -> Dataset:
     return load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
 
 
-def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any]:
-    """Create the workspace with a seeded initial labeled set, or check and resume it."""
+def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None) -> dict[str, Any]:
+    """Create the workspace with a seeded initial labeled set, or check and resume it.
+
+    The initial set is drawn from the pool samples whose label the source knows (all of them
+    for the built-in data sets; the labeled rows of a manifest).
+    """
     ws = workspace(params)
+    pool_version = pool_version or verify_data_version(params["data_root"])["pool_version"]
     if ws.exists():
         state = ws.load_state()
-        _check_resumable(state, params, data_version, ws)
+        _check_resumable(state, params, pool_version, ws)
         return state
     data = dataset_for(params)
-    initial = initial_labeled_ids(data.pool_ids, params["initial_size"], params["seed"])
+    known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
+    initial = initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
     labels = data.pool_labels[data.index_of(initial)].tolist()
     state = {
         "experiment": params["experiment"],
@@ -79,11 +89,16 @@ def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any
         "seed": params["seed"],
         "dataset": params["dataset"],
         "data_version": data_version,
+        "pool_version": pool_version,
         "fingerprint": _fingerprint(params),
         "cycle": 0,
         "pool_size": len(data.pool_ids),
         "labeled": dict(zip(initial, labels)),
-        "pending_query": None,
+        "label_mode": params["label_mode"],
+        # ids exported to annotators and not labeled yet: {id: {"cycle": k, "query_id": q}}
+        "pending": {},
+        "awaiting_labels": False,
+        "imports": [],
         "history": [],
         "tracking": {},
     }
@@ -94,7 +109,7 @@ def start_experiment(params: dict[str, Any], data_version: str) -> dict[str, Any
     return state
 
 
-def _check_resumable(state: dict, params: dict, data_version: str, ws: Workspace) -> None:
+def _check_resumable(state: dict, params: dict, pool_version: str, ws: Workspace) -> None:
     # A key added to the params after the experiment started counts as its default there.
     defaults = flatten(DEFAULTS)
     old, new = state["fingerprint"], _fingerprint(params)
@@ -105,10 +120,11 @@ def _check_resumable(state: dict, params: dict, data_version: str, ws: Workspace
             f"experiment '{params['experiment']}' in {ws.root} was started with {key}={old.get(key)!r}, "
             f"now {key}={new.get(key)!r} ({len(changed)} key(s) differ: {', '.join(changed)}). "
             f"Start a new experiment with --set experiment=NEW_NAME, or delete {ws.root} to start over.")
-    if state["data_version"] != data_version:
+    started = state.get("pool_version", state["data_version"])
+    if started != pool_version:
         raise DataError(
-            f"the data under {params['data_root']}/{params['dataset']} changed since experiment "
-            f"'{params['experiment']}' started (version {state['data_version']} -> {data_version}); "
+            f"the pool data under {params['data_root']}/ changed since experiment "
+            f"'{params['experiment']}' started (version {started} -> {pool_version}); "
             f"restore it with `dvc checkout` or start a new experiment")
 
 
@@ -134,21 +150,34 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
 
 
 def _build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None."""
     backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
     strategy = build_strategy(params["strategy"], params=params)
-    td = TDPredictor(backbone.stage_channels, data.num_classes) if strategy.uses_td_module else None
-    return backbone, td
+    aux = None
+    if strategy.uses_td_module:
+        aux = TDPredictor(backbone.stage_channels, data.num_classes)
+    elif strategy.uses_loss_module:
+        aux = LossPredictor(backbone.stage_channels)
+    return backbone, aux
+
+
+# Checkpoint key of each auxiliary module kind (a checkpoint holds both keys, None when unused).
+_AUX_KEYS = ((LossPredictor, "lloss_module"), (torch.nn.Module, "td_module"))
+
+
+def _aux_key(aux: torch.nn.Module) -> str:
+    return next(key for kind, key in _AUX_KEYS if isinstance(aux, kind))
 
 
 def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = None
                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     data = data or dataset_for(params)
-    backbone, td = _build_models(params, data)
+    backbone, aux = _build_models(params, data)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     backbone.load_state_dict(saved["backbone"])
-    if td is not None:
-        td.load_state_dict(saved["td_module"])
-    return backbone, td
+    if aux is not None:
+        aux.load_state_dict(saved[_aux_key(aux)])
+    return backbone, aux
 
 
 def train_step(params: dict[str, Any], cycle: int,
@@ -166,15 +195,22 @@ def train_step(params: dict[str, Any], cycle: int,
     set_deterministic(device)
     seed = _cycle_seed(params["seed"], cycle)
     torch.manual_seed(seed)
-    backbone, td = _build_models(params, data)
+    backbone, aux = _build_models(params, data)
     log.info("cycle %d: training %s on %d labeled samples (%s)", cycle, params["backbone"], len(labels), device)
-    history = train_cycle(backbone, td, images, labels, TrainConfig.from_params(params["train"]), device,
-                          seed, on_epoch=on_epoch, desc=f"cycle {cycle} train")
-    saved = {"backbone": backbone.state_dict(), "td_module": td.state_dict() if td is not None else None}
+    def epoch_done(record: dict) -> None:
+        failpoint("train:epoch")
+        if on_epoch is not None:
+            on_epoch(record)
+
+    history = train_cycle(backbone, aux, images, labels, TrainConfig.from_params(params["train"]), device,
+                          seed, on_epoch=epoch_done, desc=f"cycle {cycle} train")
+    saved = {"backbone": backbone.state_dict(), **{key: None for _, key in _AUX_KEYS}}
+    if aux is not None:
+        saved[_aux_key(aux)] = aux.state_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_suffix(".pt.tmp")
-    torch.save(saved, tmp)
-    tmp.replace(ckpt)
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    atomic_write_bytes(ckpt, buffer.getvalue())
     write_json(hist_path, history)
     return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}
 
@@ -204,13 +240,18 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
         return str(out)
     state = ws.load_state()
     data = dataset_for(params)
-    pending = set(state["pending_query"]["ids"]) if state.get("pending_query") else set()
-    candidates = candidate_ids(data.pool_ids, set(state["labeled"]) | pending, params["subset_size"],
-                               params["seed"], cycle)
+    # Unlabeled samples only: not labeled, not waiting for an annotator, and with no label
+    # the source keeps hidden from us (a manifest's unlabeled rows are fine).
+    candidates = candidate_ids(data.pool_ids, set(state["labeled"]) | set(state.get("pending", {})),
+                               params["subset_size"], params["seed"], cycle)
     if not candidates:
         raise DataError(f"no unlabeled samples are left in the pool of {len(data.pool_ids)}; "
                         f"the experiment cannot query more (lower `cycles`)")
-    k = min(params["budget"], len(candidates))
+    n_unlabeled = len(data.pool_ids) - len(set(state["labeled"]) | set(state.get("pending", {})))
+    if n_unlabeled < params["budget"]:
+        raise DataError(f"budget={params['budget']} is larger than the {n_unlabeled} unlabeled samples left "
+                        f"in the pool; lower `budget` or `cycles`")
+    k = params["budget"]
     backbone, td = load_models(params, checkpoint, data)
     strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
     # Set strategies that ask for it (CoreSet) also see the labeled set.
@@ -220,6 +261,7 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
                                     resolve_device(params["device"]), params["score_batch_size"],
                                     labeled_u8=labeled_images)
     rows = [{"id": candidates[p], "score": f"{s:.8g}"} for p, s in zip(pos.tolist(), scores.tolist())]
+    failpoint("score:before-write")
     write_csv(out, ["id", "score"], rows)
     log.info("cycle %d: scored %d candidates with %s", cycle, len(candidates), params["strategy"])
     return str(out)
@@ -233,13 +275,26 @@ def select_step(scores_path: str, k: int) -> list[str]:
     return ids
 
 
+def query_id(params: dict[str, Any], cycle: int) -> str:
+    return f"{params['experiment']}-cycle{cycle}"
+
+
 def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list[str]) -> str:
-    """Write cycles/<k>/query.csv (id, score, rank) for annotators and the oracle."""
-    scores = {row["id"]: row["score"] for row in read_csv(scores_path)}
-    out = workspace(params).cycle_dir(cycle) / "query.csv"
-    rows = [{"id": i, "score": scores[i], "rank": r} for r, i in enumerate(ids, start=1)]
-    write_csv(out, ["id", "score", "rank"], rows)
-    return str(out)
+    """Write the query for annotators in cycles/<k>/: query.csv (id, path, score, rank,
+    suggested_label), query.jsonl and Label Studio tasks; return the path of query.csv."""
+    from tidal.labels import export_query_files
+
+    scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
+    out_dir = workspace(params).cycle_dir(cycle)
+    data = dataset_for(params)
+    backbone, _ = load_models(params, out_dir / "model.pt", data)
+    logits = predict_logits(backbone, data.pool_images[data.index_of(ids)], resolve_device(params["device"]),
+                            params["score_batch_size"])
+    rows = [{"id": i, "path": "", "score": scores[i], "rank": r, "suggested_label": int(y)}
+            for r, (i, y) in enumerate(zip(ids, logits.argmax(1).tolist()), start=1)]
+    files = export_query_files(out_dir, params["experiment"], cycle, query_id(params, cycle), rows, data.classes)
+    failpoint("export:after")
+    return files["csv"]
 
 
 def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, int]:
@@ -249,23 +304,96 @@ def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, in
 
 
 def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query_path: str,
-                 new_labels: dict[str, int], tracking: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The one state transition of a cycle: record its result, add the labels, move to cycle k+1."""
+                 new_labels: dict[str, int] | None, tracking: dict[str, Any] | None = None,
+                 queried_ids: list[str] | None = None) -> dict[str, Any]:
+    """The one state transition of a cycle: record its result and move to cycle k+1.
+
+    Oracle mode passes the revealed `new_labels`; human mode passes None and the queried ids,
+    which wait for annotators (`pending`) until `import_labels` brings their labels.
+    """
     ws = workspace(params)
     state = ws.load_state()
     if state["cycle"] != cycle:
         raise RuntimeError(f"state is at cycle {state['cycle']}, cannot commit cycle {cycle}")
-    overlap = set(new_labels) & set(state["labeled"])
+    queried = list(new_labels) if new_labels is not None else list(queried_ids or [])
+    overlap = set(queried) & set(state["labeled"])
     if overlap:
         raise ValueError(f"cycle {cycle} queried {len(overlap)} already labeled id(s), e.g. {sorted(overlap)[:3]}")
     record = {"cycle": cycle, "n_labeled": len(state["labeled"]), "test_accuracy": test_accuracy,
-              "query": query_path, "n_queried": len(new_labels), **(tracking or {})}
+              "query": query_path, "query_id": query_id(params, cycle), "n_queried": len(queried),
+              **(tracking or {})}
     state["history"].append(record)
-    state["labeled"].update(new_labels)
+    if new_labels is not None:
+        state["labeled"].update(new_labels)
+    else:
+        state.setdefault("pending", {}).update(
+            {i: {"cycle": cycle, "query_id": record["query_id"]} for i in queried})
+        state["awaiting_labels"] = True
     state["cycle"] = cycle + 1
     ws.save_state(state)
     _write_curve(ws, state)
     return record
+
+
+def waiting_for_labels(params: dict[str, Any]) -> dict[str, Any] | None:
+    """In human mode, the query annotators still have to return before the next cycle."""
+    ws = workspace(params)
+    if not ws.exists():
+        return None
+    state = ws.load_state()
+    if not state.get("awaiting_labels"):
+        return None
+    last = state["history"][-1]
+    return {"query_id": last["query_id"], "query": last["query"], "n_pending": len(state.get("pending", {}))}
+
+
+def labels_file(params: dict[str, Any]) -> Path:
+    """The append-only provenance log of human labels, inside the DVC-pinned data_root."""
+    return Path(params["data_root"]) / LABELS_DIR / f"{params['experiment']}.csv"
+
+
+def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = None, force: bool = False,
+                  relabel: bool = False) -> dict[str, Any]:
+    """Validate annotations against the experiment and merge them; nothing is written unless the
+    whole file is valid. Returns a summary (counts, data version, still pending ids)."""
+    import time
+
+    from tidal.labels import append_provenance, check_against_state, current_labels, read_annotations
+
+    ws = workspace(params)
+    state = ws.load_state()
+    log_path = labels_file(params)
+    # The provenance log is written before the state; after a crash between the two, its rows
+    # are the truth, so fold them in first (a rerun of the same import is then a no-op).
+    logged = current_labels(log_path) if log_path.is_file() else {}
+    labeled = {**state["labeled"], **logged}
+    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
+    data = dataset_for(params)
+    ann = read_annotations(Path(path), data.classes, fmt)
+    plan = check_against_state(ann, experiment=params["experiment"], pool_ids=set(data.pool_ids),
+                               pending=pending, labeled=labeled, force=force, relabel=relabel)
+    changed = {**{i: a.label for i, a in plan.new.items()}, **{i: a.label for i, (_, a) in plan.relabeled.items()}}
+    if changed:
+        known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
+                               for i in changed if i not in pending}}
+        append_provenance(log_path, plan, cycle_of={i: known[i]["cycle"] for i in changed},
+                          query_of={i: known[i]["query_id"] for i in changed}, source=str(path),
+                          imported_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), classes=data.classes)
+    labeled.update(changed)
+    for i in changed:
+        pending.pop(i, None)
+    # The caller re-pins data_root with DVC (flows: pin-labels task); this md5 is that pin.
+    new_version = dvc_dir_md5(params["data_root"])
+    summary = {"file": str(path), "new": len(plan.new), "relabeled": len(plan.relabeled),
+               "unchanged": len(plan.unchanged), "skipped": len(ann.skipped), "still_pending": len(pending),
+               "data_version": new_version}
+    state["labeled"], state["pending"] = labeled, pending
+    if plan.new:
+        state["awaiting_labels"] = False
+    state["data_version"] = new_version
+    state.setdefault("imports", []).append(summary)
+    ws.save_state(state)
+    return summary
 
 
 def _write_curve(ws: Workspace, state: dict) -> None:

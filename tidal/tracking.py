@@ -114,6 +114,14 @@ class MlflowTracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def record_data_version(self, parent_run_id: str, data_version: str) -> None:
+        """A label import made a new data version: the parent run's tag follows it (later cycle
+        runs copy it), and `data_version.<n>` keeps every version the experiment went through."""
+        tags = self.client.get_run(parent_run_id).data.tags
+        n = sum(1 for k in tags if k.startswith("data_version."))
+        self.client.set_tag(parent_run_id, "data_version", data_version)
+        self.client.set_tag(parent_run_id, f"data_version.{n + 1}", data_version)
+
     @contextmanager
     def system_metrics(self, run_id: str, interval_s: float = 2.0) -> Iterator[None]:
         """Sample CPU, memory (and GPU, when present) into the run while the block runs."""
@@ -218,6 +226,9 @@ class NullTracker:
         return ""
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        pass
+
+    def record_data_version(self, parent_run_id: str, data_version: str) -> None:
         pass
 
     @contextmanager

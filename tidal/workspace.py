@@ -91,3 +91,71 @@ class Workspace:
 
     def save_state(self, state: dict[str, Any]) -> None:
         write_json(self.state_path, state)
+
+
+class ExperimentLocked(RuntimeError):
+    """Another live process is running this experiment."""
+
+
+class ExperimentLock:
+    """`runs/<experiment>/.lock` holding the owner's pid and host, taken with O_EXCL.
+
+    A lock whose process is gone (same host, pid not alive) is stale: it is reported and taken
+    over. A lock from another host is never broken automatically.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root) / ".lock"
+        self.stale_owner: dict | None = None
+
+    def __enter__(self) -> "ExperimentLock":
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                    self.stale_owner = owner
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise ExperimentLocked(
+                    f"experiment in {self.path.parent} is being run by pid {owner.get('pid')} on "
+                    f"{owner.get('host')} since {owner.get('since')}; wait for it to finish. If that "
+                    f"process is gone, delete {self.path}.") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return self
+        raise ExperimentLocked(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owner().get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def _owner(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie has exited: it only waits to be reaped.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

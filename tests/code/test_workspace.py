@@ -1,6 +1,8 @@
 """tidal.workspace atomic files, and the workspace state transitions in tidal.pipeline."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import csv
 import os
 
@@ -176,11 +178,20 @@ def test_resumable_keys_may_change(params):
     assert pipeline.start_experiment(more_cycles, DATA_VERSION) == first
 
 
-def test_changed_data_version_is_refused(params):
+def test_changed_data_version_is_refused(tmp_path, data_root):
+    import shutil
+
     from tidal.data import DataError
 
+    # A private copy of the data: this test damages it.
+    shutil.copytree(data_root, tmp_path / "data")
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
+                                "device=cpu", "strategy=entropy"])
     pipeline.start_experiment(params, DATA_VERSION)
     before = pipeline.workspace(params).state_path.read_bytes()
-    with pytest.raises(DataError):
+    # The pool itself changed on disk (a file of the data set was replaced).
+    images = Path(params["data_root"]) / "digits" / "images.npy"
+    images.write_bytes(images.read_bytes() + b"\0")
+    with pytest.raises(DataError, match="pool data .* changed since experiment"):
         pipeline.start_experiment(params, "another-version")
     assert pipeline.workspace(params).state_path.read_bytes() == before

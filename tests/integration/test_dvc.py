@@ -71,3 +71,46 @@ def test_dvc_repro_on_a_fresh_clone(project_copy):
     params.write_text(params.read_text().replace("seed: 0", "seed: 1"))
     changed = _run([str(BIN / "dvc"), "status"], repo, env).stdout
     assert "params.yaml" in changed and "modified:" in changed and "seed" in changed
+
+
+def test_label_import_repins_the_data(project_copy, prefect_harness):
+    """Human mode in a real DVC repo: importing labels appends them under data/ and `dvc add`
+    re-pins it, so data.dvc names the labeled version and `dvc status` is clean."""
+    import csv
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from tidal.data.version import dvc_dir_md5
+
+    repo, env = project_copy
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}
+    assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
+    pinned_before = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    sets = ["--set", "label_mode=human", "--set", "experiment=h"]
+    first = _run([str(BIN / "tidal"), "run", *sets], repo, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "WAITING FOR LABELS" in first.stdout
+    query = repo / "runs/h/cycles/0/query.csv"
+    with open(query, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["label"] = r["suggested_label"]  # an annotator who agrees with the model
+    back = repo / "back.csv"
+    with open(back, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    imported = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo, env)
+    assert imported.returncode == 0, imported.stdout[-3000:] + imported.stderr[-3000:]
+    assert "re-pinned in data.dvc" in imported.stdout
+    pinned_after = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    assert pinned_after != pinned_before
+    assert pinned_after == dvc_dir_md5(repo / "data") + ".dir"
+    assert (repo / "data/labels/h.csv").is_file()
+    status = _run([str(BIN / "dvc"), "status", "data.dvc"], repo, env)
+    assert "up to date" in status.stdout, status.stdout
+    # The next cycle runs on the new labels against the new pin.
+    second = _run([str(BIN / "tidal"), "run", *sets], repo, env)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert (repo / "runs/h/cycles/1/query.csv").is_file()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -24,10 +27,19 @@ def _file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dvc_dir_md5(directory: str | Path) -> str:
-    """The md5 that `dvc add DIRECTORY` writes (without its `.dir` suffix)."""
+# Human labels live in data_root/labels/ (pinned with the data, so every import is a new data
+# version); the *pool* version leaves them out, so importing labels does not change the pool.
+LABELS_DIR = "labels"
+
+
+def dvc_dir_md5(directory: str | Path, exclude: tuple[str, ...] = ()) -> str:
+    """The md5 that `dvc add DIRECTORY` writes (without its `.dir` suffix).
+
+    `exclude` names top-level entries to leave out (then it is no longer DVC's hash).
+    """
     root = Path(directory)
-    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted((p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in exclude),
+                   key=lambda p: p.relative_to(root).as_posix())
     entries = [{"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
 
@@ -43,19 +55,44 @@ def pinned_md5(pin: str | Path) -> str:
     return str(outs[0]["md5"]).removesuffix(".dir")
 
 
+def pool_version(data_root: str | Path) -> str:
+    """The version of the pool itself: data_root without the human labels folder."""
+    return dvc_dir_md5(data_root, exclude=(LABELS_DIR,))
+
+
 def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
     """The data version of data_root, checked against its DVC pin when there is one.
 
-    Returns {data_version, pinned}; raises DataError if the directory differs from the pin.
+    Returns {data_version, pool_version, pinned}; raises DataError if the directory differs
+    from the pin.
     """
     version = dvc_dir_md5(data_root)
+    pool = pool_version(data_root)
     pin = pin_file(data_root)
     if not pin.is_file():
-        return {"data_version": version, "pinned": False}
+        return {"data_version": version, "pool_version": pool, "pinned": False}
     expected = pinned_md5(pin)
     if expected != version:
         raise DataError(
             f"{data_root}/ does not match its pin {pin} (pinned {expected}, found {version}). "
             f"Restore the pinned data with `dvc checkout {pin.name}`, or pin what is there now with "
             f"`dvc add {Path(data_root).name}` and commit {pin.name}.")
-    return {"data_version": version, "pinned": True}
+    return {"data_version": version, "pool_version": pool, "pinned": True}
+
+
+def dvc_add(data_root: str | Path) -> bool:
+    """Re-pin data_root with `dvc add` when it is pinned (its .dvc file exists); return whether
+    it did. Run from the DVC repository that holds the pin."""
+
+    pin = pin_file(data_root)
+    if not pin.is_file():
+        return False
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise DataError("the `dvc` command is not on PATH; activate .venv (`. .venv/bin/activate`) "
+                        f"and run `dvc add {Path(data_root).name}` to pin the new labels")
+    result = subprocess.run([dvc, "add", "--quiet", Path(data_root).name], cwd=pin.parent,
+                            capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if result.returncode != 0:
+        raise DataError(f"`dvc add {Path(data_root).name}` failed: {(result.stdout + result.stderr).strip()}")
+    return True

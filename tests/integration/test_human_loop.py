@@ -1,0 +1,224 @@
+"""Real annotators in the loop: human mode through the real Prefect flow and MLflow store,
+partial imports, bad input that changes nothing, the experiment lock, label history."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tidal.cli import main as tidal_main
+from tidal.data.sources import load_dataset
+
+
+def _overrides(tmp: Path, *extra: str) -> list[str]:
+    return ["preset=debug", "label_mode=human", "experiment=human-digits", f"runs_dir={tmp}/runs",
+            f"data_root={tmp}/data", *extra]
+
+
+def _sets(tmp: Path, *extra: str) -> list[str]:
+    return sum((["--set", o] for o in _overrides(tmp, *extra)), [])
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_annotated(src: Path, dest: Path, labels: dict[str, str], annotator: str = "ann") -> Path:
+    rows = _rows(src)
+    for r in rows:
+        r["label"] = labels.get(r["id"], "")
+        r["annotator"] = annotator
+    with open(dest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return dest
+
+
+def _snapshot(tmp: Path) -> dict[str, bytes]:
+    """Every saved file of the experiment and its data, by path."""
+    return {str(p.relative_to(tmp)): p.read_bytes()
+            for base in (tmp / "runs", tmp / "data") for p in sorted(base.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def waiting_experiment(prefect_harness, mlflow_uri, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tidal_main(["run", *_sets(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    data = load_dataset(tmp_path / "data", "digits")
+    truth = {i: data.classes[y] for i, y in zip(data.pool_ids, data.pool_labels.tolist())}
+    return {"tmp": tmp_path, "out": out, "truth": truth, "uri": mlflow_uri,
+            "ws": tmp_path / "runs/human-digits"}
+
+
+def test_human_cycle_exports_and_waits(waiting_experiment, capsys):
+    tmp, ws = waiting_experiment["tmp"], waiting_experiment["ws"]
+    assert "WAITING FOR LABELS: query human-digits-cycle0 (20 samples pending)" in waiting_experiment["out"]
+    query = _rows(ws / "cycles/0/query.csv")
+    assert list(query[0])[:8] == ["experiment", "cycle", "query_id", "id", "path", "score", "rank",
+                                  "suggested_label"]
+    assert {r["experiment"] for r in query} == {"human-digits"} and len(query) == 20
+    assert all(r["suggested_label"] in [str(d) for d in range(10)] for r in query)
+    jsonl = [json.loads(line) for line in (ws / "cycles/0/query.jsonl").read_text().splitlines()]
+    assert [j["id"] for j in jsonl] == [r["id"] for r in query]
+    tasks = json.loads((ws / "cycles/0/query_labelstudio.json").read_text())
+    assert tasks[0]["data"]["query_id"] == "human-digits-cycle0"
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == [query[0]["suggested_label"]]
+    # Running again before any label came back does not start another cycle.
+    before = (ws / "state.json").read_bytes()
+    assert tidal_main(["run", *_sets(tmp)]) == 0
+    assert (ws / "state.json").read_bytes() == before
+    assert tidal_main(["status", *_sets(tmp)]) == 0
+    status = capsys.readouterr().out
+    assert "WAITING FOR LABELS" in status and "cycles/0/query.csv" in status
+
+
+def test_partial_import_then_next_cycle(waiting_experiment, capsys):
+    from mlflow import MlflowClient
+
+    tmp, ws, truth = waiting_experiment["tmp"], waiting_experiment["ws"], waiting_experiment["truth"]
+    query = [r["id"] for r in _rows(ws / "cycles/0/query.csv")]
+    done = query[:12]
+    annotated = _write_annotated(ws / "cycles/0/query.csv", tmp / "back.csv", {i: truth[i] for i in done})
+    assert tidal_main(["import-labels", str(annotated), *_sets(tmp)]) == 0
+    assert "imported 12 new label(s)" in capsys.readouterr().out
+    state = json.loads((ws / "state.json").read_text())
+    assert set(state["pending"]) == set(query[12:])
+    assert all(state["labeled"][i] == int(truth[i]) for i in done)
+    log = _rows(tmp / "data/labels/human-digits.csv")
+    assert [r["id"] for r in log] == done and {r["annotator"] for r in log} == {"ann"}
+    assert {r["query_id"] for r in log} == {"human-digits-cycle0"}
+    # MLflow follows the new data version.
+    client = MlflowClient(tracking_uri=waiting_experiment["uri"])
+    parent = client.get_run(state["tracking"]["parent_run_id"])
+    assert parent.data.tags["data_version"] == state["data_version"]
+    assert parent.data.tags["data_version.1"] == state["data_version"]
+    # The next run trains on 40 + 12 labels and never re-selects the 8 still pending.
+    assert tidal_main(["run", *_sets(tmp)]) == 0
+    state = json.loads((ws / "state.json").read_text())
+    assert state["history"][1]["n_labeled"] == 52
+    second = [r["id"] for r in _rows(ws / "cycles/1/query.csv")]
+    assert not set(second) & set(query)
+    assert len(state["pending"]) == 8 + 20
+    child = client.get_run(state["history"][1]["mlflow_run_id"])
+    assert child.data.tags["data_version"] == state["data_version"]
+
+
+BAD_CASES = {
+    "unknown id": ({"digits-99999": "3"}, [], "not in the experiment's pool"),
+    "not pending": ({"__unqueried__": "3"}, [], "--force"),
+    "label not a class": ({"__pending__": "seven"}, [], "seven"),
+    "other experiment": ({"__pending__": "1"}, ["--experiment-column", "other-exp"], "another experiment"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_import_changes_nothing(waiting_experiment, capsys, case):
+    tmp, ws, truth = waiting_experiment["tmp"], waiting_experiment["ws"], waiting_experiment["truth"]
+    labels, flags, message = BAD_CASES[case]
+    state = json.loads((ws / "state.json").read_text())
+    pending_id = sorted(state["pending"])[0]
+    unqueried = next(i for i in sorted(truth) if i not in state["pending"] and i not in state["labeled"])
+    rows = _rows(ws / "cycles/0/query.csv")
+    label = next(iter(labels.values()))
+    key = next(iter(labels))
+    target = {"__pending__": pending_id, "__unqueried__": unqueried}.get(key, key)
+    row = dict(rows[0], id=target, label=label)
+    if flags[:1] == ["--experiment-column"]:
+        row["experiment"] = flags[1]
+    path = tmp / "bad.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    before = _snapshot(tmp)
+    assert tidal_main(["import-labels", str(path), *_sets(tmp)]) == 2
+    assert message in capsys.readouterr().err
+    assert _snapshot(tmp) == before
+    if case == "not pending":  # an id nobody asked for is accepted on purpose with --force
+        row["label"] = truth[unqueried]
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerow(row)
+        assert tidal_main(["import-labels", str(path), "--force", *_sets(tmp)]) == 0
+        state = json.loads((ws / "state.json").read_text())
+        assert state["labeled"][unqueried] == int(truth[unqueried])
+
+
+def test_conflicting_relabel_needs_flag_and_keeps_history(waiting_experiment, capsys):
+    tmp, ws, truth = waiting_experiment["tmp"], waiting_experiment["ws"], waiting_experiment["truth"]
+    first = _rows(ws / "cycles/0/query.csv")[0]["id"]
+    right, wrong = truth[first], str((int(truth[first]) + 1) % 10)
+    assert tidal_main(["import-labels", str(_write_annotated(ws / "cycles/0/query.csv", tmp / "a.csv",
+                                                              {first: wrong}, "alice")), *_sets(tmp)]) == 0
+    fix = _write_annotated(ws / "cycles/0/query.csv", tmp / "b.csv", {first: right}, "bob")
+    before = _snapshot(tmp)
+    assert tidal_main(["import-labels", str(fix), *_sets(tmp)]) == 2
+    assert "--relabel" in capsys.readouterr().err
+    assert _snapshot(tmp) == before  # first label kept
+    assert tidal_main(["import-labels", str(fix), "--relabel", *_sets(tmp)]) == 0
+    state = json.loads((ws / "state.json").read_text())
+    assert state["labeled"][first] == int(right)
+    capsys.readouterr()
+    assert tidal_main(["status", "--history", first, *_sets(tmp)]) == 0
+    history = capsys.readouterr().out
+    assert history.index(f"{wrong}  by alice") < history.index(f"{right}  by bob")
+    assert f"supersedes {wrong}" in history
+
+
+def test_second_run_refuses_while_locked_and_stale_lock_is_taken_over(waiting_experiment, capsys):
+    from tidal.workspace import ExperimentLock
+
+    tmp, ws = waiting_experiment["tmp"], waiting_experiment["ws"]
+    with ExperimentLock(ws):
+        assert tidal_main(["run", *_sets(tmp)]) == 2
+        err = capsys.readouterr().err
+        assert "is being run by pid" in err and ".lock" in err
+    # A lock left by a killed process (its pid no longer exists) does not block.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock = json.loads((ws / ".lock").read_text()) if (ws / ".lock").exists() else None
+    assert lock is None
+    import socket
+
+    (ws / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
+    assert tidal_main(["run", *_sets(tmp)]) == 0
+    assert not (ws / ".lock").exists()
+
+
+def test_budget_larger_than_unlabeled_pool_is_an_error(tmp_path):
+    from tidal import pipeline
+    from tidal.config import load_params
+    from tidal.data.sources import DataError
+
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
+                                "initial_size=1430", "budget=20", "tracking=false", "train.epochs=1"])
+    info = pipeline.prepare_data(params)
+    pipeline.start_experiment(params, info["data_version"], info["pool_version"])
+    trained = pipeline.train_step(params, 0)
+    before = _snapshot(tmp_path)
+    with pytest.raises(DataError, match="budget=20 is larger than the 8 unlabeled samples left"):
+        pipeline.score_step(params, 0, trained["checkpoint"])
+    assert _snapshot(tmp_path) == before
+
+
+def test_no_unlabeled_samples_left_is_an_error(tmp_path):
+    from tidal import pipeline
+    from tidal.config import load_params
+    from tidal.data.sources import DataError
+
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
+                                "initial_size=1438", "tracking=false", "train.epochs=1"])
+    info = pipeline.prepare_data(params)
+    pipeline.start_experiment(params, info["data_version"], info["pool_version"])
+    trained = pipeline.train_step(params, 0)
+    before = _snapshot(tmp_path)
+    with pytest.raises(DataError, match="no unlabeled samples are left"):
+        pipeline.score_step(params, 0, trained["checkpoint"])
+    assert _snapshot(tmp_path) == before
