@@ -10,7 +10,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.data import materialize
 from tidal.models import build_backbone
 from tidal.scoring import select_candidates, top_k_uncertain
 from tidal.strategies import STRATEGIES, Embeddings, SetStrategy, build_strategy
@@ -298,20 +297,6 @@ def test_set_strategies_through_select_candidates(name):
 
 
 # --- every strategy through the pipeline ----------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    materialize(root, "digits")
-    return root
-
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_selects_budget_new_pool_ids_through_the_pipeline(name, tmp_path, data_root):

@@ -10,7 +10,6 @@ import pytest
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.data import materialize
 from tidal.pipeline import ExperimentMismatch
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text,
                              read_csv, read_json, write_csv, write_json)
@@ -62,13 +61,6 @@ def test_workspace_paths_and_missing_state(tmp_path):
 
 
 # --- experiment state ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    materialize(root, "digits")
-    return root
-
 
 @pytest.fixture
 def params(tmp_path, data_root):

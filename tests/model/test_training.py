@@ -9,28 +9,13 @@ import torch.nn.functional as F
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.data import load_dataset, materialize
+from tidal.data import load_dataset
 from tidal.evaluate import accuracy
 from tidal.models import TDPredictor, build_backbone
 from tidal.train import TrainConfig, TrainingDiverged, train_cycle
 from tidal.workspace import read_csv, read_json
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True)
-def _restore_determinism_flag():
-    # train_step switches on deterministic algorithms globally; keep other tests unaffected.
-    before = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    materialize(root, "digits")
-    return root
 
 
 @pytest.fixture(scope="module")
