@@ -84,13 +84,17 @@ def plot_curves(summary: dict, path: str | Path, title: str = "Learning curves")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    # Random is the gray dashed reference; every other strategy gets a distinct non-gray colour.
+    palette = [c for c in matplotlib.colormaps["tab20"].colors if len(set(c)) > 1]
+    palette = palette[::2] + palette[1::2]
+    others = iter(palette)
     for s in summary["strategies"]:
         xs = [n for n in summary["budgets"] if summary["curves"][s][n]]
         mean = np.array([np.mean(summary["curves"][s][n]) for n in xs])
         std = np.array([np.std(summary["curves"][s][n]) for n in xs])
-        style = {"linestyle": "--", "color": "gray"} if s == "random" else {}
+        style = {"linestyle": "--", "color": "gray"} if s == "random" else {"color": next(others)}
         ax.plot(xs, mean, marker="o", label=f"{s} (n={len(summary['aubc'][s])})", **style)
-        ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=style.get("color"))
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.12, color=style["color"])
     ax.set_xlabel("labeled samples")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{title} (mean ± std over seeds)")

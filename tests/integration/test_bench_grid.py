@@ -1,0 +1,68 @@
+"""benchmarks/al_curves.py: a 2-strategy × 1-seed grid through the real flow, then a rerun that
+recomputes nothing."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_al_curves", REPO / "benchmarks" / "al_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch):
+    al_curves = _load_script()
+    monkeypatch.chdir(tmp_path)  # nothing may land in the repo
+    monkeypatch.setenv("CI", "1")
+    out = tmp_path / "results"
+    (out / "tiny").mkdir(parents=True)
+    shutil.copy(migrated_mlflow_db, out / "tiny" / "mlflow.db")  # skip MLflow's schema migration
+    argv = ["--name", "tiny", "--strategies", "random,entropy", "--seeds", "0", "--params", "none",
+            "--set", "preset=debug", "--set", f"data_root={tmp_path}/data", "--out", str(out)]
+
+    result = al_curves.main(argv, configure_env=False)
+    root = out / "tiny"
+    assert sorted(result["ran"]) == ["entropy-s0", "random-s0"] and result["skipped"] == []
+
+    cells = {p.stem: json.loads(p.read_text()) for p in (root / "cells").glob("*.json")}
+    assert set(cells) == {"random-s0", "entropy-s0"}
+    for name, cell in cells.items():
+        assert [r["n_labeled"] for r in cell["rows"]] == [40, 60]  # debug preset: 40 + 20 per cycle
+        assert all(0 < r["test_accuracy"] <= 1 for r in cell["rows"])
+        assert cell["wall_s"] > 0 and cell["experiment"] == f"tiny-{name}"
+    # Paired seeds: both strategies start from the same initial labels, so cycle 0 is identical.
+    assert cells["random-s0"]["rows"][0]["test_accuracy"] == cells["entropy-s0"]["rows"][0]["test_accuracy"]
+
+    with open(root / "curves.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert sorted((r["strategy"], r["cycle"]) for r in rows) == [
+        ("entropy", "0"), ("entropy", "1"), ("random", "0"), ("random", "1")]
+    assert (root / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (root / "README.md").read_text()
+    assert "python benchmarks/al_curves.py --name tiny --strategies random,entropy" in readme
+    assert "Cells finished: **2 of 2**" in readme
+    assert "| random | 1 |" in readme and "| entropy | 1 |" in readme and "AUBC" in readme
+    assert "Wall time per cell" in readme
+    # MLflow: one experiment per cell in the grid's own store.
+    from mlflow import MlflowClient
+
+    names = {e.name for e in MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}").search_experiments()}
+    assert {"tiny-random-s0", "tiny-entropy-s0"} <= names
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (root / "cells").glob("*.json")}
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("a finished cell was run again")
+
+    monkeypatch.setattr(al_curves, "run_cell", no_recompute)
+    again = al_curves.main(argv, configure_env=False)
+    assert again["ran"] == [] and sorted(again["skipped"]) == ["entropy-s0", "random-s0"]
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "cells").glob("*.json")} == mtimes
