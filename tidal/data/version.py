@@ -32,16 +32,28 @@ def _file_md5(path: Path) -> str:
 LABELS_DIR = "labels"
 
 
+def _file_entries(directory: str | Path) -> list[dict[str, str]]:
+    """{md5, relpath} of every file below directory, sorted by relpath: what DVC hashes."""
+    root = str(directory)
+    entries = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            entries.append({"md5": _file_md5(Path(full)), "relpath": os.path.relpath(full, root).replace(os.sep, "/")})
+    return sorted(entries, key=lambda e: e["relpath"])
+
+
+def _tree_md5(entries: list[dict[str, str]], exclude: tuple[str, ...] = ()) -> str:
+    kept = [e for e in entries if e["relpath"].split("/", 1)[0] not in exclude]
+    return hashlib.md5(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 def dvc_dir_md5(directory: str | Path, exclude: tuple[str, ...] = ()) -> str:
     """The md5 that `dvc add DIRECTORY` writes (without its `.dir` suffix).
 
     `exclude` names top-level entries to leave out (then it is no longer DVC's hash).
     """
-    root = Path(directory)
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in exclude),
-                   key=lambda p: p.relative_to(root).as_posix())
-    entries = [{"md5": _file_md5(p), "relpath": p.relative_to(root).as_posix()} for p in files]
-    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return _tree_md5(_file_entries(directory), exclude)
 
 
 def pin_file(data_root: str | Path) -> Path:
@@ -66,8 +78,8 @@ def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
     Returns {data_version, pool_version, pinned}; raises DataError if the directory differs
     from the pin.
     """
-    version = dvc_dir_md5(data_root)
-    pool = pool_version(data_root)
+    entries = _file_entries(data_root)  # read every file once for both versions
+    version, pool = _tree_md5(entries), _tree_md5(entries, exclude=(LABELS_DIR,))
     pin = pin_file(data_root)
     if not pin.is_file():
         return {"data_version": version, "pool_version": pool, "pinned": False}
