@@ -240,17 +240,16 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
         return str(out)
     state = ws.load_state()
     data = dataset_for(params)
-    # Unlabeled samples only: not labeled, not waiting for an annotator, and with no label
-    # the source keeps hidden from us (a manifest's unlabeled rows are fine).
-    candidates = candidate_ids(data.pool_ids, set(state["labeled"]) | set(state.get("pending", {})),
-                               params["subset_size"], params["seed"], cycle)
-    if not candidates:
+    # Unlabeled samples only: neither labeled nor waiting for an annotator.
+    taken = set(state["labeled"]) | set(state.get("pending", {}))
+    n_unlabeled = len(data.pool_ids) - len(taken)
+    if n_unlabeled == 0:
         raise DataError(f"no unlabeled samples are left in the pool of {len(data.pool_ids)}; "
                         f"the experiment cannot query more (lower `cycles`)")
-    n_unlabeled = len(data.pool_ids) - len(set(state["labeled"]) | set(state.get("pending", {})))
     if n_unlabeled < params["budget"]:
         raise DataError(f"budget={params['budget']} is larger than the {n_unlabeled} unlabeled samples left "
                         f"in the pool; lower `budget` or `cycles`")
+    candidates = candidate_ids(data.pool_ids, taken, params["subset_size"], params["seed"], cycle)
     k = params["budget"]
     backbone, td = load_models(params, checkpoint, data)
     strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)

@@ -18,22 +18,16 @@ def test_defaults_load_without_file():
     assert params["strategy"] == DEFAULTS["strategy"]
 
 
-def test_unknown_top_level_key_names_key_and_suggests_match(tmp_path):
-    path = _write(tmp_path, "strategyy: entropy\n")
+@pytest.mark.parametrize("text, key, hint", [
+    ("strategyy: entropy\n", "strategyy", "strategy"),
+    ("train:\n  epochss: 5\n", "train.epochss", "train.epochs"),
+])
+def test_unknown_key_names_full_key_and_suggests_match(tmp_path, text, key, hint):
     with pytest.raises(ConfigError) as err:
-        load_params(path)
+        load_params(_write(tmp_path, text))
     msg = str(err.value)
-    assert "'strategyy'" in msg
-    assert "did you mean 'strategy'" in msg
-
-
-def test_unknown_nested_key_names_full_key_and_suggests_match(tmp_path):
-    path = _write(tmp_path, "train:\n  epochss: 5\n")
-    with pytest.raises(ConfigError) as err:
-        load_params(path)
-    msg = str(err.value)
-    assert "'train.epochss'" in msg
-    assert "did you mean 'train.epochs'" in msg
+    assert f"'{key}'" in msg
+    assert f"did you mean '{hint}'" in msg
 
 
 def test_unknown_nested_key_via_override():

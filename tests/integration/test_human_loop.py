@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -180,45 +181,30 @@ def test_second_run_refuses_while_locked_and_stale_lock_is_taken_over(waiting_ex
         assert tidal_main(["run", *_sets(tmp)]) == 2
         err = capsys.readouterr().err
         assert "is being run by pid" in err and ".lock" in err
+    assert not (ws / ".lock").exists()  # released by its holder
     # A lock left by a killed process (its pid no longer exists) does not block.
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lock = json.loads((ws / ".lock").read_text()) if (ws / ".lock").exists() else None
-    assert lock is None
-    import socket
-
     (ws / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
     assert tidal_main(["run", *_sets(tmp)]) == 0
     assert not (ws / ".lock").exists()
 
 
-def test_budget_larger_than_unlabeled_pool_is_an_error(tmp_path):
+@pytest.mark.parametrize("initial_size, message", [
+    (1430, "budget=20 is larger than the 8 unlabeled samples left"),  # the pool holds 1,438
+    (1438, "no unlabeled samples are left"),
+])
+def test_too_few_unlabeled_samples_is_an_error(tmp_path, initial_size, message):
     from tidal import pipeline
     from tidal.config import load_params
     from tidal.data.sources import DataError
 
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
-                                "initial_size=1430", "budget=20", "tracking=false", "train.epochs=1"])
+                                f"initial_size={initial_size}", "budget=20", "tracking=false", "train.epochs=1"])
     info = pipeline.prepare_data(params)
     pipeline.start_experiment(params, info["data_version"], info["pool_version"])
     trained = pipeline.train_step(params, 0)
     before = _snapshot(tmp_path)
-    with pytest.raises(DataError, match="budget=20 is larger than the 8 unlabeled samples left"):
-        pipeline.score_step(params, 0, trained["checkpoint"])
-    assert _snapshot(tmp_path) == before
-
-
-def test_no_unlabeled_samples_left_is_an_error(tmp_path):
-    from tidal import pipeline
-    from tidal.config import load_params
-    from tidal.data.sources import DataError
-
-    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
-                                "initial_size=1438", "tracking=false", "train.epochs=1"])
-    info = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, info["data_version"], info["pool_version"])
-    trained = pipeline.train_step(params, 0)
-    before = _snapshot(tmp_path)
-    with pytest.raises(DataError, match="no unlabeled samples are left"):
+    with pytest.raises(DataError, match=message):
         pipeline.score_step(params, 0, trained["checkpoint"])
     assert _snapshot(tmp_path) == before
