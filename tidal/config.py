@@ -96,13 +96,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CIFAR-10 on 2 CPU cores, from the JPEG image folder (../shared/data/cifar10-jpg.tar.gz
     # unpacked with `mkdir -p datasets/cifar10-jpg && tar xzf cifar10-jpg.tar.gz -C
     # datasets/cifar10-jpg --strip-components=1`, giving datasets/cifar10-jpg/{train,test}).
-    # Cost per strategy and seed. DESIGN.md's ~790 train img/s is for a 4-layer width-32 net
-    # that pools early; our SmallCNN (width 32/64/128, 2nd conv at full 32×32) measured here,
-    # with TD module, 2 busy cores: ~75 train img/s, ~195 inference img/s, ~2,900 JPEG decodes/s.
-    #   train: labeled 200, 400, 600, 800 over 4 cycles = 2,000 x 15 epochs = 30k img / 75 ≈ 400 s
-    #   score: 4 x 2,000 subset = 8k img / 195 ≈ 41 s;  test: 4 x 10,000 = 40k img / 195 ≈ 205 s
-    #   ≈ 11 min (about half that on idle cores), + ~30 s to decode the 60k JPEGs once into the
-    #   tensor cache (first run only). Batch 64 so even 200 labels give 3+ steps per epoch.
+    # Cost per strategy and seed, measured: 310-398 s wall on the idle 2-core machine (the first
+    # cell also decodes the 60k JPEGs into the tensor cache once), see benchmarks/README.md:
+    #   python benchmarks/al_curves.py --name cifar10-cpu --strategies ... --seeds 0 --set preset=cpu-cifar10
+    # Batch 64 so even 200 labels give 3+ steps per epoch.
     "cpu-cifar10": {
         "experiment": "cpu-cifar10",
         "dataset": "imagefolder",
