@@ -52,6 +52,19 @@ DEFAULTS: dict[str, Any] = {
         "compile": False,
     },
     "score_batch_size": 512,
+    # Training on several processes (torchrun + DistributedDataParallel, tidal/train_ddp.py).
+    "distributed": {
+        "nproc_per_node": 1,  # >1: the train step runs `torchrun --nproc-per-node N -m tidal.train_ddp`
+        "backend": "auto",  # gloo on CPU, nccl on CUDA
+        "timeout_s": 300,  # a rank that stops answering fails the whole run after this many seconds
+    },
+    # Scoring a large pool in shards, mapped as Prefect tasks (flows/experiment.py).
+    "scoring": {
+        "shards": 1,  # >1: candidates split into this many shards; each returns only its top-k
+        "task_runner": "thread",  # "thread" (Prefect's default runner) or "dask" (prefect-dask)
+        "dask_address": None,  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786; null = a LocalCluster
+        "dask_workers": 2,  # LocalCluster workers when no address is given
+    },
 }
 
 _PAPER: dict[str, Any] = {
@@ -117,6 +130,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "label_mode": ("oracle", "human"),
     "device": ("auto", "cpu", "cuda"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
+    "scoring.task_runner": ("thread", "dask"),
 }
 
 
@@ -143,7 +158,7 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
 
 
 # Keys whose value may be null; for every other key null is an error, not a crash later.
-NULLABLE = {"preset", "subset_size"}
+NULLABLE = {"preset", "subset_size", "scoring.dask_address"}
 
 # Keys whose default is false but which may also be one of these strings.
 FALSE_OR_CHOICE: dict[str, tuple[str, ...]] = {"train.compile": ("default", "reduce-overhead")}
@@ -270,8 +285,9 @@ def validate(params: dict[str, Any]) -> None:
         if not cond:
             raise ConfigError(f"params key '{key}' {msg}")
 
+    flat = flatten(params)
     for key, choices in CHOICES.items():
-        need(params[key] in choices, key, f"must be one of {list(choices)}, got {params[key]!r}")
+        need(flat[key] in choices, key, f"must be one of {list(choices)}, got {flat[key]!r}")
     need(params["strategy"] in STRATEGIES, "strategy",
          f"must be one of {sorted(STRATEGIES)}, got {params['strategy']!r}")
     need(params["dataset"] in SOURCES, "dataset", f"must be one of {sorted(SOURCES)}, got {params['dataset']!r}")
@@ -303,6 +319,11 @@ def validate(params: dict[str, Any]) -> None:
          f"is only supported on CUDA (got {train['compile']!r} with device cpu); set train.compile=false")
     need(all(isinstance(m, int) and 0 < m for m in train["milestones"]), "train.milestones",
          f"must be a list of positive epoch numbers, got {train['milestones']}")
+    dist, scoring = params["distributed"], params["scoring"]
+    need(dist["nproc_per_node"] >= 1, "distributed.nproc_per_node", f"must be at least 1, got {dist['nproc_per_node']}")
+    need(dist["timeout_s"] >= 1, "distributed.timeout_s", f"must be at least 1, got {dist['timeout_s']}")
+    need(scoring["shards"] >= 1, "scoring.shards", f"must be at least 1, got {scoring['shards']}")
+    need(scoring["dask_workers"] >= 1, "scoring.dask_workers", f"must be at least 1, got {scoring['dask_workers']}")
 
 
 def dump_params(params: dict[str, Any]) -> str:

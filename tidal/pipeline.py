@@ -32,7 +32,7 @@ log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
 RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking",
-                  "train.compile"}
+                  "train.compile", "distributed", "scoring"}
 
 
 class ExperimentMismatch(ValueError):
