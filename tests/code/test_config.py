@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.config import DEFAULTS, PRESETS, ConfigError, load_params, parse_override
+from pathlib import Path
+
+from tidal.config import DEFAULTS, PRESETS, ConfigError, flatten, load_params, parse_override
 
 
 def _write(tmp_path, text: str):
@@ -186,3 +188,22 @@ def test_load_params_does_not_mutate_defaults():
     before = repr(DEFAULTS)
     load_params(None, ["preset=debug", "train.epochs=2", "train.milestones=[1]"])
     assert repr(DEFAULTS) == before
+
+
+def test_dvc_stage_names_every_params_key_that_changes_a_result():
+    """`dvc repro` must rerun when any key of the experiment's fingerprint changes, and DVC
+    needs every key the stage names to be present in params.yaml."""
+    import yaml
+
+    from tidal.pipeline import RESUMABLE_KEYS
+
+    repo = Path(__file__).resolve().parents[2]
+    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["experiment"]
+    named = set(stage["params"])
+    file_keys = set(flatten(yaml.safe_load((repo / "params.yaml").read_text())))
+    fingerprint = [k for k in flatten(DEFAULTS)
+                   if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS]
+    missing = [k for k in fingerprint if k not in named and k.split(".")[0] not in named]
+    assert not missing, f"dvc.yaml's experiment stage does not name {missing}"
+    absent = [k for k in named if k not in file_keys and not any(f.startswith(k + ".") for f in file_keys)]
+    assert not absent, f"params.yaml lacks {absent}, which dvc.yaml names"
