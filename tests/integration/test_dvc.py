@@ -122,3 +122,31 @@ def test_label_import_repins_the_data(project_copy, prefect_harness):
     second = _run([str(BIN / "tidal"), "run", *sets], repo, env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert (repo / "runs/h/cycles/1/query.csv").is_file()
+
+
+def test_a_shared_directory_remote_moves_the_pinned_data_between_clones(project_copy, tmp_path):
+    """README "Scaling out": `dvc remote add -d` + `dvc push` on one machine, `dvc pull` on
+    another restores exactly the pinned data (a shared directory stands in for S3)."""
+    repo, env = project_copy
+    dvc = str(BIN / "dvc")
+    store = tmp_path / "dvc-store"
+    assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
+    # The pin was computed without DVC: `dvc commit` puts the matching files into DVC's cache.
+    committed = _run([dvc, "commit", "-f", "data.dvc"], repo, env)
+    assert committed.returncode == 0, committed.stderr
+    assert _run([dvc, "remote", "add", "-d", "shared", str(store)], repo, env).returncode == 0
+    pushed = _run([dvc, "push", "data.dvc"], repo, env)
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    subprocess.run([*git, "commit", "-qam", "remote"], cwd=repo, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert not (clone / "data").exists()
+    # data.dvc only: the experiment stage's outputs are rebuilt by `dvc repro`, not pulled.
+    pulled = _run([dvc, "pull", "data.dvc"], clone, env)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    original = {p.relative_to(repo / "data"): p.read_bytes() for p in (repo / "data").rglob("*") if p.is_file()}
+    restored = {p.relative_to(clone / "data"): p.read_bytes() for p in (clone / "data").rglob("*") if p.is_file()}
+    assert restored == original and original
+    check = _run([str(BIN / "tidal"), "data"], clone, env)
+    assert check.returncode == 0 and "matches its DVC pin" in check.stdout, check.stdout + check.stderr
