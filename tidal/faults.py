@@ -1,14 +1,20 @@
 """Named failpoints for crash-safety tests: `TIDAL_FAILPOINT=name` kills the process there.
 
 SIGKILL gives no chance to clean up, exactly like a power cut or an OOM kill; the tests then
-rerun and check that the experiment resumes to the same final state.
+rerun and check that the experiment resumes to the same final state. With
+`TIDAL_FAILPOINT_ACTION=hang` the process stops there instead (sleeps forever), like a rank of a
+distributed run that stops answering: the other ranks must then time out, not wait forever.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def failpoint(name: str) -> None:
     if os.environ.get("TIDAL_FAILPOINT") == name:
+        if os.environ.get("TIDAL_FAILPOINT_ACTION") == "hang":
+            while True:
+                time.sleep(3600)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -24,7 +24,7 @@ from tidal.faults import failpoint
 from tidal.models import LossPredictor, TDPredictor, build_backbone
 from tidal.scoring import select_candidates
 from tidal.strategies import build_strategy
-from tidal.train import TrainConfig, train_cycle
+from tidal.train import DistributedContext, TrainConfig, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
                              write_csv, write_json)
 
@@ -180,14 +180,33 @@ def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = Non
     return backbone, aux
 
 
-def train_step(params: dict[str, Any], cycle: int,
-               on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train on the current labeled set; save cycles/<k>/model.pt and train_history.json."""
+def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], None] | None = None,
+               distributed: DistributedContext | None = None) -> dict[str, Any]:
+    """Train on the current labeled set; save cycles/<k>/model.pt and train_history.json.
+
+    With distributed.nproc_per_node > 1 this launches torchrun with tidal.train_ddp and waits;
+    each rank calls this function with `distributed`, and rank 0 writes the files.
+    """
     ws = workspace(params)
     out_dir = ws.cycle_dir(cycle)
     ckpt, hist_path = out_dir / "model.pt", out_dir / "train_history.json"
     if ckpt.is_file() and hist_path.is_file():
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": True}
+    if distributed is None and params["distributed"]["nproc_per_node"] > 1:
+        from tidal.train_ddp import launch
+
+        log.info("cycle %d: training on %d processes (torchrun)", cycle, params["distributed"]["nproc_per_node"])
+        try:
+            launch(params, cycle, on_epoch)
+            if not (ckpt.is_file() and hist_path.is_file()):
+                raise RuntimeError(f"distributed training of cycle {cycle} ended without writing {ckpt} "
+                                   f"and {hist_path}")
+        except BaseException:
+            # A failed run keeps nothing, not even files rank 0 finished: the rerun retrains.
+            ckpt.unlink(missing_ok=True)
+            hist_path.unlink(missing_ok=True)
+            raise
+        return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}
     state = ws.load_state()
     data = dataset_for(params)
     images, labels = _labeled_tensors(data, state)
@@ -198,12 +217,14 @@ def train_step(params: dict[str, Any], cycle: int,
     backbone, aux = _build_models(params, data)
     log.info("cycle %d: training %s on %d labeled samples (%s)", cycle, params["backbone"], len(labels), device)
     def epoch_done(record: dict) -> None:
-        failpoint("train:epoch")
+        failpoint("train:epoch" if distributed is None else f"train_ddp:rank{distributed.rank}:epoch")
         if on_epoch is not None:
             on_epoch(record)
 
     history = train_cycle(backbone, aux, images, labels, TrainConfig.from_params(params["train"]), device,
-                          seed, on_epoch=epoch_done, desc=f"cycle {cycle} train")
+                          seed, on_epoch=epoch_done, desc=f"cycle {cycle} train", dist=distributed)
+    if distributed is not None and distributed.rank != 0:
+        return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}  # rank 0 writes
     saved = {"backbone": backbone.state_dict(), **{key: None for _, key in _AUX_KEYS}}
     if aux is not None:
         saved[_aux_key(aux)] = aux.state_dict()

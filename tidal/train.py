@@ -9,13 +9,19 @@ the device and read once per epoch.
 
 On CUDA the forward passes run under bf16 autocast (losses in fp32) on channels_last tensors,
 optionally through torch.compile; on CPU none of that (`precision_context`, `prepare_model`).
+
+With a `DistributedContext` the same loop runs on each rank of a data-parallel run (see
+tidal/train_ddp.py): every rank draws the same permutation and augmentation for each global
+batch and trains on its part (`DistributedContext.shard`), the models are wrapped in
+DistributedDataParallel, and losses are scaled so the averaged gradient is that of the global
+batch's mean loss. Without one, nothing of this runs: the one-process path is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +80,35 @@ def augment(x: torch.Tensor, crop_pad: int, hflip: bool, generator: torch.Genera
     return x
 
 
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a data-parallel run (torchrun + DistributedDataParallel)."""
+
+    rank: int
+    world_size: int
+    group: Any = None  # the torch.distributed process group; None = the default (world) group
+
+    def shard(self, n: int) -> torch.Tensor:
+        """Positions, in a global batch of n, of the samples this rank trains on.
+
+        Like idx[rank::world_size], but over the batch's two halves separately: Learning Loss's
+        ranking loss pairs sample i with sample i + n//2, so each pair stays on one rank, in the
+        same local order (first halves, then second halves). An odd batch's last sample, which
+        is in no pair, goes to the first rank with fewer pairs. The shards are disjoint and
+        cover the batch; a rank's shard is empty when the batch has fewer pairs than ranks.
+        """
+        half = n // 2
+        pairs = torch.arange(half)[self.rank::self.world_size]
+        parts = [pairs, pairs + half]
+        if n % 2 and self.rank == half % self.world_size:
+            parts.append(torch.tensor([n - 1]))
+        return torch.cat(parts)
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over all ranks, in place."""
+        torch.distributed.all_reduce(tensor, group=self.group)
+
+
 def td_kl_loss(td_logits: torch.Tensor, td_target: torch.Tensor) -> torch.Tensor:
     """KL(p̄ ‖ p̃) with batchmean; p̄ (the recorded TD) is a fixed target."""
     return F.kl_div(F.log_softmax(td_logits, dim=1), td_target.detach(), reduction="batchmean")
@@ -93,12 +128,20 @@ class AuxTask:
 
     def __init__(self, module: nn.Module, weight: float) -> None:
         self.module, self.weight = module, weight
+        self.net: nn.Module = module  # what forward calls: the module, or its DDP wrapper
 
     def start(self, num_samples: int, device: torch.device) -> None:
         """Called once before the first epoch of a cycle."""
 
+    def end_epoch(self, dist: DistributedContext) -> None:
+        """Data-parallel runs only: called on every rank at the end of each epoch."""
+
+    def terms(self, n: int) -> int:
+        """How many terms the loss of a batch of n samples averages over (n for a per-sample mean)."""
+        return n
+
     def forward(self, features: list[torch.Tensor], epoch: int) -> torch.Tensor:
-        return self.module(features)
+        return self.net(features)
 
     def loss(self, out: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -111,6 +154,10 @@ class TDTask(AuxTask):
 
     def start(self, num_samples: int, device: torch.device) -> None:
         self.recorder = TDRecorder(num_samples, self.module.num_classes, device)
+
+    def end_epoch(self, dist):
+        # Every rank's updates of this epoch, so the next epoch's targets include them all.
+        self.recorder.combine(dist.all_reduce)
 
     def loss(self, out, idx, logits, y):
         return td_kl_loss(out, self.recorder.update(idx, torch.softmax(logits, dim=1)))
@@ -131,10 +178,13 @@ class LossPredTask(AuxTask):
         super().__init__(module, weight)
         self.detach_epoch, self.margin = detach_epoch, margin
 
+    def terms(self, n):
+        return n // 2  # the ranking loss averages over pairs (loss_ranking_loss)
+
     def forward(self, features, epoch):
         if epoch > self.detach_epoch:
             features = [f.detach() for f in features]
-        return self.module(features)
+        return self.net(features)
 
     def loss(self, out, idx, logits, y):
         return loss_ranking_loss(out, F.cross_entropy(logits, y, reduction="none"), self.margin)
@@ -166,25 +216,67 @@ def prepare_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def prepare_model(model: nn.Module, device: torch.device, compile_mode: str | bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, device: torch.device, compile_mode: str | bool = False,
+                  wrap: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
     """Move the model to the device; on CUDA also channels_last and, if asked, torch.compile.
 
     Returns the module to call (the compiled wrapper shares the model's parameters, so the
     model's own state_dict is what gets saved). On CPU, compile is refused: the CPU path is the
     deterministic fp32 reference, and inductor there needs a C++ toolchain and long compiles.
+    `wrap` (the DDP wrapper) is applied before compiling, as torch.compile of DDP expects.
     """
     model.to(device)
     if device.type != "cuda":
         if compile_mode:
             raise ValueError(f"train.compile={compile_mode!r} is only supported on CUDA, but training "
                              f"runs on {device}; set train.compile=false")
-        return model
+        return wrap(model) if wrap is not None else model
     model.to(memory_format=torch.channels_last)
+    net = wrap(model) if wrap is not None else model
     if compile_mode:
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"train.compile must be false or one of {list(COMPILE_MODES)}, got {compile_mode!r}")
-        return torch.compile(model, mode=compile_mode)
-    return model
+        return torch.compile(net, mode=compile_mode)
+    return net
+
+
+def _ddp(dist: DistributedContext, device: torch.device) -> Callable[[nn.Module], nn.Module]:
+    """A DistributedDataParallel wrapper for this rank (gradients averaged over the ranks)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    def wrap(module: nn.Module) -> nn.Module:
+        ids = None
+        if device.type == "cuda":
+            ids = [device.index if device.index is not None else torch.cuda.current_device()]
+        # forward_sync_buffers=False: rank 0's BatchNorm statistics are not pushed to the other ranks
+        # at every forward; each rank keeps its own and `_average_buffers` merges them at the end.
+        return DistributedDataParallel(module, device_ids=ids, process_group=dist.group,
+                                       forward_sync_buffers=False)
+    return wrap
+
+
+def _share(mean: torch.Tensor, outputs: torch.Tensor, local: int, total: int) -> torch.Tensor:
+    """This rank's part of a global-batch mean: its own mean over `local` terms × local/total.
+
+    With no terms here (an empty shard) the mean is 0/0; the part is then a zero that still
+    reaches every parameter, since DDP needs each rank's gradient of each parameter.
+    """
+    if local == 0:
+        return outputs.sum() * 0.0
+    return mean * (local / total)
+
+
+def _average_buffers(module: nn.Module, dist: DistributedContext) -> None:
+    """Average the floating-point buffers (BatchNorm running statistics) over the ranks.
+
+    Per-rank BatchNorm (CPU: no SyncBatchNorm there) leaves each rank with an EMA of its own
+    shards' statistics; the average is the EMA of the global batches' means (exactly, for equal
+    shards) and nearly their variance. With SyncBatchNorm the ranks agree already.
+    """
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(dist.world_size)
 
 
 def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -205,16 +297,25 @@ def train_cycle(
     seed: int,
     on_epoch: Callable[[dict], None] | None = None,
     desc: str = "train",
+    dist: DistributedContext | None = None,
 ) -> list[dict]:
     """Train backbone (and the auxiliary module, when given) from scratch on one labeled set.
 
     `aux` is a TD module (TiDAL), a `LossPredictor` (Learning Loss) or an `AuxTask`.
     Returns one record per epoch: epoch, loss, accuracy, td_kl (0 without a TD module), lr,
     and the task's own metric (e.g. lloss_rank) when it is not td_kl.
+    With `dist`, this is one rank of a data-parallel run (an initialized process group): the
+    records are the global epoch's, the same on every rank. On CUDA the backbone's BatchNorm
+    layers become SyncBatchNorm (in place: the caller's module keeps the trained layers).
     """
     task = aux_task(aux, cfg)
+    wrap = None
+    if dist is not None:
+        wrap = _ddp(dist, device)
+        if device.type == "cuda":  # SyncBatchNorm has no CPU kernels (torch 2.14: ValueError)
+            backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=dist.group)
     backbone.train()
-    net = prepare_model(backbone, device, cfg.compile)
+    net = prepare_model(backbone, device, cfg.compile, wrap=wrap)
     opt = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=0.1)
     if task is not None:
@@ -224,16 +325,28 @@ def train_cycle(
                                   weight_decay=cfg.weight_decay)
         aux_sched = torch.optim.lr_scheduler.MultiStepLR(aux_opt, milestones=cfg.milestones, gamma=0.1)
         task.start(len(labels), device)
+        if dist is not None:
+            task.net = wrap(task.module)
     images = to_float(images_u8.to(device))
     labels = labels.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     history = []
-    for epoch in progress(range(1, cfg.epochs + 1), desc=desc, total=cfg.epochs):
+    epochs: Iterable[int] = range(1, cfg.epochs + 1)
+    if dist is None or dist.rank == 0:  # one progress bar per run, not one per rank
+        epochs = progress(epochs, desc=desc, total=cfg.epochs)
+    for epoch in epochs:
         sums = torch.zeros(3, device=device)  # loss, correct, aux loss; summed over samples
         seen = 0  # on the host: no copy to the device per batch
         for idx in _batches(torch.randperm(len(labels), generator=order_gen).to(device), cfg.batch_size):
-            x = prepare_input(normalize(augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen)), device)
+            n = len(idx)  # the (global) batch
+            x = augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen)
+            if dist is not None:
+                # Every rank drew the global batch's order and augmentation (same generators, same
+                # draws as one process); each keeps its own part.
+                local = dist.shard(n).to(device)
+                x, idx = x[local], idx[local]
+            x = prepare_input(normalize(x), device)
             y = labels[idx]
             with precision_context(device):
                 logits, features = net(x)
@@ -243,16 +356,30 @@ def train_cycle(
             aux_loss = torch.zeros((), device=device)
             if task is not None:
                 aux_loss = task.loss(aux_out.float(), idx, logits, y)
+            if dist is not None:
+                # Each rank's part of the global batch's mean losses (shards may be uneven) ...
+                loss = _share(loss, logits, len(idx), n)
+                if task is not None:
+                    aux_loss = _share(aux_loss, aux_out, task.terms(len(idx)), task.terms(n))
+            if task is not None:
                 loss = loss + task.weight * aux_loss
                 aux_opt.zero_grad(set_to_none=True)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if dist is not None:
+                # ... times world_size, since DDP averages the ranks' gradients: their mean is then
+                # the gradient of the global batch's mean loss, as in one process.
+                (loss * dist.world_size).backward()
+            else:
+                loss.backward()
             opt.step()
             if task is not None:
                 aux_opt.step()
-            n = len(idx)
             seen += n
             sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), aux_loss.detach() * n])
+        if dist is not None:
+            dist.all_reduce(sums)  # each rank summed its parts: the global epoch's sums
+            if task is not None:
+                task.end_epoch(dist)
         sched.step()
         if task is not None:
             aux_sched.step()
@@ -266,4 +393,6 @@ def train_cycle(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
+    if dist is not None:
+        _average_buffers(backbone, dist)
     return history

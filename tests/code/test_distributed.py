@@ -1,0 +1,110 @@
+"""The pieces of data-parallel training that need no processes: sharding, the TD recorder's
+combine across ranks, and the error a failed torchrun run turns into."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidal.dynamics import TDRecorder
+from tidal.train import DistributedContext, TrainingDiverged
+from tidal.train_ddp import DistributedTrainingFailed, _failure
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shards_cover_the_batch_once_and_keep_ranking_pairs_together(world):
+    for n in range(2, 41):
+        shards = [DistributedContext(r, world).shard(n) for r in range(world)]
+        assert sorted(torch.cat(shards).tolist()) == list(range(n))  # disjoint, and all of it
+        sizes = [len(s) for s in shards]
+        assert max(sizes) - min(sizes) <= 2  # a pair more at most, and balanced otherwise
+        half = n // 2
+        for s in shards:
+            # loss_ranking_loss pairs local i with local i + len//2: the same pair as in the global batch
+            h = len(s) // 2
+            assert torch.equal(s[:h] + half, s[h:2 * h])
+    # Where pairs allow, this is idx[r::world] (the DistributedSampler-like split).
+    assert DistributedContext(1, 2).shard(32).tolist() == list(range(1, 32, 2))
+
+
+def _probs(n: int, c: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.softmax(torch.randn(n, c, generator=gen) * 3, dim=1)
+
+
+def test_combined_recorders_equal_one_recorder_bit_for_bit():
+    n, c, world = 37, 6, 3
+    gen = torch.Generator().manual_seed(0)
+    one = TDRecorder(n, c)
+    ranks = [TDRecorder(n, c) for _ in range(world)]
+    for epoch in range(5):
+        probs = _probs(n, c, gen)
+        order = torch.randperm(n, generator=gen)[: n - epoch]  # some samples skip an epoch (dropped tail)
+        for batch in order.split(8):
+            target = one.update(batch, probs[batch])
+            for r, rec in enumerate(ranks):
+                local = batch[DistributedContext(r, world).shard(len(batch))]
+                # Within the epoch each rank's target already includes every earlier epoch.
+                got = rec.update(local, probs[local])
+                assert torch.equal(got, target[DistributedContext(r, world).shard(len(batch))])
+        total = sum(rec.contribution() for rec in ranks)  # what all_reduce(SUM) computes
+        for rec in ranks:
+            rec.apply(total.clone())
+        for rec in ranks:
+            assert torch.equal(rec.mean, one.mean) and torch.equal(rec.count, one.count), f"epoch {epoch}"
+
+
+def test_combine_uses_the_given_all_reduce():
+    rec = TDRecorder(4, 2)
+    rec.update(torch.tensor([1, 2]), torch.tensor([[0.25, 0.75], [1.0, 0.0]]))
+    other = TDRecorder(4, 2)
+    other.update(torch.tensor([3]), torch.tensor([[0.5, 0.5]]))
+    rec.combine(lambda t: t.add_(other.contribution()))
+    assert rec.mean.tolist() == [[0, 0], [0.25, 0.75], [1.0, 0.0], [0.5, 0.5]]
+    assert rec.count.tolist() == [0, 1, 1, 1]
+    assert not rec.touched.any()
+
+
+def test_a_sample_updated_on_two_ranks_is_an_error():
+    a, b = TDRecorder(3, 2), TDRecorder(3, 2)
+    probs = torch.tensor([[0.5, 0.5]])
+    a.update(torch.tensor([1]), probs)
+    b.update(torch.tensor([1]), probs)
+    with pytest.raises(RuntimeError, match="more than one process"):
+        a.apply(a.contribution() + b.contribution())
+
+
+TORCHRUN_SUMMARY = """\
+[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:1926: Connection reset by peer.
+============================================================
+tidal.train_ddp FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 27167)  (SIGTERM)
+  traceback : Traceback (most recent call last):
+  RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 27168)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 27168
+============================================================
+"""
+
+
+def test_failure_names_the_root_cause_rank_and_exit_code():
+    err = _failure(2, 1, TORCHRUN_SUMMARY)
+    assert isinstance(err, DistributedTrainingFailed)
+    msg = str(err)
+    assert msg.startswith("distributed training of cycle 2 failed: rank 1 failed with exit code -9 (SIGKILL) "
+                          "(torchrun exit code 1)")
+    assert "Signal 9 (SIGKILL) received" in msg  # the output's tail follows
+
+
+def test_failure_of_a_diverged_run_is_training_diverged():
+    out = "[rank0]: tidal.train.TrainingDiverged: training loss became nan at epoch 2; lower train.lr\n"
+    err = _failure(0, 1, out + TORCHRUN_SUMMARY)
+    assert isinstance(err, TrainingDiverged)
+    assert str(err) == "training loss became nan at epoch 2; lower train.lr"
