@@ -279,10 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.data.sources import DataError
     from tidal.pipeline import ExperimentMismatch
     from tidal.train import TrainingDiverged
+    from tidal.train_ddp import DistributedTrainingFailed
     from tidal.workspace import ExperimentLocked
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
-                                           ExperimentLocked, FileNotFoundError)
+                                           DistributedTrainingFailed, ExperimentLocked, FileNotFoundError)
     from tidal.labels import LabelImportError
 
     errors += (LabelImportError,)

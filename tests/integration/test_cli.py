@@ -32,3 +32,17 @@ def test_data_command_writes_and_versions(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert (tmp_path / "data/digits/images.npy").is_file()
     assert "not pinned by DVC here" in out
+
+
+def test_failed_distributed_training_is_one_clear_line(monkeypatch, capsys):
+    """The flow re-raises what the train task raised; the CLI prints it without a traceback."""
+    import tidal.cli
+    from tidal.train_ddp import DistributedTrainingFailed
+
+    def failing_run(args):
+        raise DistributedTrainingFailed("distributed training of cycle 0 failed: rank 1 failed with exit code -9")
+
+    monkeypatch.setattr(tidal.cli, "cmd_run", failing_run)
+    assert tidal_main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: distributed training of cycle 0 failed: rank 1") and "Traceback" not in err
