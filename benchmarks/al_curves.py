@@ -102,6 +102,12 @@ def _resolve_data_root(params_path: str | None, overrides: list[str]) -> list[st
     return [] if root.is_absolute() else [f"data_root={REPO / root}"]
 
 
+def _identity(overrides: list[str]) -> list[str]:
+    """The overrides that define a grid's cells. data_root says where the data lives, not what it
+    is (the pipeline checks the pool's content against each cell's version), so a grid may move."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() != "data_root"]
+
+
 def _ensure_mlflow_experiment(uri: str, name: str, artifacts: Path) -> None:
     """Create the cell's MLflow experiment with its artifacts under the results folder (else
     MLflow would put them in ./mlruns of the working directory)."""
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None, configure_env: bool = True) -> dict[str,
                 path = cells_dir / f"{cell_name(strategy, seed)}.json"
                 if path.is_file():
                     saved = json.loads(path.read_text())
-                    if saved.get("overrides") != overrides:
+                    if _identity(saved.get("overrides") or []) != _identity(overrides):
                         raise SystemExit(f"{path} was run with --set {saved.get('overrides')}, now {overrides}: "
                                          f"use another --name (or delete {root}) to change settings")
                     skipped.append(path.stem)

@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -66,3 +68,10 @@ def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlfl
     again = al_curves.main(argv, configure_env=False)
     assert again["ran"] == [] and sorted(again["skipped"]) == ["entropy-s0", "random-s0"]
     assert {p.name: p.stat().st_mtime_ns for p in (root / "cells").glob("*.json")} == mtimes
+    # The data may move (data_root is where it lives, not what it is) ...
+    moved = [a.replace(f"data_root={tmp_path}/data", f"data_root={tmp_path}/elsewhere") for a in argv]
+    assert al_curves.main(moved, configure_env=False)["ran"] == []
+    # ... but another setting is another grid: refused, naming the way out.
+    other = [*argv, "--set", "train.epochs=2"]
+    with pytest.raises(SystemExit, match="use another --name"):
+        al_curves.main(other, configure_env=False)
