@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test repro install
+.PHONY: run test repro install bench-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,10 @@ test: install
 repro: install
 	$(BIN)/tidal data
 	$(BIN)/dvc repro
+
+# benchmarks/vs_baal.py: the `bench` extra's pins from pyproject.toml, installed with --no-deps
+# (baal 2.1.0 declares jupyter, which it does not need; see the comment there).
+bench-deps: install
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])" \
+		| xargs $(BIN)/pip install -q --no-deps
+	$(BIN)/python -c "import baal.active, baal.modelwrapper"
