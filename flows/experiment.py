@@ -5,12 +5,19 @@ params, paths and ids, never tensors or models, and the steps themselves are res
 """
 from __future__ import annotations
 
+import os
 import re
+import resource
+from contextlib import contextmanager
+from typing import Iterator
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline
 from tidal.config import load_params
@@ -68,6 +75,83 @@ def evaluate(params: dict, cycle: int, checkpoint: str) -> float:
 @task(name="score-candidates", **COMPUTE)
 def score_candidates(params: dict, cycle: int, checkpoint: str) -> str:
     return pipeline.score_step(params, cycle, checkpoint)
+
+
+@task(name="score-shard", task_run_name="score-shard-{shard}", **COMPUTE)
+def score_shard(params: dict, cycle: int, checkpoint: str, shard: int, n_shards: int) -> dict:
+    result = pipeline.score_shard_step(params, cycle, checkpoint, shard, n_shards)
+    # The worker's peak memory so far: what shows scoring memory is flat in the pool size.
+    return {**result, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, the high-water mark of its own address space.
+
+    Not getrusage's ru_maxrss: Linux carries the peak of the address space a process had before
+    exec over into it, so a Dask worker spawned (fork + exec) by a large flow process would report
+    that process's size. ru_maxrss only where /proc is missing (not Linux).
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@task(name="merge-scores", **COMPUTE)
+def merge_scores(params: dict, cycle: int, shards: list[dict]) -> str:
+    return pipeline.merge_scores_step(params, cycle, [s["path"] for s in shards])
+
+
+@flow(name="score-shards", flow_run_name="score-shards-cycle-{cycle}")
+def score_shards(params: dict, cycle: int, checkpoint: str) -> dict:
+    """Score the cycle's candidates in `scoring.shards` tasks mapped on this flow's task runner,
+    then merge their top-k lists (here, not on a worker) into scores.csv.
+
+    Returns {scores: path of scores.csv, shards: each shard task's result}.
+    """
+    n_shards = params["scoring"]["shards"]
+    shards = score_shard.map(unmapped(params), cycle, unmapped(checkpoint), range(n_shards), n_shards).result()
+    return {"scores": merge_scores(params, cycle, shards), "shards": shards}
+
+
+def shard_runner(scoring: dict) -> TaskRunner:
+    """The task runner `scoring.task_runner` names: threads here, or Dask workers (a LocalCluster
+    of `dask_workers` processes, or the existing cluster at `dask_address`)."""
+    if scoring["task_runner"] == "thread":
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if scoring["dask_address"]:
+        return DaskTaskRunner(address=scoring["dask_address"])
+    # One thread per worker process: torch in each then uses one core (Dask sets OMP_NUM_THREADS=1).
+    return DaskTaskRunner(cluster_kwargs={"n_workers": scoring["dask_workers"], "threads_per_worker": 1,
+                                         "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+
+
+@contextmanager
+def workers_see_this_api(scoring: dict) -> Iterator[None]:
+    """Point Dask workers at the Prefect API this process uses.
+
+    Task runs on a worker report to the API in the settings Prefect ships with them. Without
+    PREFECT_API_URL this process runs a temporary server of its own and each worker would start
+    another; its URL (127.0.0.1) serves the workers of a LocalCluster on this host, not remote ones.
+    """
+    if scoring["task_runner"] != "dask" or PREFECT_API_URL.value():
+        yield
+        return
+    if scoring["dask_address"]:
+        raise ValueError(f"scoring.dask_address={scoring['dask_address']}: Dask workers on other hosts need a "
+                         f"Prefect server they can reach; set PREFECT_API_URL (e.g. run `prefect server start`)")
+    with temporary_settings(updates={PREFECT_API_URL: str(get_client(sync_client=True).api_url)}):
+        yield
+
+
+def score_in_shards(params: dict, cycle: int, checkpoint: str) -> dict:
+    """The `score-shards` flow on the task runner params choose (see score_shards)."""
+    scoring = params["scoring"]
+    with workers_see_this_api(scoring):
+        return score_shards.with_options(task_runner=shard_runner(scoring))(params, cycle, checkpoint)
 
 
 @task(name="select-top-k", **COMPUTE)
@@ -132,7 +216,10 @@ def cycle_flow(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     n_labeled = len(pipeline.load_state(params)["labeled"])
     trained = train(params, cycle, run_id)
     acc = evaluate(params, cycle, trained["checkpoint"])
-    scores = score_candidates(params, cycle, trained["checkpoint"])
+    if params["scoring"]["shards"] == 1:
+        scores = score_candidates(params, cycle, trained["checkpoint"])
+    else:
+        scores = score_in_shards(params, cycle, trained["checkpoint"])["scores"]
     ids = select_top_k(scores, params["budget"])
     query = export_query(params, cycle, scores, ids)
     # Oracle: the data set's own labels now. Human: the query waits for annotators.

@@ -323,6 +323,12 @@ def validate(params: dict[str, Any]) -> None:
     need(dist["nproc_per_node"] >= 1, "distributed.nproc_per_node", f"must be at least 1, got {dist['nproc_per_node']}")
     need(dist["timeout_s"] >= 1, "distributed.timeout_s", f"must be at least 1, got {dist['timeout_s']}")
     need(scoring["shards"] >= 1, "scoring.shards", f"must be at least 1, got {scoring['shards']}")
+    from tidal.strategies import SetStrategy
+
+    need(scoring["shards"] == 1 or not issubclass(STRATEGIES[params["strategy"]], SetStrategy), "scoring.shards",
+         f"must be 1 with strategy '{params['strategy']}', which chooses its candidates jointly (a set "
+         f"strategy): per-shard top-k lists cannot make its choice. Use scoring.shards=1 (it reads the "
+         f"candidates batch by batch) or bound the candidates with subset_size")
     need(scoring["dask_workers"] >= 1, "scoring.dask_workers", f"must be at least 1, got {scoring['dask_workers']}")
 
 

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten
-from tidal.data.pool import candidate_ids, initial_labeled_ids
+from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
 from tidal.data.version import LABELS_DIR, dvc_dir_md5, verify_data_version
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
 from tidal.models import LossPredictor, TDPredictor, build_backbone
-from tidal.scoring import select_candidates
+from tidal.scoring import check_shardable, merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
 from tidal.train import DistributedContext, TrainConfig, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
@@ -261,15 +262,7 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
         return str(out)
     state = ws.load_state()
     data = dataset_for(params)
-    # Unlabeled samples only: neither labeled nor waiting for an annotator.
-    taken = set(state["labeled"]) | set(state.get("pending", {}))
-    n_unlabeled = len(data.pool_ids) - len(taken)
-    if n_unlabeled == 0:
-        raise DataError(f"no unlabeled samples are left in the pool of {len(data.pool_ids)}; "
-                        f"the experiment cannot query more (lower `cycles`)")
-    if n_unlabeled < params["budget"]:
-        raise DataError(f"budget={params['budget']} is larger than the {n_unlabeled} unlabeled samples left "
-                        f"in the pool; lower `budget` or `cycles`")
+    taken = _taken_ids(params, state, data)
     candidates = candidate_ids(data.pool_ids, taken, params["subset_size"], params["seed"], cycle)
     k = params["budget"]
     backbone, td = load_models(params, checkpoint, data)
@@ -284,6 +277,90 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
     failpoint("score:before-write")
     write_csv(out, ["id", "score"], rows)
     log.info("cycle %d: scored %d candidates with %s", cycle, len(candidates), params["strategy"])
+    return str(out)
+
+
+def _taken_ids(params: dict[str, Any], state: dict, data: Dataset) -> set[str]:
+    """The ids that are not candidates: labeled, or waiting for an annotator.
+
+    Refuses a pool with fewer unlabeled samples left than the budget.
+    """
+    taken = set(state["labeled"]) | set(state.get("pending", {}))
+    n_unlabeled = len(data.pool_ids) - len(taken)
+    if n_unlabeled == 0:
+        raise DataError(f"no unlabeled samples are left in the pool of {len(data.pool_ids)}; "
+                        f"the experiment cannot query more (lower `cycles`)")
+    if n_unlabeled < params["budget"]:
+        raise DataError(f"budget={params['budget']} is larger than the {n_unlabeled} unlabeled samples left "
+                        f"in the pool; lower `budget` or `cycles`")
+    return taken
+
+
+def shards_dir(params: dict[str, Any], cycle: int) -> Path:
+    return workspace(params).cycle_dir(cycle) / "shards"
+
+
+def score_shard_step(params: dict[str, Any], cycle: int, checkpoint: str, shard: int, n_shards: int
+                     ) -> dict[str, Any]:
+    """Score shard `shard` of `n_shards` of this cycle's candidates (pointwise strategies only) and
+    keep its top `budget` in cycles/<k>/shards/<shard>-of-<n_shards>.json.
+
+    Self-contained, for a worker process or host: it draws the candidates, loads the model and
+    gathers the images it scores from params and the checkpoint path, one batch at a time. Its
+    memory is one batch, the top k and the candidate draw (17 bytes per pool sample), never the
+    pool's images. The file lists candidate numbers (places in the cycle's candidate list), ids
+    and the float32 scores exactly. Returns {path, start, stop, seconds, resumed}.
+    """
+    began = time.perf_counter()
+    out = shards_dir(params, cycle) / f"{shard:04d}-of-{n_shards:04d}.json"
+    if out.is_file():
+        saved = read_json(out)
+        return {"path": str(out), "start": saved["start"], "stop": saved["stop"], "seconds": 0.0, "resumed": True}
+    strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
+    check_shardable(strategy, n_shards)
+    state = workspace(params).load_state()
+    data = dataset_for(params)
+    taken = data.index_of(list(_taken_ids(params, state, data))).numpy()
+    candidates = candidate_positions(len(data.pool_ids), taken, params["subset_size"], params["seed"], cycle)
+    start, stop = shard_range(len(candidates), shard, n_shards, params["score_batch_size"])
+    pos, scores = torch.empty(0, dtype=torch.long), torch.empty(0)
+    if stop > start:
+        backbone, aux = load_models(params, checkpoint, data)
+        pos, scores = score_shard(backbone, aux, data.pool_images, torch.from_numpy(candidates[start:stop]), start,
+                                  strategy, params["budget"], resolve_device(params["device"]),
+                                  params["score_batch_size"], release=data.release_pages)
+    ids = [data.pool_ids[i] for i in candidates[pos.numpy()].tolist()]
+    # JSON writes a float32 score, widened to a Python float, with every digit: the merge reads it back exactly.
+    write_json(out, {"shard": shard, "n_shards": n_shards, "start": start, "stop": stop,
+                     "n_candidates": len(candidates), "candidates": pos.tolist(), "ids": ids,
+                     "scores": scores.tolist()})
+    log.info("cycle %d: shard %d/%d scored candidates %d..%d of %d with %s", cycle, shard + 1, n_shards,
+             start, stop, len(candidates), params["strategy"])
+    return {"path": str(out), "start": start, "stop": stop, "seconds": time.perf_counter() - began, "resumed": False}
+
+
+def merge_scores_step(params: dict[str, Any], cycle: int, shard_paths: list[str]) -> str:
+    """Merge the shards' top-k lists into cycles/<k>/scores.csv, the file `score_step` writes for
+    the same cycle: same ids, same order, same scores."""
+    out = workspace(params).cycle_dir(cycle) / "scores.csv"
+    if out.is_file():
+        return str(out)
+    parts = sorted((read_json(p) for p in shard_paths), key=lambda part: part["start"])
+    starts = [part["start"] for part in parts]
+    stops = [part["stop"] for part in parts]
+    totals = {part["n_candidates"] for part in parts}
+    if not parts or len(totals) != 1 or starts != [0, *stops[:-1]] or stops[-1] != totals.pop():
+        raise DataError(f"the shard files {shard_paths} do not cover cycle {cycle}'s candidates exactly once "
+                        f"(written with another scoring.shards or score_batch_size?); delete "
+                        f"{shards_dir(params, cycle)} to score the cycle again")
+    pos, scores = merge_top_k([(torch.tensor(part["candidates"], dtype=torch.long),
+                                torch.tensor(part["scores"], dtype=torch.float32)) for part in parts],
+                              params["budget"])
+    id_of = {c: i for part in parts for c, i in zip(part["candidates"], part["ids"])}
+    rows = [{"id": id_of[c], "score": f"{s:.8g}"} for c, s in zip(pos.tolist(), scores.tolist())]
+    failpoint("score:before-write")
+    write_csv(out, ["id", "score"], rows)
+    log.info("cycle %d: merged the top %d of %d shards", cycle, len(rows), len(parts))
     return str(out)
 
 

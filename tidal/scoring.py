@@ -5,8 +5,14 @@ memory holds one batch plus k scores, whatever the number of candidates. Set str
 (`SetStrategy.select`, e.g. CoreSet, BADGE) need every candidate at once, so the backbone's
 logits and penultimate features (N×(C + D), never the images) are gathered batch by batch and
 the strategy then chooses k from them.
+
+A huge pool is scored in shards (pointwise strategies only): `shard_range` cuts the candidate
+list into runs of whole batches, `score_shard` keeps one run's top-k reading its images a batch
+at a time, and `merge_top_k` merges the shards' lists into exactly the unsharded result.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,11 +31,32 @@ def _check_td(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
         raise ValueError(f"strategy '{strategy.name}' needs the loss prediction module, but none was trained")
 
 
+class Rows:
+    """`images[positions]`, gathered a slice at a time: only the rows of one batch are copied.
+
+    `release` runs after each gather (e.g. `Dataset.release_pages`), so the pages of a
+    memory-mapped pool that a batch touched do not pile up in this process.
+    """
+
+    def __init__(self, images: torch.Tensor, positions: torch.Tensor,
+                 release: Callable[[], None] | None = None) -> None:
+        self.images, self.positions, self.release = images, positions, release
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        batch = self.images[self.positions[rows]]
+        if self.release is not None:
+            self.release()
+        return batch
+
+
 @torch.inference_mode()
 def top_k_uncertain(
     backbone: nn.Module,
     aux_module: nn.Module | None,
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | Rows,
     strategy: Strategy,
     k: int,
     device: torch.device,
@@ -39,6 +66,7 @@ def top_k_uncertain(
 
     Ties keep the earlier position, so the result does not depend on the batch size.
     `aux_module` is the TD module (TiDAL strategies) or the loss predictor (lloss), else None.
+    `images_u8` is read one batch slice at a time, so it may be a lazy `Rows`.
     """
     if isinstance(strategy, SetStrategy):
         raise TypeError(f"strategy '{strategy.name}' chooses a set jointly; use select_candidates")
@@ -124,3 +152,73 @@ def select_candidates(
     if isinstance(strategy, SetStrategy):
         return select_set(backbone, images_u8, strategy, k, device, batch_size, labeled_u8)
     return top_k_uncertain(backbone, aux_module, images_u8, strategy, k, device, batch_size)
+
+
+# --- shards -------------------------------------------------------------------------------------
+
+def check_shardable(strategy: QueryStrategy, shards: int) -> None:
+    """Set strategies choose their k jointly, so per-shard top-k lists cannot make their choice."""
+    if shards > 1 and isinstance(strategy, SetStrategy):
+        raise ValueError(
+            f"strategy '{strategy.name}' chooses its candidates jointly (a set strategy), so it cannot be "
+            f"scored in shards (scoring.shards={shards}): a shard's best k say nothing about the set it "
+            f"would pick. Use scoring.shards=1 (it reads the candidates batch by batch and keeps only their "
+            f"logits and features), or subset_size to bound the candidates")
+
+
+def shard_range(n_candidates: int, shard: int, n_shards: int, batch_size: int) -> tuple[int, int]:
+    """Candidates [start, stop) of one shard: an equal share of whole scoring batches.
+
+    Shard boundaries fall on batch boundaries of the unsharded run, so every batch a shard scores
+    is one that run scores (same images, same batch size: the same floats out of the model, even
+    where a kernel's arithmetic depends on the batch size). Trailing shards may be empty.
+    """
+    if not 0 <= shard < n_shards:
+        raise ValueError(f"shard {shard} is not one of 0..{n_shards - 1}")
+    n_batches = -(-n_candidates // batch_size)
+    per_shard = -(-n_batches // n_shards) * batch_size
+    start = min(shard * per_shard, n_candidates)
+    return start, min(start + per_shard, n_candidates)
+
+
+def score_shard(
+    backbone: nn.Module,
+    aux_module: nn.Module | None,
+    images_u8: torch.Tensor,
+    positions: torch.Tensor,
+    start: int,
+    strategy: Strategy,
+    k: int,
+    device: torch.device,
+    batch_size: int = 512,
+    release: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k of the shard that starts at candidate `start`: (candidate numbers, scores), best first.
+
+    `positions` are the shard's rows of `images_u8` (the pool), in candidate order; the returned
+    candidate numbers count from the start of the whole candidate list (start + i), the order
+    `merge_top_k` breaks ties by. Images are gathered a batch at a time (`Rows`).
+    """
+    strategy.skip(start)  # random, bald: the random draws the candidates before this shard took
+    pos, scores = top_k_uncertain(backbone, aux_module, Rows(images_u8, positions, release), strategy, k,
+                                  device, batch_size)
+    return pos + start, scores
+
+
+def merge_top_k(parts: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k of the union of the shards' (candidate numbers, scores) lists, best first.
+
+    Exact: each shard's top k holds every candidate of the overall top k that lies in it.
+    Sorting by candidate number first, then stably by score, breaks ties towards the earlier
+    candidate, as `top_k_uncertain` does over the whole list.
+    """
+    if not parts:
+        return torch.empty(0, dtype=torch.long), torch.empty(0)
+    pos = torch.cat([p for p, _ in parts])
+    scores = torch.cat([s for _, s in parts])
+    if len(torch.unique(pos)) != len(pos):
+        raise ValueError("two shards list the same candidate; each candidate belongs to one shard")
+    by_candidate = torch.argsort(pos, stable=True)
+    pos, scores = pos[by_candidate], scores[by_candidate]
+    order = torch.sort(scores, descending=True, stable=True).indices[:k]
+    return pos[order], scores[order]

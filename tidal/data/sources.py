@@ -13,15 +13,19 @@ manifests) as uint8 tensors N×C×H×W with a stable string id per pool sample. 
   are the relative path without extension (`train/cat/0042`).
 - `manifest`: data_root/manifest.csv with columns `path,label,split` (see read_manifest) and
   data_root/classes.txt declaring the classes.
+- `npy`: pre-decoded arrays data_root/{pool_images,pool_labels,test_images,test_labels}.npy,
+  memory-mapped (see read_npy): a pool of millions of images is read only where it is used.
 
 Image files are decoded once into a tensor cache keyed by the data version (tidal.data.cache).
 """
 from __future__ import annotations
 
+import mmap
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, overload
 
 import numpy as np
 import torch
@@ -31,17 +35,67 @@ class DataError(ValueError):
     """Data that is missing or unusable; the message says where and what to do."""
 
 
+class PositionalIds(Sequence[str]):
+    """The ids `<prefix>-<position>` (7+ digits) of a pool of n samples, made when asked for.
+
+    A pool of a million samples then holds no list of a million strings (about 70 MB per
+    process, plus a dict as large to look ids up), and an id's position is parsed, not looked up.
+    """
+
+    def __init__(self, prefix: str, n: int) -> None:
+        self.prefix, self.n = prefix, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self._format(i) for i in range(*index.indices(self.n))]
+        i = int(index)
+        if not -self.n <= i < self.n:
+            raise IndexError(f"position {i} is outside the pool of {self.n}")
+        return self._format(i % self.n)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._format(i) for i in range(self.n))
+
+    def __contains__(self, sid: object) -> bool:
+        return isinstance(sid, str) and self.position(sid) is not None
+
+    def _format(self, i: int) -> str:
+        return f"{self.prefix}-{i:07d}"
+
+    def position(self, sid: str) -> int | None:
+        """The position of `sid`, or None when it is not an id of this pool (only the canonical
+        spelling counts: `npy-0000042`, not `npy-42`)."""
+        head, _, digits = sid.rpartition("-")
+        if head != self.prefix or not digits.isdigit():
+            return None
+        i = int(digits)
+        return i if i < self.n and self._format(i) == sid else None
+
+
 @dataclass
 class Dataset:
-    """A pool to query from and a fixed test split, as uint8 images N×C×H×W."""
+    """A pool to query from and a fixed test split, as uint8 images N×C×H×W.
+
+    `mapped`: the memory-mapped arrays behind the tensors (npy source), for `release_pages`.
+    """
 
     name: str
     classes: list[str]
-    pool_ids: list[str]
+    pool_ids: Sequence[str]
     pool_images: torch.Tensor
     pool_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    mapped: tuple[np.memmap, ...] = field(default=(), repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -53,16 +107,32 @@ class Dataset:
 
     def index_of(self, ids: list[str]) -> torch.Tensor:
         """Positions of the given ids in the pool arrays (raises on an unknown id)."""
-        lookup = self._lookup()
-        missing = [i for i in ids if i not in lookup]
+        if isinstance(self.pool_ids, PositionalIds):
+            found = [self.pool_ids.position(i) for i in ids]
+        else:
+            lookup = self._lookup()
+            found = [lookup.get(i) for i in ids]
+        missing = [i for i, pos in zip(ids, found) if pos is None]
         if missing:
             raise DataError(f"{len(missing)} id(s) are not in the {self.name} pool, e.g. {missing[:3]}")
-        return torch.tensor([lookup[i] for i in ids], dtype=torch.long)
+        return torch.tensor(found, dtype=torch.long)
 
     def _lookup(self) -> dict[str, int]:
         if not hasattr(self, "_id_lookup"):
             self._id_lookup = {sid: pos for pos, sid in enumerate(self.pool_ids)}
         return self._id_lookup
+
+    def release_pages(self) -> None:
+        """Let go of the memory-mapped pages read so far (npy source; nothing for the others).
+
+        They stay in the OS page cache, so reading them again costs no disk access, but they stop
+        counting in this process's resident memory: a process that gathers a huge pool batch by
+        batch and calls this after each batch holds one batch, not every page it has touched.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise (Windows): the pages stay counted
+            return
+        for array in self.mapped:
+            array._mmap.madvise(mmap.MADV_DONTNEED)  # numpy keeps the mmap object as `_mmap`
 
 
 def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -351,6 +421,81 @@ def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
     return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:])
 
 
+# --- npy: pre-decoded arrays, memory-mapped --------------------------------------------------
+
+NPY_FILES = ("pool_images.npy", "pool_labels.npy", "test_images.npy", "test_labels.npy")
+NPY_ID_PREFIX = "npy"
+_LABEL_CHUNK = 1 << 20  # labels checked a million at a time, so the check holds 8 MB at most
+
+
+def _open_npy(path: Path, dtype: np.dtype, ndim: int, what: str) -> np.memmap:
+    """Memory-map one array and check its dtype and rank; the error names the file.
+
+    Copy-on-write ("c"), not read-only: torch.from_numpy then shares the mapping without a
+    copy or a warning, and a stray in-place write stays in this process, never in the file.
+    Nothing is read from disk until a row is used.
+    """
+    try:
+        array = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} is not a readable .npy file ({err}); expected {what}") from None
+    if array.dtype != dtype or array.ndim != ndim:
+        raise DataError(f"{path} holds {array.dtype} with shape {array.shape}; expected {what}")
+    if not array.flags.c_contiguous:
+        raise DataError(f"{path} is stored in Fortran order; expected {what} in C order "
+                        f"(np.save(path, np.ascontiguousarray(array)))")
+    return array
+
+
+def _label_range(labels: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a label array, read a chunk at a time."""
+    low, high = 0, -1
+    for start in range(0, len(labels), _LABEL_CHUNK):
+        chunk = labels[start:start + _LABEL_CHUNK]
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    return low, high
+
+
+def read_npy(root: Path, cache: Path | None = None) -> Dataset:
+    """root/pool_images.npy (N×C×H×W uint8), pool_labels.npy (N int64; -1 = unlabeled),
+    test_images.npy (M×C×H×W uint8, same C×H×W) and test_labels.npy (M int64, all labeled).
+
+    The arrays are memory-mapped, not loaded; ids are `npy-<position>` (`npy-0000042`), stable
+    as long as the files keep their row order; classes are the label numbers `0`..`max label`.
+    """
+    images_spec = "uint8 images N×C×H×W (np.save of an array of shape (N, C, H, W), dtype uint8)"
+    labels_spec = "int64 labels, one per image (np.save of an int64 array of shape (N,))"
+    paths = {name: root / name for name in NPY_FILES}
+    pool_images = _open_npy(paths["pool_images.npy"], np.dtype(np.uint8), 4, images_spec)
+    test_images = _open_npy(paths["test_images.npy"], np.dtype(np.uint8), 4, images_spec)
+    pool_labels = _open_npy(paths["pool_labels.npy"], np.dtype(np.int64), 1, labels_spec)
+    test_labels = _open_npy(paths["test_labels.npy"], np.dtype(np.int64), 1, labels_spec)
+    if test_images.shape[1:] != pool_images.shape[1:]:
+        raise DataError(f"{paths['test_images.npy']} holds images of shape C×H×W={test_images.shape[1:]}, "
+                        f"{paths['pool_images.npy']} of {pool_images.shape[1:]}; both splits need the same")
+    for images, labels, name in ((pool_images, pool_labels, "pool"), (test_images, test_labels, "test")):
+        if len(images) == 0:
+            raise DataError(f"{paths[f'{name}_images.npy']} holds no images")
+        if len(labels) != len(images):
+            raise DataError(f"{paths[f'{name}_labels.npy']} holds {len(labels)} labels for the "
+                            f"{len(images)} images of {paths[f'{name}_images.npy']}; expected one per image")
+    pool_low, pool_high = _label_range(pool_labels)
+    test_low, test_high = _label_range(test_labels)
+    if pool_low < UNLABELED:
+        raise DataError(f"{paths['pool_labels.npy']} holds the label {pool_low}; labels are class numbers "
+                        f"0, 1, ... or {UNLABELED} for an unlabeled pool sample")
+    if test_low < 0:
+        raise DataError(f"{paths['test_labels.npy']} holds the label {test_low}; every test sample needs "
+                        f"a class number 0, 1, ...")
+    classes = [str(c) for c in range(max(pool_high, test_high) + 1)]
+    data = Dataset("npy", classes, PositionalIds(NPY_ID_PREFIX, len(pool_images)),
+                   torch.from_numpy(pool_images), torch.from_numpy(pool_labels),
+                   torch.from_numpy(test_images), torch.from_numpy(test_labels),
+                   mapped=(pool_images, pool_labels, test_images, test_labels))
+    data.release_pages()  # the label pages the checks above read
+    return data
+
+
 # --- the registry -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -377,6 +522,11 @@ def _manifest_hint(root: Path) -> str:
             f"label = unlabeled; split train or test) and {root}/{MANIFEST_CLASSES} (one class per line)")
 
 
+def _npy_hint(root: Path) -> str:
+    return (f"write {', '.join(f'{root}/{f}' for f in NPY_FILES)} with np.save: uint8 images N×C×H×W and "
+            f"int64 labels (-1 = unlabeled pool sample)")
+
+
 SOURCES: dict[str, Source] = {
     "digits": Source(
         name="digits",
@@ -392,6 +542,7 @@ SOURCES: dict[str, Source] = {
                           in_root=True, hint=_imagefolder_hint),
     "manifest": Source(name="manifest", files=(MANIFEST_CSV, MANIFEST_CLASSES), write=None, read=read_manifest,
                        in_root=True, hint=_manifest_hint),
+    "npy": Source(name="npy", files=NPY_FILES, write=None, read=read_npy, in_root=True, hint=_npy_hint),
 }
 
 

@@ -16,7 +16,9 @@ Params: `bald_passes` (T, default 10) and `bald_dropout` (p, default 0.5; set it
 training `dropout` when that is > 0).
 
 Masks come from the strategy's own seeded CPU generator, drawn sample-major (B×T×D), so a
-seed gives the same scores whatever the batch size and device.
+seed gives the same scores whatever the batch size and device; `skip(n)` moves the generator
+past n candidates' masks (n×T×D draws, made at the next `score`, once D is known), so a shard
+of the candidates scored alone gets the masks of an unsharded run.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tidal.strategies.base import ModelOutput, Strategy, entropy
+from tidal.strategies.base import ModelOutput, Strategy, discard_uniform, entropy
 
 
 class BALD(Strategy):
@@ -40,6 +42,7 @@ class BALD(Strategy):
         self.passes = passes
         self.dropout = dropout
         self.generator = torch.Generator().manual_seed(seed)
+        self.skipped = 0  # candidates whose masks are still to be drawn and dropped
 
     @classmethod
     def from_params(cls, params: dict[str, Any], seed: int = 0) -> "BALD":
@@ -49,9 +52,15 @@ class BALD(Strategy):
         h = out.embedding.float()
         b, d = h.shape
         t = self.passes
+        if self.skipped:
+            discard_uniform(self.generator, self.skipped * t * d)
+            self.skipped = 0
         keep = torch.rand(b, t, d, generator=self.generator) >= self.dropout
         dropped = h[:, None, :] * keep.to(h.device) / (1.0 - self.dropout)  # B×T×D
         probs = torch.softmax(out.head(dropped.reshape(b * t, d)).float(), dim=1)  # (B·T)×C
         mean_entropy = entropy(probs).reshape(b, t).mean(dim=1)
         entropy_of_mean = entropy(probs.reshape(b, t, -1).mean(dim=1))
         return (entropy_of_mean - mean_entropy).clamp_min(0.0)
+
+    def skip(self, n: int) -> None:
+        self.skipped += n

@@ -57,6 +57,27 @@ class Strategy(QueryStrategy):
     def score(self, out: ModelOutput) -> torch.Tensor:
         raise NotImplementedError
 
+    def skip(self, n: int) -> None:
+        """Move on as if n candidates had been scored, without scoring them.
+
+        Scoring a shard that starts at candidate n then gives its candidates the scores an
+        unsharded run gives them. Only strategies that draw random numbers per candidate
+        (random, bald) have a stream to move on; the others have nothing to do.
+        """
+
+
+def discard_uniform(generator: torch.Generator, count: int, chunk: int = 1 << 22) -> None:
+    """Draw `count` uniform floats and drop them, a chunk at a time (16 MB at most).
+
+    The CPU generator hands out one draw per float whatever the tensor sizes, so this moves it
+    exactly as far as `torch.rand(count, generator=generator)` would.
+    """
+    buffer = torch.empty(min(count, chunk))
+    while count > 0:
+        n = min(count, chunk)
+        buffer[:n].uniform_(generator=generator)
+        count -= n
+
 
 class SetStrategy(QueryStrategy):
     """A set strategy chooses k candidates jointly from their embeddings."""

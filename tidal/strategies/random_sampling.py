@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from tidal.strategies.base import ModelOutput, Strategy
+from tidal.strategies.base import ModelOutput, Strategy, discard_uniform
 
 
 class RandomSampling(Strategy):
@@ -16,3 +16,6 @@ class RandomSampling(Strategy):
 
     def score(self, out: ModelOutput) -> torch.Tensor:
         return torch.rand(len(out.logits), generator=self.generator).to(out.logits.device)
+
+    def skip(self, n: int) -> None:
+        discard_uniform(self.generator, n)  # one draw per candidate
