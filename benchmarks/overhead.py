@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     configure_environment(out)
-    command = "python benchmarks/overhead.py " + " ".join(
+    threads = os.environ.get("OMP_NUM_THREADS")  # part of the measurement: say it in the command
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/overhead.py " + " ".join(
         [f"--rounds {args.rounds}", *(f"--set {shlex.quote(o)}" for o in args.overrides)])
     result = measure(out, args.rounds, args.overrides)
     (out / "overhead.json").write_text(json.dumps({**result, "command": command}, indent=2) + "\n")
