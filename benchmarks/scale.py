@@ -16,7 +16,7 @@ quality is not what is measured) and then scores it end to end through the shard
 `flows.experiment.score_in_shards`: a fresh `LocalCluster` of --workers processes (one thread
 each), --shards `score-shard` Prefect tasks mapped on it, then the merge into scores.csv. Each
 shard task returns its worker's peak resident memory so far (VmHWM of /proc/self/status, see
-`flows.experiment.peak_rss_mb`: the peak since the worker started, imports of torch, prefect and
+`tidal.memory.peak_rss_mb`: the peak since the worker started, imports of torch, prefect and
 distributed included; not ru_maxrss, which on Linux also counts the flow process the worker was
 spawned from); every size gets fresh workers, so its peaks are its own. Sizes up to --check-up-to are also scored by the
 single-process `score_step` and the two scores.csv compared byte for byte.
@@ -122,7 +122,8 @@ def overrides(out: Path, size: int, args: argparse.Namespace) -> list[str]:
 
 
 def run_size(out: Path, size: int, args: argparse.Namespace) -> dict:
-    from flows.experiment import peak_rss_mb, score_in_shards
+    from flows.experiment import score_in_shards
+    from tidal.memory import peak_rss_mb
     from tidal import pipeline
     from tidal.config import load_params
 

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tidal.dynamics import TDRecorder  # noqa: E402
+from tidal.memory import status_kb  # noqa: E402
 from tidal.models import SmallCNN, TDPredictor  # noqa: E402
 from tidal.train import TDTask, TrainConfig, normalize, to_float, train_cycle  # noqa: E402
 
@@ -309,13 +310,6 @@ def scoring_throughput(args) -> dict:
 
 # --- 4. scoring memory -----------------------------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def memory_child(n: int, k: int, batch_size: int) -> None:
     """Subprocess: pool of n 1×8×8 uint8 images; print peak RSS of top_k_uncertain above its input."""
     from tidal.scoring import top_k_uncertain
@@ -332,11 +326,11 @@ def memory_child(n: int, k: int, batch_size: int) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     except OSError:
         reset = False
-    base_kb = _status_kb("VmRSS")
+    base_kb = status_kb("VmRSS")
     t0 = time.perf_counter()
     top_k_uncertain(model, None, pool, Entropy(), k, device, batch_size)
     wall = time.perf_counter() - t0
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     print(json.dumps({"n": n, "pool_mb": pool.numel() / 2**20, "base_rss_mb": base_kb / 1024,
                       "peak_rss_mb": peak_kb / 1024, "peak_above_input_mb": (peak_kb - base_kb) / 1024,
                       "peak_reset": reset, "wall_s": wall, "img_s": n / wall}))

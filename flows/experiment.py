@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,6 +20,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.memory import peak_rss_mb
 from tidal.tracking import log_cycle_model, make_tracker
 from tidal.workspace import ExperimentLock, read_json
 
@@ -82,20 +82,6 @@ def score_shard(params: dict, cycle: int, checkpoint: str, shard: int, n_shards:
     result = pipeline.score_shard_step(params, cycle, checkpoint, shard, n_shards)
     # The worker's peak memory so far: what shows scoring memory is flat in the pool size.
     return {**result, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: VmHWM, the high-water mark of its own address space.
-
-    Not getrusage's ru_maxrss: Linux carries the peak of the address space a process had before
-    exec over into it, so a Dask worker spawned (fork + exec) by a large flow process would report
-    that process's size. ru_maxrss only where /proc is missing (not Linux).
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @task(name="merge-scores", **COMPUTE)
