@@ -21,3 +21,19 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     materialize(root, "digits")
     return root
+
+
+@pytest.fixture
+def benchmark_script():
+    """Import a script of benchmarks/ (not a package) by its name, e.g. benchmark_script("overhead")."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,21 +2,9 @@
 the real runner is the pipeline and the flow, exercised by the integration tests)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("overhead", REPO / "benchmarks" / "overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_rounds_rotate_variants_and_ratios_use_medians(tmp_path):
-    overhead = _load()
+def test_rounds_rotate_variants_and_ratios_use_medians(tmp_path, benchmark_script):
+    overhead = benchmark_script("overhead")
     seconds = {"library": [10.0, 12.0, 11.0], "flow-untracked": [11.0, 11.5, 30.0], "flow": [12.0, 13.0, 12.5]}
     calls = []
 

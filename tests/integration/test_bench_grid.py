@@ -3,25 +3,16 @@ recomputes nothing."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_al_curves", REPO / "benchmarks" / "al_curves.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch):
-    al_curves = _load_script()
+def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch,
+                                                  benchmark_script):
+    al_curves = benchmark_script("al_curves")
     monkeypatch.chdir(tmp_path)  # nothing may land in the repo
     monkeypatch.setenv("CI", "1")
     out = tmp_path / "results"
