@@ -9,7 +9,6 @@ import shutil
 import pytest
 
 
-
 def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch,
                                                   benchmark_script):
     al_curves = benchmark_script("al_curves")
