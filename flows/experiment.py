@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.memory import peak_rss_mb
-from tidal.tracking import log_cycle_model, make_tracker
+from tidal.tracking import log_cycle_checkpoint, make_tracker
 from tidal.workspace import ExperimentLock, read_json
 
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
@@ -45,7 +45,7 @@ def start_experiment(params: dict, data_version: str, pool_version: str) -> dict
     return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent or ""}
 
 
-@task(name="start-cycle-run", **OUTSIDE)
+@task(name="start-cycle-run", task_run_name="start-cycle-run-cycle-{cycle}", **OUTSIDE)
 def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str) -> str:
     state = pipeline.load_state(params)
     runs = state["tracking"].get("cycle_runs", {})
@@ -57,7 +57,7 @@ def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_r
     return run_id
 
 
-@task(name="train", **COMPUTE)
+@task(name="train", task_run_name="train-cycle-{cycle}", **COMPUTE)
 def train(params: dict, cycle: int, run_id: str) -> dict:
     tracker = make_tracker(params["tracking"])
     with tracker.system_metrics(run_id):
@@ -67,12 +67,12 @@ def train(params: dict, cycle: int, run_id: str) -> dict:
     return result
 
 
-@task(name="evaluate", **COMPUTE)
+@task(name="evaluate", task_run_name="evaluate-cycle-{cycle}", **COMPUTE)
 def evaluate(params: dict, cycle: int, checkpoint: str) -> float:
     return pipeline.evaluate_step(params, cycle, checkpoint)
 
 
-@task(name="score-candidates", **COMPUTE)
+@task(name="score-candidates", task_run_name="score-candidates-cycle-{cycle}", **COMPUTE)
 def score_candidates(params: dict, cycle: int, checkpoint: str) -> str:
     return pipeline.score_step(params, cycle, checkpoint)
 
@@ -84,7 +84,7 @@ def score_shard(params: dict, cycle: int, checkpoint: str, shard: int, n_shards:
     return {**result, "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
 
 
-@task(name="merge-scores", **COMPUTE)
+@task(name="merge-scores", task_run_name="merge-scores-cycle-{cycle}", **COMPUTE)
 def merge_scores(params: dict, cycle: int, shards: list[dict]) -> str:
     return pipeline.merge_scores_step(params, cycle, [s["path"] for s in shards])
 
@@ -145,7 +145,7 @@ def select_top_k(scores_path: str, k: int) -> list[str]:
     return pipeline.select_step(scores_path, k)
 
 
-@task(name="export-query", **OUTSIDE)
+@task(name="export-query", task_run_name="export-query-cycle-{cycle}", **OUTSIDE)
 def export_query(params: dict, cycle: int, scores_path: str, ids: list[str]) -> str:
     return pipeline.export_query(params, cycle, scores_path, ids)
 
@@ -155,19 +155,18 @@ def reveal_oracle_labels(params: dict, ids: list[str]) -> dict[str, int]:
     return pipeline.reveal_oracle_labels(params, ids)
 
 
-@task(name="log-cycle", **OUTSIDE)
+@task(name="log-cycle", task_run_name="log-cycle-cycle-{cycle}", **OUTSIDE)
 def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
-              test_accuracy: float, query_path: str, checkpoint: str) -> str:
+              test_accuracy: float, query_path: str, checkpoint: str) -> None:
     if not params["tracking"]:
-        return ""
+        return
     tracker = make_tracker()
     tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
-    model_uri = log_cycle_model(tracker, run_id, params, checkpoint)
+    log_cycle_checkpoint(tracker, run_id, params, checkpoint)
     tracker.end_run(run_id)
-    return model_uri
 
 
-@task(name="commit-state", **OUTSIDE)
+@task(name="commit-state", task_run_name="commit-state-cycle-{cycle}", **OUTSIDE)
 def commit_state(params: dict, cycle: int, test_accuracy: float, query_path: str,
                  labels: dict[str, int] | None, run_id: str, ids: list[str]) -> dict:
     return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
@@ -193,9 +192,12 @@ def artifact_key(experiment: str) -> str:
     return "learning-curve-" + re.sub(r"[^a-z0-9-]+", "-", experiment.lower()).strip("-")
 
 
-@flow(name="cycle", flow_run_name="cycle-{cycle}")
-def cycle_flow(params: dict, cycle: int, parent_run_id: str = "") -> dict:
-    """Train on the current labels, evaluate, score and select, export the query, label it, commit."""
+def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
+    """Train on the current labels, evaluate, score and select, export the query, label it, commit.
+
+    Plain tasks in the calling flow, named `<step>-cycle-<k>`, not a subflow per cycle: a flow
+    run costs Prefect ~1.4 s here (creation, state calls, joining its heartbeat thread), a
+    task run ~30 ms (benchmarks/overhead.py)."""
     logger = get_run_logger()
     verify_data_version(params)
     run_id = start_cycle_run(params, cycle, parent_run_id, flow_run.get_id() or "")
@@ -227,7 +229,7 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
         for cycle in range(started["cycle"], params["cycles"]):
             if _waiting(params):
                 break
-            cycle_flow(params, cycle, started["parent_run_id"])
+            run_cycle(params, cycle, started["parent_run_id"])
             if params["label_mode"] == "human":
                 break  # the query is with the annotators: stop until labels are imported
         history = pipeline.load_state(params)["history"]
@@ -256,7 +258,7 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
         started = start_experiment(params, version["data_version"], version["pool_version"])
         if _waiting(params):
             return {"waiting_for_labels": pipeline.waiting_for_labels(params)}
-        return cycle_flow(params, started["cycle"], started["parent_run_id"])
+        return run_cycle(params, started["cycle"], started["parent_run_id"])
 
 
 @task(name="merge-labels", **COMPUTE)

@@ -1,7 +1,8 @@
 """The only module that talks to MLflow.
 
 One parent run per experiment (params, data version), one child run per cycle (per-epoch
-train metrics, test accuracy, n_labeled, the query as an artifact, the cycle's model). The
+train metrics, test accuracy, n_labeled, the query and the checkpoint as artifacts; the cycle
+that is registered also becomes an MLflow model). The
 parent also gets test_accuracy with step = n_labeled, so the MLflow UI's chart compares
 strategies on the budget axis. Every call names its run id explicitly: MLflow's active run is
 thread-local and Prefect runs tasks in worker threads.
@@ -10,6 +11,7 @@ thread-local and Prefect runs tasks in worker threads.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+CHECKPOINT_DIR = "checkpoint"
+MODEL_SPEC_TAG = "tidal.model_spec"
 
 
 def tracking_uri() -> str:
@@ -82,8 +86,39 @@ class MlflowTracker:
         self._log(parent_run_id, metrics=[("test_accuracy", test_accuracy, n_labeled),
                                           ("test_accuracy_by_cycle", test_accuracy, cycle)])
 
+    def log_checkpoint(self, run_id: str, checkpoint: str | Path, spec: dict[str, Any]) -> None:
+        """The cycle's checkpoint as an artifact, and the spec that rebuilds its classifier.
+
+        A file copy: logging every cycle's MLflow model (torch.export) cost ~1 s a cycle, 15 % of
+        the default experiment (benchmarks/overhead.py). `register_cycle_model` logs the MLflow
+        model of the one cycle that is registered, from this checkpoint.
+        """
+        self.client.log_artifact(run_id, str(checkpoint), artifact_path=CHECKPOINT_DIR)
+        self.client.set_tag(run_id, MODEL_SPEC_TAG, json.dumps(spec))
+
+    def _log_model_from_checkpoint(self, run: Any) -> str:
+        """Rebuild a cycle's classifier from its logged checkpoint and log it as an MLflow model."""
+        import tempfile
+
+        import torch
+
+        from tidal.models import build_backbone
+
+        spec_text = run.data.tags.get(MODEL_SPEC_TAG)
+        if spec_text is None:
+            raise ValueError(f"cycle run {run.info.run_id} has neither a logged model nor a checkpoint "
+                             f"(tag {MODEL_SPEC_TAG}); was the cycle logged?")
+        spec = json.loads(spec_text)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self.client.download_artifacts(run.info.run_id, f"{CHECKPOINT_DIR}/model.pt", tmp)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        backbone = build_backbone(spec["backbone"], spec["in_shape"][0], spec["num_classes"], dropout=spec["dropout"])
+        backbone.load_state_dict(saved["backbone"])
+        example = torch.rand(2, *spec["in_shape"], generator=torch.Generator().manual_seed(0))
+        return self.log_model(run.info.run_id, backbone, example)
+
     def log_model(self, run_id: str, backbone: Any, example_input: Any) -> str:
-        """Log the cycle's classifier as an MLflow PyTorch model; return its model URI."""
+        """Log a classifier as an MLflow PyTorch model (pt2, with signature); return its URI."""
         import numpy as np
         import torch
         from mlflow.models import infer_signature
@@ -189,9 +224,8 @@ class MlflowTracker:
             raise ValueError(f"pick must be 'best' or 'last', got {pick!r}")
         models = self.client.search_logged_models(
             experiment_ids=[exp.experiment_id], filter_string=f"source_run_id = '{chosen.info.run_id}'")
-        if not models:
-            raise ValueError(f"cycle run {chosen.info.run_id} has no logged model")
-        version = self._mlflow.register_model(models[0].model_uri, registered_name)
+        model_uri = models[0].model_uri if models else self._log_model_from_checkpoint(chosen)
+        version = self._mlflow.register_model(model_uri, registered_name)
         self.client.set_registered_model_alias(registered_name, alias, version.version)
         return f"models:/{registered_name}@{alias}"
 
@@ -226,8 +260,8 @@ class NullTracker:
     def log_cycle_result(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def log_model(self, run_id: str, backbone: Any, example_input: Any) -> str:
-        return ""
+    def log_checkpoint(self, run_id: str, checkpoint: str | Path, spec: dict[str, Any]) -> None:
+        pass
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         pass
@@ -244,11 +278,15 @@ def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:
     return MlflowTracker() if enabled else NullTracker()
 
 
-def log_cycle_model(tracker: MlflowTracker | NullTracker, run_id: str, params: dict, checkpoint: str | Path) -> str:
-    """Load the cycle's checkpoint and log its backbone as the cycle's model."""
-    from tidal.pipeline import dataset_for, load_models
-    from tidal.train import to_float
+def model_spec(params: dict, data: Any) -> dict[str, Any]:
+    """What rebuilds the cycle's classifier from its checkpoint without the data set."""
+    return {"backbone": params["backbone"], "dropout": params["dropout"], "num_classes": data.num_classes,
+            "in_shape": list(data.pool_images.shape[1:])}
 
-    data = dataset_for(params)
-    backbone, _ = load_models(params, checkpoint, data)
-    return tracker.log_model(run_id, backbone, to_float(data.test_images[:2]))
+
+def log_cycle_checkpoint(tracker: MlflowTracker | NullTracker, run_id: str, params: dict,
+                         checkpoint: str | Path) -> None:
+    """The cycle's weights and model spec on its run; `register` makes the MLflow model."""
+    from tidal.pipeline import dataset_for
+
+    tracker.log_checkpoint(run_id, checkpoint, model_spec(params, dataset_for(params)))

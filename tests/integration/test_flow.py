@@ -89,8 +89,11 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
         kl = [m.value for m in client.get_metric_history(run_id, "module_kl_loss")]
         assert all(v > 0 for v in kl)  # the TD module was trained
         assert [a.path for a in client.list_artifacts(run_id, "query")] == ["query/query.csv"]
-    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
-    assert sorted(m.source_run_id for m in models) == sorted(r.info.run_id for r in children)
+        assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/model.pt"]
+        assert json.loads(child.data.tags["tidal.model_spec"]) == {
+            "backbone": "small-cnn", "dropout": 0.0, "num_classes": 10, "in_shape": [1, 8, 8]}
+    # MLflow models are made for registered cycles only (test_register_last_cycle_model_under_alias).
+    assert client.search_logged_models(experiment_ids=[exp.experiment_id]) == []
 
 
 def test_rerun_resumes_and_extends(finished_experiment):
@@ -184,6 +187,26 @@ def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
         expected = backbone.eval()(normalize(x))[0]
         got = model(x)  # an exported (pt2) program, already in eval mode
     torch.testing.assert_close(got, expected)
+    # The model was made from the cycle's checkpoint at registration, once: a second alias reuses it.
+    assert tidal_main(["register", "--experiment", "it-digits", "--alias", "again", "--pick", "last"]) == 0
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("it-digits")
+    models = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    last = client.search_runs([exp.experiment_id], filter_string="tags.cycle = '1'")[0]
+    assert [m.source_run_id for m in models] == [last.info.run_id]
+    assert int(client.get_model_version_by_alias("it-digits", "again").version) == 2
+
+
+def test_register_refuses_a_cycle_without_model_or_checkpoint(mlflow_uri):
+    from tidal.tracking import MlflowTracker
+
+    tracker = MlflowTracker()
+    run_id = tracker.client.create_run(tracker._experiment_id("no-ckpt"), tags={"tidal.kind": "cycle", "cycle": "0"}
+                                       ).info.run_id
+    tracker.client.log_metric(run_id, "test_accuracy", 0.5)
+    with pytest.raises(ValueError, match="neither a logged model nor a checkpoint"):
+        tracker.register_cycle_model("no-ckpt", "no-ckpt", "champion")
+    assert tracker.client.search_registered_models() == []  # nothing half-registered
 
 
 def test_system_metrics_are_sampled_into_the_run(mlflow_uri):
