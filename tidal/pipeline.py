@@ -385,10 +385,13 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     out_dir = workspace(params).cycle_dir(cycle)
     data = dataset_for(params)
     backbone, _ = load_models(params, out_dir / "model.pt", data)
-    logits = predict_logits(backbone, data.pool_images[data.index_of(ids)], resolve_device(params["device"]),
+    positions = data.index_of(ids)
+    logits = predict_logits(backbone, data.pool_images[positions], resolve_device(params["device"]),
                             params["score_batch_size"])
-    rows = [{"id": i, "path": "", "score": scores[i], "rank": r, "suggested_label": int(y)}
-            for r, (i, y) in enumerate(zip(ids, logits.argmax(1).tolist()), start=1)]
+    # The image file each annotator opens; "" where the pool is not image files (e.g. digits).
+    paths = [data.pool_files[p] for p in positions.tolist()] if data.pool_files else [""] * len(ids)
+    rows = [{"id": i, "path": path, "score": scores[i], "rank": r, "suggested_label": int(y)}
+            for r, (i, path, y) in enumerate(zip(ids, paths, logits.argmax(1).tolist()), start=1)]
     files = export_query_files(out_dir, params["experiment"], cycle, query_id(params, cycle), rows, data.classes)
     failpoint("export:after")
     return files["csv"]

@@ -97,6 +97,10 @@ def test_imagefolder_ids_classes_shapes(tmp_path, cache):
     expected = np.array(Image.open(root / "train/dog/0002.png")).transpose(2, 0, 1)
     assert torch.equal(data.pool_images[data.index_of(["train/dog/0002"])][0], torch.from_numpy(expected))
     assert data.test_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    # Each pool sample's file, for the annotators: the id is its path under the root, less the suffix.
+    assert len(data.pool_files) == len(data.pool_ids)
+    for sid, file in zip(data.pool_ids, data.pool_files):
+        assert Path(file).is_absolute() and Path(file) == (root / sid).with_suffix(".png").absolute()
 
 
 def test_imagefolder_grayscale_gives_one_channel(tmp_path, cache):
@@ -172,6 +176,7 @@ def test_imbalance_applies_to_imagefolder_pool_only(tmp_path, cache):
     assert set(data.pool_ids) <= set(balanced.pool_ids)
     lookup = balanced.index_of(data.pool_ids)
     assert torch.equal(balanced.pool_images[lookup], data.pool_images)
+    assert list(data.pool_files) == [balanced.pool_files[i] for i in lookup.tolist()]
 
 
 @pytest.mark.skipif(not CIFAR_JPG.is_file(), reason=f"{CIFAR_JPG} is absent (present on dev and CI machines)")
@@ -221,6 +226,7 @@ def test_manifest_loads_pool_with_unlabeled_and_test_split(manifest_root, cache)
     assert data.pool_images.shape == (4, 3, 8, 8) and data.test_images.shape == (2, 3, 8, 8)
     expected = np.array(Image.open(manifest_root / "img/4.png")).transpose(2, 0, 1)
     assert torch.equal(data.pool_images[3], torch.from_numpy(expected))
+    assert list(data.pool_files) == [str((manifest_root / f"img/{i}.png").absolute()) for i in (0, 1, 2, 4)]
 
 
 def test_manifest_second_load_uses_cache(manifest_root, cache, monkeypatch):
@@ -295,3 +301,29 @@ def test_data_presets_validate_and_keep_data_root_out_of_the_pinned_data_dir(pre
     assert params["train"]["crop_pad"] == 4 and params["train"]["hflip"] is True
     assert not Path(params["data_root"]).is_relative_to("data")  # data/ is pinned by data.dvc
     assert load_params(None, [f"preset={preset}", "budget=7", "subset_size=7"])["budget"] == 7
+
+
+def test_query_export_names_the_image_file_of_each_queried_sample(tmp_path, cache, monkeypatch):
+    """Annotators of an image-folder pool get each queried image's file (query.csv, .jsonl, Label Studio)."""
+    import csv
+    import json
+
+    from tidal import pipeline
+    from tidal.config import load_params
+
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(cache))
+    root = _imagefolder(tmp_path / "folder", per_class={c: 12 for c in CLASSES})
+    params = load_params(None, ["preset=debug", "dataset=imagefolder", f"data_root={root}", f"runs_dir={tmp_path}/runs",
+                                "tracking=false", "initial_size=6", "budget=4", "subset_size=20",
+                                "train.epochs=1", "train.batch_size=4", "train.milestones=[1]"])
+    pipeline.start_experiment(params, pipeline.prepare_data(params)["data_version"])
+    checkpoint = pipeline.train_step(params, 0)["checkpoint"]
+    scores = pipeline.score_step(params, 0, checkpoint)
+    ids = pipeline.select_step(scores, params["budget"])
+    query = Path(pipeline.export_query(params, 0, scores, ids))
+    rows = list(csv.DictReader(query.open()))
+    assert [r["id"] for r in rows] == ids
+    for r in rows:
+        assert Path(r["path"]) == (root / r["id"]).with_suffix(".png").absolute() and Path(r["path"]).is_file()
+    tasks = json.loads((query.parent / "query_labelstudio.json").read_text())
+    assert [t["data"]["image"] for t in tasks] == [r["path"] for r in rows]

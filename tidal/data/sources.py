@@ -85,6 +85,8 @@ class PositionalIds(Sequence[str]):
 class Dataset:
     """A pool to query from and a fixed test split, as uint8 images N×C×H×W.
 
+    `pool_files`: each pool sample's image file (absolute path), for the annotators' query
+    files; empty when the pool is not image files (digits, torchvision sets, npy).
     `mapped`: the memory-mapped arrays behind the tensors (npy source), for `release_pages`.
     """
 
@@ -95,6 +97,7 @@ class Dataset:
     pool_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
+    pool_files: Sequence[str] = field(default=(), repr=False)
     mapped: tuple[np.memmap, ...] = field(default=(), repr=False)
 
     @property
@@ -329,7 +332,8 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
                     cache)["images"]
     n = counts["train"]
     label_t = torch.tensor(labels, dtype=torch.int64)
-    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:])
+    pool_files = [os.path.abspath(f) for f in files[:n]]
+    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:], pool_files)
 
 
 # --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
@@ -418,7 +422,8 @@ def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
     n = sum(r[4] == "train" for r in rows)
     labels = torch.tensor([r[3] for r in rows], dtype=torch.int64)
     ids = [Path(r[1].replace("\\", "/")).with_suffix("").as_posix() for r in rows[:n]]
-    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:])
+    pool_files = [os.path.abspath(f) for f in files[:n]]
+    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:], pool_files)
 
 
 # --- npy: pre-decoded arrays, memory-mapped --------------------------------------------------
@@ -593,5 +598,6 @@ def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1
                             f"'{dataset}' under {src} has unlabeled ones; use imbalance_ratio 1")
         keep = imbalanced_indices(data.pool_labels.numpy(), imbalance_ratio, data.num_classes, seed)
         data = Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep],
-                       data.pool_images[keep], data.pool_labels[keep], data.test_images, data.test_labels)
+                       data.pool_images[keep], data.pool_labels[keep], data.test_images, data.test_labels,
+                       [data.pool_files[i] for i in keep] if data.pool_files else ())
     return data
