@@ -82,6 +82,12 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
         return state
     data = dataset_for(params)
     known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
+    if params["label_mode"] == "oracle" and len(known) < len(data.pool_ids):
+        unlabeled = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y < 0]
+        raise DataError(
+            f"label_mode=oracle reveals the data set's own labels, but {len(unlabeled)} pool sample(s) of "
+            f"'{params['dataset']}' under {params['data_root']} have none (e.g. {unlabeled[:3]}); "
+            f"use label_mode=human (annotators label each query) or give every pool row a label")
     initial = initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
     labels = data.pool_labels[data.index_of(initial)].tolist()
     state = {

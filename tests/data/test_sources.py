@@ -327,3 +327,20 @@ def test_query_export_names_the_image_file_of_each_queried_sample(tmp_path, cach
         assert Path(r["path"]) == (root / r["id"]).with_suffix(".png").absolute() and Path(r["path"]).is_file()
     tasks = json.loads((query.parent / "query_labelstudio.json").read_text())
     assert [t["data"]["image"] for t in tasks] == [r["path"] for r in rows]
+
+
+def test_oracle_mode_refuses_a_pool_with_unlabeled_rows_before_any_state(manifest_root, tmp_path, cache, monkeypatch):
+    """Oracle mode would query an unlabeled row and fail at training; it is refused up front."""
+    from tidal import pipeline
+    from tidal.config import load_params
+
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(cache))
+    overrides = ["preset=debug", "dataset=manifest", f"data_root={manifest_root}", f"runs_dir={tmp_path}/runs",
+                 "tracking=false", "initial_size=2"]
+    oracle = load_params(None, [*overrides, "label_mode=oracle"])
+    version = pipeline.prepare_data(oracle)["data_version"]
+    with pytest.raises(DataError, match=r"1 pool sample\(s\) .* have none \(e.g. \['img/2'\]\); use label_mode=human"):
+        pipeline.start_experiment(oracle, version)
+    assert not (tmp_path / "runs").exists()
+    human = pipeline.start_experiment(load_params(None, [*overrides, "label_mode=human"]), version)
+    assert "img/2" not in human["labeled"] and len(human["labeled"]) == 2
