@@ -62,7 +62,7 @@ def cached(source: str, key: str, build: Callable[[], dict[str, Any]],
     return value
 
 
-def decode_images(paths: list[Path], describe: Callable[[int], str]) -> torch.Tensor:
+def decode_images(paths: list[str] | list[Path], describe: Callable[[int], str]) -> torch.Tensor:
     """Decode image files into one uint8 N×C×H×W tensor (C=1 if every image is grayscale, else 3).
 
     `describe(i)` names file i in errors (e.g. its manifest row). Every image must have the size

@@ -293,6 +293,7 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
     """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name."""
     from tidal.data.cache import cached, data_key, decode_images
 
+    root = Path(os.path.abspath(root))  # so each listed entry's path is absolute already
     train_dir, test_dir = root / "train", root / "test"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
     if not classes:
@@ -301,7 +302,7 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
     if unknown:
         raise DataError(f"{test_dir} has class folder(s) {unknown} that {train_dir} lacks; "
                         f"the classes are the folders of train/: {classes}")
-    files: list[Path] = []
+    files: list[str] = []  # strings, not Paths: this runs over every file at every load
     relpaths: list[str] = []
     stats: list[list] = []
     ids: list[str] = []
@@ -315,7 +316,7 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
             for entry in _image_files(folder / name):
                 relpath = f"{split}/{name}/{entry.name}"
                 st = entry.stat()
-                files.append(Path(entry.path))
+                files.append(entry.path)
                 relpaths.append(relpath)
                 stats.append([relpath, st.st_size, st.st_mtime_ns])
                 ids.append(os.path.splitext(relpath)[0])
@@ -332,8 +333,7 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
                     cache)["images"]
     n = counts["train"]
     label_t = torch.tensor(labels, dtype=torch.int64)
-    pool_files = [os.path.abspath(f) for f in files[:n]]
-    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:], pool_files)
+    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:], files[:n])
 
 
 # --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
