@@ -1,10 +1,17 @@
 """Fixtures shared by the unit, data and model tests."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from tidal.data import materialize
+
+# Decoded-image caches and data-version md5 memos of the tests' temporary data folders go to one
+# temporary folder per run (subprocesses inherit it), not to the checkout's .cache/tidal.
+os.environ.setdefault("TIDAL_CACHE_DIR", tempfile.mkdtemp(prefix="tidal-test-cache-"))
 
 
 @pytest.fixture(autouse=True)
