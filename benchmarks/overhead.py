@@ -6,7 +6,7 @@ the Prefect flow with MLflow tracking, alternating in one process (issue 6, targ
 
 Variants, each a complete experiment (all cycles) from an empty workspace, same seed:
 - `library`: `tidal.bench.run_trial`, the pipeline steps called directly, tracking off;
-- `flow-untracked`: `flows.experiment.experiment`, Prefect tasks and subflows, tracking off;
+- `flow-untracked`: `flows.experiment.experiment`, Prefect task runs, tracking off;
 - `flow`: the same flow with MLflow tracking on (sqlite store under --out), i.e. `tidal run`.
 
 The Prefect temporary server starts on the first flow call of the process; that call is a
@@ -66,6 +66,7 @@ def measure(out: Path, rounds: int, overrides: list[str],
             run: Callable[[str, str, Path, list[str]], float] = run_variant) -> dict[str, Any]:
     runs_dir = out / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
+    load_at_start = os.getloadavg()[0]
     cold = run("flow", "warm-up", runs_dir, overrides)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for r in range(rounds):
@@ -77,6 +78,8 @@ def measure(out: Path, rounds: int, overrides: list[str],
     med = {v: statistics.median(ts) for v, ts in times.items()}
     return {
         "overrides": overrides, "rounds": rounds, "cold_start_s": cold, "seconds": times, "median_s": med,
+        # Other work on the machine shows here (1-minute load average; the benchmark itself adds ~1).
+        "load_avg_1min": {"start": load_at_start, "end": os.getloadavg()[0]}, "cpu_count": os.cpu_count(),
         "prefect_overhead": med["flow-untracked"] / med["library"] - 1,
         "mlflow_overhead": (med["flow"] - med["flow-untracked"]) / med["library"],
         "total_overhead": med["flow"] / med["library"] - 1,
@@ -96,11 +99,13 @@ def write_report(out: Path, result: dict[str, Any], command: str) -> None:
         each = ", ".join(f"{t:.1f}" for t in result["seconds"][v])
         lines.append(f"| {v} | {med[v]:.1f} | {each} | {med[v] / med['library']:.3f}× |")
     lines += [
-        "", f"- Prefect (tasks, subflows, state API calls): {100 * result['prefect_overhead']:+.1f} %",
+        "", f"- Prefect (task runs, state API calls): {100 * result['prefect_overhead']:+.1f} %",
         f"- MLflow tracking on top: {100 * result['mlflow_overhead']:+.1f} %",
         f"- **Total, flow with tracking vs library: {100 * result['total_overhead']:+.1f} %** (target ≤ 15 %)",
         f"- Not in the ratios: the first flow call of a process also started Prefect's temporary "
-        f"server; that call took {result['cold_start_s']:.1f} s in all.", "",
+        f"server; that call took {result['cold_start_s']:.1f} s in all.",
+        f"- Load average (1 min) at start / end: {result['load_avg_1min']['start']:.2f} / "
+        f"{result['load_avg_1min']['end']:.2f} on {result['cpu_count']} cores.", "",
     ]
     (out / "README.md").write_text("\n".join(lines))
 
