@@ -57,3 +57,51 @@ def test_sigkill_then_rerun_matches_uninterrupted(prefect_harness, reference, tm
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert not (ws / ".lock").exists()
     assert _final(tmp_path / "runs") == reference
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command in parentheses
+                found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads child processes from /proc (Linux)")
+def test_sigterm_stops_the_run_and_its_prefect_server(tmp_path):
+    """`kill PID` of `tidal run` (its own temporary Prefect server): the run exits with 143,
+    releases the workspace lock and leaves no server process behind."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(CI="1", PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               TIDAL_FAILPOINT="train:epoch", TIDAL_FAILPOINT_ACTION="term")
+    args = ["run", *sum((["--set", o] for o in _overrides(tmp_path / "runs", tmp_path / "data")), [])]
+    proc = subprocess.Popen([sys.executable, "-m", "tidal.cli", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: set[int] = set()
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        children |= _children(proc.pid)
+        time.sleep(0.2)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert children, "the run started no child process (no temporary Prefect server?)"
+    deadline = time.monotonic() + 30
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [c for c in children if _alive(c)], out[-3000:]
+    assert not (tmp_path / "runs/crash/.lock").exists()
+    assert "Crashed" in out  # Prefect recorded the run as crashed before handing the signal on
