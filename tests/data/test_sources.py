@@ -156,6 +156,25 @@ def test_imagefolder_is_decoded_once_then_read_from_cache(tmp_path, cache, monke
     assert len(list(cache.glob("imagefolder-*.pt"))) == 2
 
 
+def test_loads_in_one_process_share_one_copy_of_the_decoded_pool(tmp_path, cache, monkeypatch):
+    """Every step, and every scoring thread, loads the pool: one decoded copy serves them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = _imagefolder(tmp_path / "folder")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(cache_mod.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
+    first = load_dataset(root, "imagefolder", cache_dir=cache)  # decoded and saved: no read
+    with ThreadPoolExecutor(4) as pool:
+        loads = list(pool.map(lambda _: load_dataset(root, "imagefolder", cache_dir=cache), range(4)))
+    assert reads == []
+    assert {d.pool_images.data_ptr() for d in loads} == {first.pool_images.data_ptr()}
+    cache_mod._memo.clear()  # as a new process: the disk cache is read, once
+    load_dataset(root, "imagefolder", cache_dir=cache)
+    load_dataset(root, "imagefolder", cache_dir=cache)
+    assert len(reads) == 1
+
+
 def test_cache_dir_defaults_to_env_and_stays_out_of_the_dvc_hash(tmp_path, monkeypatch):
     root = _imagefolder(tmp_path / "folder")
     before = dvc_dir_md5(root)
