@@ -255,6 +255,51 @@ def _ddp(dist: DistributedContext, device: torch.device) -> Callable[[nn.Module]
     return wrap
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm over the global batch of a data-parallel run, for CPU (gloo).
+
+    nn.SyncBatchNorm has no CPU kernels (torch 2.14). Two autograd-aware all_reduces per layer:
+    the per-channel sums and count give the global mean, then the sums of squared deviations from
+    it give the global (biased) variance (two passes, as one process computes it, rather than
+    E[x²] − E[x]², which cancels badly when the mean is large). Every rank normalizes with them,
+    as one process does with the whole batch; the running statistics take the unbiased variance,
+    as BatchNorm's do. Evaluation mode is plain BatchNorm. Same parameters and buffers, so
+    checkpoints do not change.
+    """
+
+    group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        sums = all_reduce(torch.cat([x.sum(dim=(0, 2, 3)), x.new_full((1,), x.numel() / c)]), group=self.group)
+        n = sums[-1]
+        mean = sums[:c] / n
+        centered = x - mean[None, :, None, None]
+        var = all_reduce((centered * centered).sum(dim=(0, 2, 3)), group=self.group) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        scale = self.weight / torch.sqrt(var + self.eps)
+        return centered * scale[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def global_batchnorm(module: nn.Module, group: Any = None) -> None:
+    """Make every BatchNorm2d below `module` a GlobalBatchNorm2d, in place (same tensors)."""
+    for sub in module.modules():
+        if type(sub) is nn.BatchNorm2d:
+            if not (sub.affine and sub.track_running_stats and sub.momentum is not None):
+                raise ValueError("GlobalBatchNorm2d supports affine BatchNorm2d with running statistics "
+                                 "and a momentum")
+            sub.__class__ = GlobalBatchNorm2d
+            sub.group = group
+
+
 def _share(mean: torch.Tensor, outputs: torch.Tensor, local: int, total: int) -> torch.Tensor:
     """This rank's part of a global-batch mean: its own mean over `local` terms × local/total.
 
@@ -264,19 +309,6 @@ def _share(mean: torch.Tensor, outputs: torch.Tensor, local: int, total: int) ->
     if local == 0:
         return outputs.sum() * 0.0
     return mean * (local / total)
-
-
-def _average_buffers(module: nn.Module, dist: DistributedContext) -> None:
-    """Average the floating-point buffers (BatchNorm running statistics) over the ranks.
-
-    Per-rank BatchNorm (CPU: no SyncBatchNorm there) leaves each rank with an EMA of its own
-    shards' statistics; the average is the EMA of the global batches' means (exactly, for equal
-    shards) and nearly their variance. With SyncBatchNorm the ranks agree already.
-    """
-    for buf in module.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(dist.world_size)
 
 
 def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -306,14 +338,17 @@ def train_cycle(
     and the task's own metric (e.g. lloss_rank) when it is not td_kl.
     With `dist`, this is one rank of a data-parallel run (an initialized process group): the
     records are the global epoch's, the same on every rank. On CUDA the backbone's BatchNorm
-    layers become SyncBatchNorm (in place: the caller's module keeps the trained layers).
+    layers become SyncBatchNorm (in place: the caller's module keeps the trained layers), on
+    CPU GlobalBatchNorm2d (in place, same tensors).
     """
     task = aux_task(aux, cfg)
     wrap = None
     if dist is not None:
         wrap = _ddp(dist, device)
-        if device.type == "cuda":  # SyncBatchNorm has no CPU kernels (torch 2.14: ValueError)
+        if device.type == "cuda":
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=dist.group)
+        else:  # SyncBatchNorm has no CPU kernels (torch 2.14: ValueError)
+            global_batchnorm(backbone, dist.group)
     backbone.train()
     net = prepare_model(backbone, device, cfg.compile, wrap=wrap)
     opt = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -393,6 +428,4 @@ def train_cycle(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-    if dist is not None:
-        _average_buffers(backbone, dist)
     return history

@@ -18,12 +18,10 @@ and freshly built models as one process, and the one training loop, `tidal.train
 - TD record: each rank updates the samples it trained on; at each epoch's end the ranks combine
   their updates (TDRecorder.combine), so every later target includes every earlier epoch.
 - Epoch metrics (loss, accuracy, td_kl / lloss_rank) are all-reduced: the global history.
-- BatchNorm: SyncBatchNorm on CUDA. On CPU it is unavailable (torch 2.14: "SyncBatchNorm
-  expected input tensor to be on GPU"; its kernels have no CPU version), so each rank normalizes
-  with its own shard's statistics and the running statistics are averaged at the end. Results
-  then differ from one process by more than float rounding: 2 ranks, 2 epochs on 75 digits,
-  small-cnn, measured max |Δ| 7e-3 for the parameters and 3e-2 for the TD record (another data
-  seed: 2e-2 and 0.2); without BatchNorm the difference is float rounding, 3e-8
+- BatchNorm normalizes with the global batch's statistics: SyncBatchNorm on CUDA; on CPU, where
+  SyncBatchNorm has no kernels (torch 2.14), tidal.train.GlobalBatchNorm2d (two all_reduces per
+  layer). 2 ranks then equal one process up to float rounding: 2 epochs on 75 digits, small-cnn
+  with BatchNorm, measured max |Δ| 6e-8 for the parameters, 7.5e-8 for the TD record
   (tests/integration/test_ddp.py).
 - Dropout (small-cnn with dropout > 0) draws per rank, so it differs from one process too.
 

@@ -108,3 +108,48 @@ def test_failure_of_a_diverged_run_is_training_diverged():
     err = _failure(0, 1, out + TORCHRUN_SUMMARY)
     assert isinstance(err, TrainingDiverged)
     assert str(err) == "training loss became nan at epoch 2; lower train.lr"
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A real gloo process group of one rank (its all_reduce is the identity)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_is_batchnorm_on_one_rank(one_rank_group):
+    """Forward, input and parameter gradients and running statistics equal nn.BatchNorm2d's."""
+    from torch import nn
+
+    from tidal.train import GlobalBatchNorm2d, global_batchnorm
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 4, 5, 5, generator=gen) * 3 + 7).requires_grad_()  # a large mean: two-pass variance
+    plain = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        plain.weight.uniform_(0.5, 1.5, generator=gen)
+        plain.bias.uniform_(-1, 1, generator=gen)
+    net = nn.Sequential(nn.Identity(), nn.BatchNorm2d(4))
+    net[1].load_state_dict(plain.state_dict())
+    global_batchnorm(net)
+    assert type(net[1]) is GlobalBatchNorm2d and set(net.state_dict()) == {f"1.{k}" for k in plain.state_dict()}
+    upstream = torch.randn(16, 4, 5, 5, generator=gen)
+    grads = []
+    for module in (plain, net):
+        x.grad = None
+        out = module(x)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), module.state_dict()))
+    (out_a, dx_a, state_a), (out_b, dx_b, state_b) = grads
+    torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx_b, dx_a, atol=1e-5, rtol=1e-5)
+    for key, value in state_a.items():
+        torch.testing.assert_close(state_b[f"1.{key}"], value, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net[1].weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(net[1].bias.grad, plain.bias.grad, atol=1e-4, rtol=1e-5)
+    net.eval()
+    plain.eval()
+    torch.testing.assert_close(net(x), plain(x))  # evaluation: running statistics, plain BatchNorm
