@@ -248,8 +248,8 @@ def _ddp(dist: DistributedContext, device: torch.device) -> Callable[[nn.Module]
         ids = None
         if device.type == "cuda":
             ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        # forward_sync_buffers=False: rank 0's BatchNorm statistics are not pushed to the other ranks
-        # at every forward; each rank keeps its own and `_average_buffers` merges them at the end.
+        # forward_sync_buffers=False: no broadcast of rank 0's buffers at every forward; the
+        # global BatchNorm layers (SyncBatchNorm, GlobalBatchNorm2d) keep them equal already.
         return DistributedDataParallel(module, device_ids=ids, process_group=dist.group,
                                        forward_sync_buffers=False)
     return wrap
