@@ -69,6 +69,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def score_candidates(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
+    """scores.csv of the cycle: `scoring.shards` shards one after another here, then merged (the
+    same file the flow's parallel shards write), or one pass."""
+    n = params["scoring"]["shards"]
+    if n == 1:
+        return pipeline.score_step(params, cycle, checkpoint)
+    parts = [pipeline.score_shard_step(params, cycle, checkpoint, s, n)["path"] for s in range(n)]
+    return pipeline.merge_scores_step(params, cycle, parts)
+
+
 def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None = None) -> dict[str, Any]:
     """One experiment (all its cycles) through the pipeline steps; returns and writes its record."""
     params = load_params(None, ["tracking=false", *overrides])
@@ -97,7 +107,7 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
         t1 = time.perf_counter()
         acc = pipeline.evaluate_step(params, cycle, trained["checkpoint"])
         t2 = time.perf_counter()
-        scores = pipeline.score_step(params, cycle, trained["checkpoint"])
+        scores = score_candidates(params, cycle, trained["checkpoint"])
         _sync(device)
         t3 = time.perf_counter()
         ids = pipeline.select_step(scores, params["budget"])

@@ -57,3 +57,17 @@ def test_grid_runs_missing_cells_in_subprocesses(tmp_path: Path, data_root: Path
     assert sorted(results) == ["entropy-s1: done", "random-s1: done"]
     assert {p.name for p in (out / "cells").glob("*.json")} == {"random-s1.json", "entropy-s1.json"}
     assert len((out / "cycles.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
+def test_trial_with_scoring_shards_selects_what_one_pass_selects(tmp_path: Path, data_root: Path):
+    common = ["preset=debug", f"data_root={data_root}", "experiment=b", "strategy=entropy", "train.epochs=1"]
+    for shards in (1, 3):
+        bench.run_trial([*common, f"runs_dir={tmp_path}/runs{shards}", f"scoring.shards={shards}"],
+                        tmp_path / f"out{shards}")
+    for cycle in (0, 1):
+        one, sharded = (tmp_path / f"runs{n}/b/cycles/{cycle}" for n in (1, 3))
+        assert (sharded / "scores.csv").read_bytes() == (one / "scores.csv").read_bytes()
+        assert (sharded / "query.csv").read_bytes() == (one / "query.csv").read_bytes()
+        assert sorted(p.name for p in (sharded / "shards").iterdir()) == [
+            f"{s:04d}-of-0003.json" for s in range(3)]  # scored in shards, then merged
+        assert not (one / "shards").exists()
