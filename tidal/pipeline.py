@@ -23,7 +23,7 @@ from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
 from tidal.models import LossPredictor, TDPredictor, build_backbone
-from tidal.scoring import check_shardable, merge_top_k, score_shard, select_candidates, shard_range
+from tidal.scoring import merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
 from tidal.train import DistributedContext, TrainConfig, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
@@ -323,7 +323,6 @@ def score_shard_step(params: dict[str, Any], cycle: int, checkpoint: str, shard:
         saved = read_json(out)
         return {"path": str(out), "start": saved["start"], "stop": saved["stop"], "seconds": 0.0, "resumed": True}
     strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
-    check_shardable(strategy, n_shards)
     state = workspace(params).load_state()
     data = dataset_for(params)
     taken = data.index_of(list(_taken_ids(params, state, data))).numpy()

@@ -6,7 +6,8 @@ memory holds one batch plus k scores, whatever the number of candidates. Set str
 logits and penultimate features (N×(C + D), never the images) are gathered batch by batch and
 the strategy then chooses k from them.
 
-A huge pool is scored in shards (pointwise strategies only): `shard_range` cuts the candidate
+A huge pool is scored in shards (pointwise strategies only; set strategies are refused when the
+params are read, tidal.config.validate, and by `top_k_uncertain`): `shard_range` cuts the candidate
 list into runs of whole batches, `score_shard` keeps one run's top-k reading its images a batch
 at a time, and `merge_top_k` merges the shards' lists into exactly the unsharded result.
 """
@@ -29,6 +30,11 @@ def _check_td(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
         raise ValueError(f"strategy '{strategy.name}' needs the TD module, but none was trained")
     if strategy.uses_loss_module and aux_module is None:
         raise ValueError(f"strategy '{strategy.name}' needs the loss prediction module, but none was trained")
+
+
+def _check_pointwise(strategy: QueryStrategy) -> None:
+    if isinstance(strategy, SetStrategy):
+        raise TypeError(f"strategy '{strategy.name}' chooses a set jointly; use select_candidates")
 
 
 class Rows:
@@ -68,8 +74,7 @@ def top_k_uncertain(
     `aux_module` is the TD module (TiDAL strategies) or the loss predictor (lloss), else None.
     `images_u8` is read one batch slice at a time, so it may be a lazy `Rows`.
     """
-    if isinstance(strategy, SetStrategy):
-        raise TypeError(f"strategy '{strategy.name}' chooses a set jointly; use select_candidates")
+    _check_pointwise(strategy)
     _check_td(strategy, aux_module)
     head = getattr(backbone, "head", None) if strategy.uses_head else None
     if strategy.uses_head and head is None:
@@ -156,16 +161,6 @@ def select_candidates(
 
 # --- shards -------------------------------------------------------------------------------------
 
-def check_shardable(strategy: QueryStrategy, shards: int) -> None:
-    """Set strategies choose their k jointly, so per-shard top-k lists cannot make their choice."""
-    if shards > 1 and isinstance(strategy, SetStrategy):
-        raise ValueError(
-            f"strategy '{strategy.name}' chooses its candidates jointly (a set strategy), so it cannot be "
-            f"scored in shards (scoring.shards={shards}): a shard's best k say nothing about the set it "
-            f"would pick. Use scoring.shards=1 (it reads the candidates batch by batch and keeps only their "
-            f"logits and features), or subset_size to bound the candidates")
-
-
 def shard_range(n_candidates: int, shard: int, n_shards: int, batch_size: int) -> tuple[int, int]:
     """Candidates [start, stop) of one shard: an equal share of whole scoring batches.
 
@@ -199,6 +194,7 @@ def score_shard(
     candidate numbers count from the start of the whole candidate list (start + i), the order
     `merge_top_k` breaks ties by. Images are gathered a batch at a time (`Rows`).
     """
+    _check_pointwise(strategy)
     strategy.skip(start)  # random, bald: the random draws the candidates before this shard took
     pos, scores = top_k_uncertain(backbone, aux_module, Rows(images_u8, positions, release), strategy, k,
                                   device, batch_size)

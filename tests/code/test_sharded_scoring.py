@@ -10,7 +10,7 @@ from torch import nn
 
 from tidal import pipeline
 from tidal.config import ConfigError, load_params
-from tidal.scoring import check_shardable, merge_top_k, score_shard, shard_range, top_k_uncertain
+from tidal.scoring import merge_top_k, score_shard, shard_range, top_k_uncertain
 from tidal.strategies import STRATEGIES, SetStrategy, build_strategy
 from tidal.strategies.base import discard_uniform
 
@@ -132,17 +132,13 @@ def test_discard_uniform_moves_the_generator_as_far_as_rand():
 
 @pytest.mark.parametrize("name", sorted(n for n, cls in STRATEGIES.items() if issubclass(cls, SetStrategy)))
 def test_set_strategies_refuse_shards(name, tmp_path):
-    strategy = build_strategy(name)
-    check_shardable(strategy, 1)  # one shard is today's path: fine
-    with pytest.raises(ValueError, match=rf"strategy '{name}' chooses its candidates jointly.*scoring.shards=2"):
-        check_shardable(strategy, 2)
     # Refused when the params are read, before anything runs ...
     with pytest.raises(ConfigError, match=rf"'scoring.shards' must be 1 with strategy '{name}'.*jointly"):
         load_params(None, [f"strategy={name}", "scoring.shards=2", f"runs_dir={tmp_path}"])
-    # ... and by the shard step itself, whatever called it.
-    params = load_params(None, [f"strategy={name}", f"runs_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="jointly"):
-        pipeline.score_shard_step(params, 0, "unused.pt", 0, 2)
+    # ... and by the library's shard scorer, whatever called it.
+    with pytest.raises(TypeError, match="chooses a set jointly"):
+        score_shard(nn.Linear(1, 1), None, torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.arange(4), 0,
+                    build_strategy(name), 2, torch.device("cpu"))
 
 
 def test_pointwise_strategies_accept_shards():
