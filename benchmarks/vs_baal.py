@@ -49,7 +49,6 @@ if str(REPO) not in sys.path:
 
 from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
-from tidal.data.pool import initial_labeled_ids  # noqa: E402
 from tidal.data.sources import Dataset  # noqa: E402
 from tidal.device import set_deterministic  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
@@ -81,12 +80,6 @@ def experiment_params(seed: int, overrides: list[str]) -> dict[str, Any]:
     """The params both sides run with: exactly what run_trial loads for the same overrides."""
     return load_params(None, ["tracking=false", "strategy=entropy", "device=cpu", f"seed={seed}",
                               f"data_root={REPO / 'data'}", *overrides])
-
-
-def initial_ids(params: dict[str, Any], data: Dataset) -> list[str]:
-    """The seeded initial labeled ids, drawn as `pipeline.start_experiment` draws them."""
-    known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
-    return initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
 
 
 # --- ours ----------------------------------------------------------------------------------------
@@ -211,7 +204,7 @@ def run_baal(params: dict[str, Any], workers: int = 0) -> dict[str, Any]:
     train_tf, test_tf = baal_transforms(params, data)
     pool = TensorImages(data.pool_images, data.pool_labels, train_tf)
     test = TensorImages(data.test_images, data.test_labels, test_tf)
-    start_ids = initial_ids(params, data)
+    start_ids = pipeline.initial_labeled(params, data)
     labelled = np.zeros(len(pool), dtype=bool)
     labelled[data.index_of(start_ids).numpy()] = True
     # pool_specifics: the pool (what is scored) is read without augmentation, as baal's docs say.
@@ -276,7 +269,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
     cfg = params["train"]
     n = params["initial_size"] + (params["cycles"] - 1) * params["budget"]
     data = pipeline.dataset_for(params)
-    ids = initial_ids({**params, "initial_size": n}, data)
+    ids = pipeline.initial_labeled({**params, "initial_size": n}, data)
     pos = data.index_of(ids)
     images, labels = data.pool_images[pos], data.pool_labels[pos]
     train_tf, test_tf = baal_transforms(params, data)

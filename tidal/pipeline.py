@@ -81,14 +81,14 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
         _check_resumable(state, params, pool_version, ws)
         return state
     data = dataset_for(params)
-    known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
-    if params["label_mode"] == "oracle" and len(known) < len(data.pool_ids):
-        unlabeled = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y < 0]
+    unlabeled = (data.pool_labels < 0).nonzero().flatten().tolist()
+    if params["label_mode"] == "oracle" and unlabeled:
         raise DataError(
             f"label_mode=oracle reveals the data set's own labels, but {len(unlabeled)} pool sample(s) of "
-            f"'{params['dataset']}' under {params['data_root']} have none (e.g. {unlabeled[:3]}); "
+            f"'{params['dataset']}' under {params['data_root']} have none (e.g. "
+            f"{[data.pool_ids[i] for i in unlabeled[:3]]}); "
             f"use label_mode=human (annotators label each query) or give every pool row a label")
-    initial = initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
+    initial = initial_labeled(params, data)
     labels = data.pool_labels[data.index_of(initial)].tolist()
     state = {
         "experiment": params["experiment"],
@@ -114,6 +114,12 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
     ws.save_state(state)
     _write_curve(ws, state)
     return state
+
+
+def initial_labeled(params: dict[str, Any], data: Dataset) -> list[str]:
+    """The seeded initial labeled ids, drawn from the pool samples whose label the source knows."""
+    known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
+    return initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
 
 
 def _check_resumable(state: dict, params: dict, pool_version: str, ws: Workspace) -> None:

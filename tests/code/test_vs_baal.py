@@ -50,10 +50,10 @@ def test_ours_starts_from_the_ids_baal_is_given_and_scores_subset_size(tmp_path:
     overrides = [f"data_root={data_root}", *TINY]
     params = vs_baal.experiment_params(3, overrides)
     result = vs_baal.run_ours(params, overrides, tmp_path, "ours-t")
-    expected = vs_baal.initial_ids(params, pipeline.dataset_for(params))
+    expected = pipeline.initial_labeled(params, pipeline.dataset_for(params))
     assert len(expected) == params["initial_size"] == 100
     assert result["initial_ids"] == expected
-    assert expected != vs_baal.initial_ids(vs_baal.experiment_params(4, overrides), pipeline.dataset_for(params))
+    assert expected != pipeline.initial_labeled(vs_baal.experiment_params(4, overrides), pipeline.dataset_for(params))
     [cycle] = result["cycles"]
     assert cycle["n_labeled"] == 100 and cycle["n_candidates"] == params["subset_size"] == 500
     assert cycle["other_s"] >= 0 and cycle["cycle_s"] >= cycle["train_s"] + cycle["eval_s"] + cycle["score_s"]
