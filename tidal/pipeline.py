@@ -174,6 +174,12 @@ def _build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.n
     return backbone, aux
 
 
+def model_spec(params: dict[str, Any], data: Dataset) -> dict[str, Any]:
+    """What rebuilds the backbone from a checkpoint without the data set (kept in the checkpoint)."""
+    return {"backbone": params["backbone"], "dropout": params["dropout"], "num_classes": data.num_classes,
+            "in_shape": list(data.pool_images.shape[1:])}
+
+
 # Checkpoint key of each auxiliary module kind (a checkpoint holds both keys, None when unused).
 _AUX_KEYS = ((LossPredictor, "lloss_module"), (torch.nn.Module, "td_module"))
 
@@ -238,7 +244,8 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
                           seed, on_epoch=epoch_done, desc=f"cycle {cycle} train", dist=distributed)
     if distributed is not None and distributed.rank != 0:
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}  # rank 0 writes
-    saved = {"backbone": backbone.state_dict(), **{key: None for _, key in _AUX_KEYS}}
+    saved = {"backbone": backbone.state_dict(), **{key: None for _, key in _AUX_KEYS},
+             "spec": model_spec(params, data)}
     if aux is not None:
         saved[_aux_key(aux)] = aux.state_dict()
     out_dir.mkdir(parents=True, exist_ok=True)

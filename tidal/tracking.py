@@ -278,15 +278,17 @@ def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:
     return MlflowTracker() if enabled else NullTracker()
 
 
-def model_spec(params: dict, data: Any) -> dict[str, Any]:
-    """What rebuilds the cycle's classifier from its checkpoint without the data set."""
-    return {"backbone": params["backbone"], "dropout": params["dropout"], "num_classes": data.num_classes,
-            "in_shape": list(data.pool_images.shape[1:])}
-
-
 def log_cycle_checkpoint(tracker: MlflowTracker | NullTracker, run_id: str, params: dict,
                          checkpoint: str | Path) -> None:
-    """The cycle's weights and model spec on its run; `register` makes the MLflow model."""
-    from tidal.pipeline import dataset_for
+    """The cycle's weights and model spec on its run; `register` makes the MLflow model.
 
-    tracker.log_checkpoint(run_id, checkpoint, model_spec(params, dataset_for(params)))
+    The spec comes from the checkpoint, so logging does not load the data set each cycle.
+    """
+    import torch
+
+    spec = torch.load(checkpoint, map_location="cpu", weights_only=True).get("spec")
+    if spec is None:  # a checkpoint trained before the spec was kept in it (a resumed workspace)
+        from tidal.pipeline import dataset_for, model_spec
+
+        spec = model_spec(params, dataset_for(params))
+    tracker.log_checkpoint(run_id, checkpoint, spec)
