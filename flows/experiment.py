@@ -197,7 +197,7 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
 
     Plain tasks in the calling flow, named `<step>-cycle-<k>`, not a subflow per cycle: a flow
     run costs Prefect ~1.4 s here (creation, state calls, joining its heartbeat thread), a
-    task run ~30 ms (benchmarks/overhead.py)."""
+    task run ~30 ms (the profile in benchmarks/README.md, overhead section)."""
     logger = get_run_logger()
     verify_data_version(params)
     run_id = start_cycle_run(params, cycle, parent_run_id, flow_run.get_id() or "")

@@ -90,8 +90,9 @@ class MlflowTracker:
         """The cycle's checkpoint as an artifact, and the spec that rebuilds its classifier.
 
         A file copy: logging every cycle's MLflow model (torch.export) cost ~1 s a cycle, 15 % of
-        the default experiment (benchmarks/overhead.py). `register_cycle_model` logs the MLflow
-        model of the one cycle that is registered, from this checkpoint.
+        the default experiment (the profile in benchmarks/README.md, overhead section).
+        `register_cycle_model` logs the MLflow model of the one cycle that is registered, from
+        this checkpoint.
         """
         self.client.log_artifact(run_id, str(checkpoint), artifact_path=CHECKPOINT_DIR)
         self.client.set_tag(run_id, MODEL_SPEC_TAG, json.dumps(spec))
