@@ -130,13 +130,34 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _root_cause(output: str) -> str:
+    """The entry of torchrun's failure summary that names the rank to blame.
+
+    torchrun's "Root Cause" is the first failure it observed. When a rank is killed (SIGKILL,
+    a crash signal), its peers fail at their next collective and one of them may be observed
+    first; so a rank ended by a signal other than SIGTERM (which torchrun itself sends to the
+    survivors) is the root cause, wherever the summary lists it.
+    """
+    if "Failures:" not in output:
+        return output
+    summary = output[output.rfind("Failures:"):]
+    entries = [re.split(r"^(?:-{20,}|={20,})\s*$", part, flags=re.MULTILINE)[0]
+               for part in re.split(r"^\[\d+\]:\s*$", summary, flags=re.MULTILINE)[1:]]
+    if not entries:
+        return output
+    for entry in entries:
+        code = re.search(r"exitcode\s*:\s*(-?\d+)", entry)
+        if code and int(code.group(1)) < 0 and int(code.group(1)) != -signal.SIGTERM:
+            return entry
+    return entries[-1]  # the "Root Cause (first observed failure)" section comes last
+
+
 def _failure(cycle: int, code: int, output: str) -> Exception:
     """The error for a failed run, from torchrun's summary ("Root Cause": rank, exitcode)."""
     diverged = re.search(r"TrainingDiverged: (.+)", output)
     if diverged:
         return TrainingDiverged(diverged.group(1).strip())
-    root = output[output.find("Root Cause"):] if "Root Cause" in output else output
-    root = root.split("=" * 20)[0]  # the root cause's entry ends at the summary's closing rule
+    root = _root_cause(output)
     rank = re.search(r"rank\s*:\s*(\d+)", root)
     exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", root)
     who = f"rank {rank.group(1)}" if rank else "a rank"

@@ -103,6 +103,44 @@ def test_failure_names_the_root_cause_rank_and_exit_code():
     assert "Signal 9 (SIGKILL) received" in msg  # the output's tail follows
 
 
+# torchrun's summary when a peer's failed collective was observed before the SIGKILLed rank (seen
+# in `make test`: GlobalBatchNorm's forward all_reduce fails at once on the surviving rank).
+PEER_OBSERVED_FIRST = """\
+============================================================
+tidal.train_ddp FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-26_04:22:28
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 21998)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 21998
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-26_04:22:28
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : 1 (pid: 21997)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"""
+
+
+def test_a_killed_rank_is_blamed_even_when_a_peer_failed_first():
+    msg = str(_failure(0, 1, PEER_OBSERVED_FIRST))
+    assert msg.startswith("distributed training of cycle 0 failed: rank 1 failed with exit code -9 (SIGKILL) ")
+
+
+def test_without_a_killed_rank_torchruns_root_cause_stands():
+    timed_out = PEER_OBSERVED_FIRST.replace("-9 (pid: 21998)  (SIGKILL)", "-15 (pid: 21998)  (SIGTERM)")
+    assert str(_failure(0, 1, timed_out)).startswith("distributed training of cycle 0 failed: rank 0 failed with "
+                                                     "exit code 1 ")
+
+
 def test_failure_of_a_diverged_run_is_training_diverged():
     out = "[rank0]: tidal.train.TrainingDiverged: training loss became nan at epoch 2; lower train.lr\n"
     err = _failure(0, 1, out + TORCHRUN_SUMMARY)
