@@ -1,7 +1,7 @@
 """Speed micro-benchmarks (CPU by default): each prints a markdown table and writes
 `benchmarks/results/speed/<name>.json`.
 
-    python benchmarks/speed.py                      # all four, small sizes (a few minutes on 2 cores)
+    python benchmarks/speed.py                      # all five, small sizes (a few minutes on 2 cores)
     python benchmarks/speed.py --only td_overhead --reps 5 --td-n 2000
     python benchmarks/speed.py --only scoring_memory --mem-sizes 10000,100000,1000000,3000000
 
@@ -15,6 +15,8 @@
   same pool and batch size under inference_mode. Target: ≥ 0.9×.
 - scoring_memory: peak memory of top_k_uncertain above its input, pools of 10k … 1M 1×8×8
   uint8 images, one subprocess per size. Target: flat.
+- backbones: training (with the TD module) and inference images/s of cifar-cnn against
+  small-cnn on the same CIFAR-10 images. Target: training ≥ 2×.
 
 The two sides of every comparison run alternately (a b, b a, a b, …) in one process, so a
 change of machine load hits both; the ratio is the result, absolute numbers depend on load.
@@ -357,8 +359,56 @@ def scoring_memory(args) -> dict:
     return {"table": table, "results": raw, "target": "peak above input flat in N"}
 
 
+# --- 5. the CPU backbones: cifar-cnn against small-cnn -------------------------------------
+
+def backbones(args) -> dict:
+    """Training and scoring images/s of cifar-cnn against small-cnn, the same train_cycle
+    (TD module included, as tidal-entropy trains), images, batch and epochs, alternated."""
+    from tidal.evaluate import predict_logits
+    from tidal.models import build_backbone
+
+    device = torch.device("cpu")
+    x, y, source = cifar_images(args.train_n, Path(args.tarball))
+    cfg = cfg_for(args.train_epochs, 128, 4, True)
+
+    def train_side(name: str) -> Callable[[], float]:
+        def run() -> float:
+            torch.manual_seed(0)
+            model = build_backbone(name, 3, 10)
+            t0 = time.perf_counter()
+            train_cycle(model, TDPredictor(model.stage_channels, 10), x, y, cfg, device, seed=0)
+            return len(x) * cfg.epochs / (time.perf_counter() - t0)
+        return run
+
+    def score_side(name: str) -> Callable[[], float]:
+        model = build_backbone(name, 3, 10)
+
+        def run() -> float:
+            t0 = time.perf_counter()
+            predict_logits(model, x, device, batch_size=args.score_batch_size)
+            return len(x) / (time.perf_counter() - t0)
+        return run
+
+    names = ["small-cnn", "cifar-cnn"]
+    train = alternate({n: train_side(n) for n in names}, args.reps)
+    score = alternate({n: score_side(n) for n in names}, max(args.reps, 3))
+    tmed = {k: statistics.median(v) for k, v in train.items()}
+    smed = {k: statistics.median(v) for k, v in score.items()}
+    params = {n: sum(p.numel() for p in build_backbone(n, 3, 10).parameters()) for n in names}
+    rows = [[n, f"{params[n] / 1e3:.0f}k", f"{tmed[n]:.0f}", f"{tmed[n] / tmed['small-cnn']:.2f}×",
+             f"{smed[n]:.0f}", f"{smed[n] / smed['small-cnn']:.2f}×"] for n in names]
+    table = md_table(["backbone", "parameters", "train img/s (with TD module)", "vs small-cnn (target ≥ 2×)",
+                      "inference img/s", "vs small-cnn"], rows)
+    table += (f"\nImages: {source}. Batch 128, {cfg.epochs} epoch(s) per run, crop 32 pad 4 + flip, SGD, "
+              f"{torch.get_num_threads()} threads; {args.reps} runs per side alternated, medians.\n")
+    return {"table": table, "source": source, "results": {"train_img_s": train, "score_img_s": score},
+            "median": {"train": tmed, "score": smed}, "ratio_train": tmed["cifar-cnn"] / tmed["small-cnn"],
+            "ratio_score": smed["cifar-cnn"] / smed["small-cnn"], "target": "ratio_train >= 2"}
+
+
 BENCHMARKS = {"td_overhead": td_overhead, "trainer_throughput": trainer_throughput,
-              "scoring_throughput": scoring_throughput, "scoring_memory": scoring_memory}
+              "scoring_throughput": scoring_throughput, "scoring_memory": scoring_memory,
+              "backbones": backbones}
 
 
 def main(argv: list[str] | None = None) -> None:

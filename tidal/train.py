@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -50,10 +50,61 @@ class TrainConfig:
     lloss_weight: float = 1.0  # λ of Learning Loss's ranking loss
     lloss_detach_epoch: int = 120  # Learning Loss: features detached for epochs after this one
     compile: str | bool = False  # CUDA only: false, "default" or "reduce-overhead"
+    min_steps: int = 0  # a cycle takes at least this many optimizer steps (epochs are raised to reach it)
+    schedule: str = "multistep"  # "multistep" (×0.1 at each milestone) or "onecycle"
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainConfig":
         return cls(**train)
+
+    def for_labeled(self, num_samples: int) -> "TrainConfig":
+        """This config for a labeled set of `num_samples`: epochs raised to give at least
+        `min_steps` optimizer steps, and every epoch-counted setting (the milestones, Learning
+        Loss's detach epoch) scaled by the same factor, so the schedule keeps its shape.
+
+        A fixed epoch count gives a few dozen steps at 100 labels and thousands at 10,000; with
+        `min_steps` a small labeled set is trained as long, in steps, as the recipe needs.
+        """
+        epochs = max(self.epochs, math.ceil(self.min_steps / steps_per_epoch(num_samples, self.batch_size)))
+        if epochs == self.epochs:
+            return self
+        scale = epochs / self.epochs
+        return replace(self, epochs=epochs, milestones=[round(m * scale) for m in self.milestones],
+                       lloss_detach_epoch=round(self.lloss_detach_epoch * scale))
+
+
+SCHEDULES = ("multistep", "onecycle")
+ONECYCLE_WARMUP = 0.25  # fraction of the steps spent rising linearly to lr; then linear to 0
+ONECYCLE_START = 0.1  # the warm-up starts at this fraction of lr
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch (a tail batch of one sample is skipped, see `_batches`)."""
+    full, tail = divmod(num_samples, batch_size)
+    return max(1, full + (1 if tail > 1 or (tail == 1 and full == 0) else 0))
+
+
+def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning rate at optimizer step s (0-based) is lr × lr_factor(cfg, spe)(s).
+
+    multistep: ×0.1 from each milestone epoch on (the same values as MultiStepLR stepped per
+    epoch). onecycle: a linear rise from ONECYCLE_START·lr to lr over the first ONECYCLE_WARMUP
+    of all steps, then a linear fall to 0 at the last step (airbench's and the fast CIFAR
+    trainers' shape: most of the steps at a high rate, annealed to 0 at the end).
+    """
+    if cfg.schedule == "multistep":
+        bounds = [m * steps_per_epoch for m in cfg.milestones]
+        return lambda s: 0.1 ** sum(s >= b for b in bounds)
+    if cfg.schedule == "onecycle":
+        total = cfg.epochs * steps_per_epoch
+        peak = max(1, round(ONECYCLE_WARMUP * total))
+
+        def onecycle(s: int) -> float:
+            if s < peak:
+                return ONECYCLE_START + (1 - ONECYCLE_START) * s / peak
+            return max(0.0, (total - s) / max(1, total - peak))
+        return onecycle
+    raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -334,13 +385,15 @@ def train_cycle(
     """Train backbone (and the auxiliary module, when given) from scratch on one labeled set.
 
     `aux` is a TD module (TiDAL), a `LossPredictor` (Learning Loss) or an `AuxTask`.
-    Returns one record per epoch: epoch, loss, accuracy, td_kl (0 without a TD module), lr,
-    and the task's own metric (e.g. lloss_rank) when it is not td_kl.
+    The cycle runs `cfg.for_labeled(len(labels))`: at least `cfg.min_steps` optimizer steps.
+    Returns one record per epoch: epoch, loss, accuracy, td_kl (0 without a TD module), lr (the
+    rate of the epoch's last step), and the task's own metric (e.g. lloss_rank) when it is not td_kl.
     With `dist`, this is one rank of a data-parallel run (an initialized process group): the
     records are the global epoch's, the same on every rank. On CUDA the backbone's BatchNorm
     layers become SyncBatchNorm (in place: the caller's module keeps the trained layers), on
     CPU GlobalBatchNorm2d (in place, same tensors).
     """
+    cfg = cfg.for_labeled(len(labels))  # at least cfg.min_steps steps; the schedule scaled to match
     task = aux_task(aux, cfg)
     wrap = None
     if dist is not None:
@@ -351,14 +404,15 @@ def train_cycle(
             global_batchnorm(backbone, dist.group)
     backbone.train()
     net = prepare_model(backbone, device, cfg.compile, wrap=wrap)
+    factor = lr_factor(cfg, steps_per_epoch(len(labels), cfg.batch_size))  # per optimizer step
     opt = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=cfg.milestones, gamma=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     if task is not None:
         task.module.to(device).train()
         # The module has its own optimizer with the backbone's hyperparameters (as in the papers).
         aux_opt = torch.optim.SGD(task.module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay)
-        aux_sched = torch.optim.lr_scheduler.MultiStepLR(aux_opt, milestones=cfg.milestones, gamma=0.1)
+        aux_sched = torch.optim.lr_scheduler.LambdaLR(aux_opt, factor)
         task.start(len(labels), device)
         if dist is not None:
             task.net = wrap(task.module)
@@ -406,22 +460,22 @@ def train_cycle(
                 (loss * dist.world_size).backward()
             else:
                 loss.backward()
+            lr = opt.param_groups[0]["lr"]  # this step's rate (the epoch's record keeps the last)
             opt.step()
+            sched.step()
             if task is not None:
                 aux_opt.step()
+                aux_sched.step()
             seen += n
             sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), aux_loss.detach() * n])
         if dist is not None:
             dist.all_reduce(sums)  # each rank summed its parts: the global epoch's sums
             if task is not None:
                 task.end_epoch(dist)
-        sched.step()
-        if task is not None:
-            aux_sched.step()
         loss_sum, correct, aux_sum = sums.tolist()
         metric = task.metric if task is not None else "td_kl"
         record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen, "td_kl": 0.0,
-                  metric: aux_sum / seen, "lr": opt.param_groups[0]["lr"]}
+                  metric: aux_sum / seen, "lr": lr}
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"training loss became {record['loss']} at epoch {epoch}; "
                                    f"lower train.lr (now {cfg.lr}) or check the labels")

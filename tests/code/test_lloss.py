@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tidal import pipeline
-from tidal.config import ConfigError, load_params
+from tidal.config import PRESETS, ConfigError, load_params
 from tidal.data import materialize
 from tidal.models import LossPredictor, build_backbone, loss_ranking_loss
 from tidal.scoring import top_k_uncertain
@@ -151,7 +151,7 @@ def test_lloss_checkpoint_round_trip(tmp_path):
 def test_lloss_and_compile_keys():
     params = load_params(None, [])
     train = params["train"]
-    assert (train["lloss_weight"], train["lloss_detach_epoch"], train["compile"]) == (1.0, 120, False)
+    assert (train["lloss_weight"], train["lloss_detach_epoch"], train["compile"]) == (1.0, 24, False)
     assert load_params(None, ["train.compile=reduce-overhead"])["train"]["compile"] == "reduce-overhead"
     for bad in ("train.compile=true", "train.compile=fast", "train.lloss_weight=-1",
                 "train.lloss_detach_epoch=-1", "train.lloss_detach_epoch=1.5"):
@@ -159,6 +159,19 @@ def test_lloss_and_compile_keys():
             load_params(None, [bad])
     with pytest.raises(ConfigError, match="train.compile.*CUDA"):
         load_params(None, ["device=cpu", "train.compile=default"])
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_every_preset_detaches_lloss_at_the_papers_ratio(preset):
+    # The paper detaches the loss module after 120 of 200 epochs: the last 40 % of training.
+    train = load_params(None, [f"preset={preset}"] if preset else [])["train"]
+    assert train["lloss_detach_epoch"] == round(0.6 * train["epochs"]), preset
+
+
+def test_min_steps_scales_the_lloss_detach_epoch_with_the_epochs():
+    train = load_params(None, ["preset=cpu-cifar10-500"])["train"]
+    cfg = TrainConfig.from_params(train).for_labeled(500)  # 8 steps an epoch: 100 epochs for 800 steps
+    assert cfg.epochs == 100 and cfg.lloss_detach_epoch == 60
 
 
 # --- the GPU path's helpers, on CPU: the no-op path -----------------------------------------

@@ -12,7 +12,7 @@ from tidal.config import load_params
 from tidal.data import load_dataset
 from tidal.evaluate import accuracy
 from tidal.models import TDPredictor, build_backbone
-from tidal.train import TrainConfig, TrainingDiverged, train_cycle
+from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, _batches, lr_factor, steps_per_epoch, train_cycle
 from tidal.workspace import read_csv, read_json
 
 CPU = torch.device("cpu")
@@ -103,6 +103,72 @@ def test_nan_loss_raises_training_diverged_naming_the_epoch(digits, monkeypatch)
         train_cycle(backbone, td, digits.pool_images[:n], digits.pool_labels[:n],
                     _cfg(epochs=5, batch_size=batch_size), CPU, seed=0, on_epoch=seen.append)
     assert [r["epoch"] for r in seen] == [1, 2]  # the diverged epoch is never reported as done
+
+
+# --- a training budget that fits the labeled set ---------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 65, 100])
+def test_steps_per_epoch_counts_the_batches_trained(n):
+    perm = torch.arange(n)
+    assert steps_per_epoch(n, 32) == len(_batches(perm, 32))
+
+
+def test_min_steps_raises_epochs_and_scales_the_schedule():
+    cfg = _cfg(epochs=10, batch_size=32, milestones=[5, 8], lloss_detach_epoch=6, min_steps=200)
+    planned = cfg.for_labeled(64)  # 2 steps an epoch: 100 epochs give the 200 steps
+    assert planned.epochs == 100
+    assert planned.milestones == [50, 80] and planned.lloss_detach_epoch == 60  # ×10, same shape
+    assert planned.epochs * steps_per_epoch(64, 32) >= 200
+    big = cfg.for_labeled(6400)  # 200 steps an epoch: the epochs already give more than min_steps
+    assert big is cfg
+    assert _cfg(epochs=10, min_steps=0).for_labeled(64).epochs == 10
+
+
+def test_min_steps_trains_that_many_steps(digits, monkeypatch):
+    steps = []
+    real_step = torch.optim.SGD.step
+
+    def counting_step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", counting_step)
+    backbone, _ = _models(with_td=False)
+    history = train_cycle(backbone, None, digits.pool_images[:40], digits.pool_labels[:40],
+                          _cfg(epochs=2, batch_size=16, min_steps=25), CPU, seed=0)
+    assert len(history) == 9  # 3 steps an epoch (16, 16, 8): 9 epochs reach 25 steps
+    assert len(steps) == 27
+
+
+def test_multistep_factor_matches_torch_multisteplr():
+    cfg = _cfg(epochs=6, milestones=[2, 4])
+    factor = lr_factor(cfg, steps_per_epoch=3)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4], gamma=0.1)
+    for epoch in range(6):
+        for step in range(3):
+            assert 0.05 * factor(3 * epoch + step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_onecycle_rises_to_lr_then_falls_to_zero(digits):
+    cfg = _cfg(epochs=10, schedule="onecycle")
+    factor = lr_factor(cfg, steps_per_epoch=4)  # 40 steps, peak at step 10
+    values = [factor(s) for s in range(40)]
+    assert values[0] == pytest.approx(ONECYCLE_START)
+    assert max(values) == pytest.approx(1.0) and values.index(1.0) == 10
+    assert values[:11] == sorted(values[:11]) and values[10:] == sorted(values[10:], reverse=True)
+    assert values[-1] == pytest.approx(1 / 30)  # the last step, one before 0
+    backbone, _ = _models(with_td=False)
+    history = train_cycle(backbone, None, digits.pool_images[:128], digits.pool_labels[:128], cfg, CPU, seed=0)
+    lrs = [r["lr"] for r in history]
+    assert lrs[-1] < 0.05 * cfg.lr and max(lrs) > 0.5 * cfg.lr  # annealed, after a high middle
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(ValueError, match="train.schedule"):
+        lr_factor(_cfg(schedule="cosine"), 4)
 
 
 # --- the pipeline steps, twice with the same seed -------------------------------------------

@@ -1,7 +1,7 @@
 """Backbones that expose their feature stages, the TD prediction module and the loss prediction module."""
-from tidal.models.backbones import BACKBONES, ResNet18, SmallCNN, build_backbone
+from tidal.models.backbones import BACKBONES, CifarCNN, ResNet18, SmallCNN, build_backbone
 from tidal.models.loss_module import LossPredictor, loss_ranking_loss
 from tidal.models.td_module import TDPredictor
 
-__all__ = ["BACKBONES", "ResNet18", "SmallCNN", "build_backbone", "TDPredictor", "LossPredictor",
+__all__ = ["BACKBONES", "CifarCNN", "ResNet18", "SmallCNN", "build_backbone", "TDPredictor", "LossPredictor",
            "loss_ranking_loss"]

@@ -45,6 +45,41 @@ class SmallCNN(nn.Module):
         return logits, features
 
 
+class CifarCNN(nn.Module):
+    """A fast plain CNN for CPU training on 32×32 images: a stem, then three stages of two 3×3
+    conv-BN-ReLU at widths w, 2w, 4w, with 2×2 max-pooling before every stage.
+
+    The stem (one conv at full resolution, then the first pool) is the only layer at 32×32, so
+    the stages run at 16, 8 and 4 pixels: about a third of SmallCNN's cost per image at three
+    times its parameters (benchmarks/speed.py, `backbones`). Pooling first is what the fast
+    CIFAR-10 trainers do too (airbench pools right after each block's first conv). Global
+    average pooling keeps the head independent of the input size (8×8 digits end at 1×1).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width]
+        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, width), nn.MaxPool2d(2))
+        stages, c_in = [], width
+        for i, c in enumerate(widths):
+            pool = [nn.MaxPool2d(2)] if i > 0 else []
+            stages.append(nn.Sequential(*pool, _conv_bn_relu(c_in, c), _conv_bn_relu(c, c)))
+            c_in = c
+        self.stages = nn.ModuleList(stages)
+        self.stage_channels = widths
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.stem(x)
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        logits = self.head(self.dropout(penultimate(features)))
+        return logits, features
+
+
 class BasicBlock(nn.Module):
     """Two 3×3 conv-BN layers with an identity (or 1×1 conv-BN projection) shortcut."""
 
@@ -100,6 +135,7 @@ class ResNet18(nn.Module):
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": SmallCNN,
+    "cifar-cnn": CifarCNN,
     "resnet18": ResNet18,
 }
 
@@ -107,6 +143,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 def build_backbone(name: str, in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)}")
-    # Only SmallCNN takes `dropout`; 0 (the default) passes nothing, so every backbone builds as before.
+    # Only SmallCNN and CifarCNN take `dropout`; 0 (the default) passes nothing, so every backbone builds as before.
     extra = {"dropout": dropout} if dropout > 0 else {}
     return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, **extra)
