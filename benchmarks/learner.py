@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tidal.config import load_params  # noqa: E402
+from tidal.data import materialize  # noqa: E402
 from tidal.device import resolve_device, set_deterministic  # noqa: E402
 from tidal.evaluate import accuracy  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
@@ -61,6 +62,7 @@ def split_pool(n_pool: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def run_cell(params: dict[str, Any], size: int, seed: int, n_val: int, with_test: bool) -> dict[str, Any]:
+    materialize(params["data_root"], params["dataset"])  # the embedded digits, written when missing
     data = dataset_for(params)
     val, rest = split_pool(len(data.pool_ids), n_val, seed)
     if size > len(rest):
@@ -137,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     root = Path(args.out) / args.name
     (root / "cells").mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/learner.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    # CPU results depend on the thread count (the order of float sums): the command says it.
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + "python benchmarks/learner.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     for name, extra in configs.items():  # a bad override fails before anything trains
         load_params(params_path, [*args.overrides, *extra])
     for seed in seeds:

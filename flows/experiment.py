@@ -19,9 +19,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline
-from tidal.config import load_params
 from tidal.memory import peak_rss_mb
-from tidal.tracking import log_cycle_checkpoint, make_tracker
+from tidal.tracking import data_version_recorder, log_cycle_checkpoint, make_tracker
 from tidal.workspace import ExperimentLock, read_json
 
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
@@ -35,8 +34,8 @@ def verify_data_version(params: dict) -> dict:
 
 
 @task(name="start-experiment", **OUTSIDE)
-def start_experiment(params: dict, data_version: str, pool_version: str) -> dict:
-    state = pipeline.start_experiment(params, data_version, pool_version)
+def start_experiment(params: dict, data_version: str, pool_version: str, overrides: list[str]) -> dict:
+    state = pipeline.start_experiment(params, data_version, pool_version, overrides)
     parent = state["tracking"].get("parent_run_id")
     if params["tracking"] and not parent:
         parent = make_tracker().start_experiment(params, data_version,
@@ -222,10 +221,11 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
 @flow(name="tidal-experiment")
 def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
     """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
-    params = load_params(params_path, overrides)
+    params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
+        pipeline.finish_import(params, data_version_recorder(params))  # one a crash left open
         version = verify_data_version(params)
-        started = start_experiment(params, version["data_version"], version["pool_version"])
+        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
         for cycle in range(started["cycle"], params["cycles"]):
             if _waiting(params):
                 break
@@ -252,10 +252,11 @@ def _waiting(params: dict) -> bool:
 def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> dict:
     """One more cycle of the experiment, whatever `cycles` says: train on the current labels,
     score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
-    params = load_params(params_path, overrides)
+    params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
+        pipeline.finish_import(params, data_version_recorder(params))  # one a crash left open
         version = verify_data_version(params)
-        started = start_experiment(params, version["data_version"], version["pool_version"])
+        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
         if _waiting(params):
             return {"waiting_for_labels": pipeline.waiting_for_labels(params)}
         return run_cycle(params, started["cycle"], started["parent_run_id"])
@@ -263,31 +264,15 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
 
 @task(name="merge-labels", **COMPUTE)
 def merge_labels(params: dict, path: str, fmt: str | None, force: bool, relabel: bool) -> dict:
-    return pipeline.import_labels(params, path, fmt, force=force, relabel=relabel)
-
-
-@task(name="pin-labels", **OUTSIDE)
-def pin_labels(params: dict, data_version: str) -> bool:
-    """`dvc add` the data directory so data.dvc pins the labels just imported."""
-    from tidal.data.version import dvc_add
-
-    return dvc_add(params["data_root"])
-
-
-@task(name="record-data-version", **OUTSIDE)
-def record_data_version(params: dict, data_version: str) -> None:
-    parent = pipeline.load_state(params)["tracking"].get("parent_run_id")
-    if params["tracking"] and parent:
-        make_tracker().record_data_version(parent, data_version)
+    return pipeline.import_labels(params, path, fmt, force=force, relabel=relabel,
+                                  on_version=data_version_recorder(params))
 
 
 @flow(name="import-labels")
 def import_labels(path: str, params_path: str | None = "params.yaml", overrides: list[str] | None = None,
                   fmt: str | None = None, force: bool = False, relabel: bool = False) -> dict:
-    """Validate and merge annotations, re-pin the data with DVC, record the version in MLflow."""
-    params = load_params(params_path, overrides)
+    """Validate and merge annotations, re-pin the data with DVC, record the version in MLflow
+    (`tidal.pipeline.import_labels`, as `tidal import-labels` runs it without Prefect)."""
+    params, _ = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
-        summary = merge_labels(params, path, fmt, force, relabel)
-        pinned = pin_labels(params, summary["data_version"])
-        record_data_version(params, summary["data_version"])
-    return {**summary, "dvc_pinned": pinned}
+        return merge_labels(params, path, fmt, force, relabel)

@@ -45,9 +45,38 @@ def format_lineage(history: list[dict], data_version: str) -> str:
     return "\n".join(lines)
 
 
+def _experiment_params(args: argparse.Namespace) -> dict:
+    """The params of the experiment the command names: its recorded overrides applied again."""
+    from tidal.pipeline import experiment_params
+
+    overrides = list(args.set) + ([f"experiment={args.experiment}"] if getattr(args, "experiment", None) else [])
+    return experiment_params(_params_path(args.params), overrides)[0]
+
+
+def next_command(params: dict, command: str) -> str:
+    """`tidal COMMAND` as it must be typed to reach this experiment from here."""
+    try:
+        found = load_params(_params_path(None), [])  # what the bare command would find
+    except ConfigError:
+        found = {"experiment": None, "runs_dir": None}
+    parts = [f"tidal {command}"]
+    if params["experiment"] != found["experiment"]:
+        parts.append(f"--set experiment={params['experiment']}" if command == "run"
+                     else f"--experiment {params['experiment']}")
+    if params["runs_dir"] != found["runs_dir"]:
+        parts.append(f"--set runs_dir={params['runs_dir']}")
+    return " ".join(parts)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     params_path = _params_path(args.params)
-    params = load_params(params_path, args.set)  # fail fast, before Prefect starts
+    params = _experiment_params(args)  # fail fast, before Prefect starts
+    from tidal.pipeline import preflight, workspace
+    from tidal.tracking import data_version_recorder
+    from tidal.workspace import ExperimentLock
+
+    with ExperimentLock(workspace(params).root):
+        preflight(params, data_version_recorder(params))
     _offline_defaults()
     from flows.experiment import experiment
 
@@ -72,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         uri = tracking_uri()
         print(f"open MLflow:     mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite")
               else f"open MLflow:     {uri}")
-    print(f"state:           tidal status --experiment {params['experiment']}")
+    print(f"state:           {next_command(params, 'status')}")
     if waiting:
         _print_waiting(waiting, params)
     return 0
@@ -83,13 +112,13 @@ def _print_waiting(waiting: dict, params: dict) -> None:
     print(f"\nWAITING FOR LABELS: query {waiting['query_id']} ({waiting['n_pending']} samples pending)")
     print(f"  annotate:  {query}  (fill the `label` column; or {query.with_suffix('.jsonl').name}, "
           f"or import {query.parent / 'query_labelstudio.json'} into Label Studio)")
-    print(f"  then:      tidal import-labels FILE --experiment {params['experiment']}")
-    print("  and:       tidal run   (the next cycle trains on the new labels)")
+    importer = next_command(params, "import-labels").replace("import-labels", "import-labels FILE", 1)
+    print(f"  then:      {importer}")
+    print(f"  and:       {next_command(params, 'run')}   (the next cycle trains on the new labels)")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    overrides = list(args.set) + ([f"experiment={args.experiment}"] if args.experiment else [])
-    params = load_params(_params_path(args.params), overrides)
+    params = _experiment_params(args)
     from tidal.pipeline import workspace
 
     ws = workspace(params)
@@ -146,19 +175,24 @@ def _print_history(params: dict, sample_id: str) -> int:
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    overrides = list(args.set) + ([f"experiment={args.experiment}"] if args.experiment else [])
-    params_path = _params_path(args.params)
-    load_params(params_path, overrides)
-    _offline_defaults()
-    from flows.experiment import import_labels
+    """A local transaction (tidal.pipeline.import_labels): no Prefect server to wait for."""
+    params = _experiment_params(args)
+    from tidal.pipeline import import_labels, workspace
+    from tidal.tracking import data_version_recorder
+    from tidal.workspace import ExperimentLock
 
-    summary = import_labels(path=args.file, params_path=params_path, overrides=overrides, fmt=args.format,
-                            force=args.force, relabel=args.relabel)
+    start = time.perf_counter()
+    with ExperimentLock(workspace(params).root):
+        summary = import_labels(params, args.file, args.format, force=args.force, relabel=args.relabel,
+                                on_version=data_version_recorder(params))
     print(f"imported {summary['new']} new label(s), {summary['relabeled']} relabeled, "
           f"{summary['unchanged']} unchanged, {summary['skipped']} skipped (no label); "
           f"{summary['still_pending']} still pending")
-    pinned = "re-pinned in data.dvc" if summary["dvc_pinned"] else "not DVC-pinned here"
-    print(f"data version {summary['data_version']} ({pinned}); next: tidal run")
+    from tidal.data.version import pin_file
+
+    pinned = f"re-pinned in {pin_file(params['data_root']).name}" if summary["dvc_pinned"] else "not DVC-pinned here"
+    print(f"data version {summary['data_version']} ({pinned}) in {time.perf_counter() - start:.1f} s; "
+          f"next: {next_command(params, 'run')}")
     return 0
 
 
@@ -306,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
 
     errors += (LabelImportError,)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is a BrokenPipeError this handler sees
+        return code
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `tidal status | head`: the reader has gone; end quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

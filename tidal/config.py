@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "budget": 100,
     "subset_size": 500,
     "label_mode": "oracle",
+    # Annotators who disagree on one id (import-labels): "refuse" (the id is not imported and stays
+    # pending), "newest" (the newest answer wins) or "majority" (a tie is refused). See tidal/labels.py.
+    "label_conflicts": "refuse",
     "imbalance_ratio": 1.0,
     "backbone": "small-cnn",
     "dropout": 0.0,  # dropout before the backbone's head while training (small-cnn, cifar-cnn); 0 = none
@@ -53,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
         # A cycle trains for at least this many optimizer steps: epochs are raised to reach it and
         # the milestones (and lloss_detach_epoch) scale with them, so 100 labels are trained as
         # long, in steps, as 10,000 (benchmarks/learner.py chose it on a validation split).
-        "min_steps": 0,
+        "min_steps": 300,
         "schedule": "multistep",  # "multistep" (lr ×0.1 at each milestone) or "onecycle" (rise, then to 0)
     },
     "score_batch_size": 512,
@@ -152,6 +155,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "label_mode": ("oracle", "human"),
+    "label_conflicts": ("refuse", "newest", "majority"),
     "device": ("auto", "cpu", "cuda"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "train.schedule": ("multistep", "onecycle"),

@@ -15,10 +15,11 @@ from typing import Any, Callable
 
 import torch
 
-from tidal.config import DEFAULTS, dump_params, flatten
+from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
-from tidal.data.version import LABELS_DIR, dvc_dir_md5, verify_data_version
+from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, pin_file, pinned_md5,
+                                verify_data_version)
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
@@ -33,7 +34,7 @@ log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
 RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking",
-                  "train.compile", "distributed", "scoring"}
+                  "train.compile", "distributed", "scoring", "label_conflicts"}
 
 
 class ExperimentMismatch(ValueError):
@@ -42,6 +43,40 @@ class ExperimentMismatch(ValueError):
 
 def workspace(params: dict[str, Any]) -> Workspace:
     return Workspace(params["runs_dir"], params["experiment"])
+
+
+def _override_key(text: str) -> str:
+    return text.split("=", 1)[0].strip()
+
+
+def merge_overrides(recorded: list[str], new: list[str]) -> list[str]:
+    """`key=value` overrides, one per key: a new value of a key replaces the recorded one."""
+    merged: dict[str, str] = {}
+    for text in [*recorded, *new]:
+        merged.pop(_override_key(text), None)
+        merged[_override_key(text)] = text
+    return list(merged.values())
+
+
+def experiment_params(params_path: str | Path | None, overrides: list[str] | None = None
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """The params of the experiment that a params file and `--set` overrides name, and the
+    overrides to record for it.
+
+    An experiment remembers the overrides it was started (and resumed) with, in its state. Every
+    later command on it applies them again under the new ones, so `tidal status --experiment E`,
+    `tidal import-labels FILE --experiment E` and `tidal run --set experiment=E` see the data set,
+    data_root and settings E runs on, not only what ./params.yaml says. A new value of a key that
+    defines the experiment is still refused when it would resume (ExperimentMismatch).
+    """
+    overrides = list(overrides or [])
+    params = load_params(params_path, overrides)
+    ws = workspace(params)
+    recorded = ws.load_state().get("overrides", []) if ws.exists() else []
+    if not recorded:
+        return params, overrides
+    merged = merge_overrides(recorded, overrides)
+    return load_params(params_path, merged), merged
 
 
 def _fingerprint(params: dict[str, Any]) -> dict[str, Any]:
@@ -64,21 +99,37 @@ def prepare_data(params: dict[str, Any]) -> dict[str, str]:
     return {"data_dir": str(data_dir), **verify_data_version(params["data_root"])}
 
 
+def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> None:
+    """What `tidal run` checks before any server starts, so bad input is one clear error: an
+    import a crash left open is finished, the data is checked against its pin, and the params
+    against the experiment already in the workspace."""
+    finish_import(params, on_version)
+    version = prepare_data(params)
+    ws = workspace(params)
+    if ws.exists():
+        _check_resumable(ws.load_state(), params, version["pool_version"], ws)
+
+
 def dataset_for(params: dict[str, Any]) -> Dataset:
     return load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
 
 
-def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None) -> dict[str, Any]:
+def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None,
+                     overrides: list[str] | None = None) -> dict[str, Any]:
     """Create the workspace with a seeded initial labeled set, or check and resume it.
 
     The initial set is drawn from the pool samples whose label the source knows (all of them
-    for the built-in data sets; the labeled rows of a manifest).
+    for the built-in data sets; the labeled rows of a manifest). `overrides` (from
+    `experiment_params`) are recorded, so later commands on the experiment apply them again.
     """
     ws = workspace(params)
     pool_version = pool_version or verify_data_version(params["data_root"])["pool_version"]
     if ws.exists():
         state = ws.load_state()
         _check_resumable(state, params, pool_version, ws)
+        if overrides is not None and state.get("overrides", []) != overrides:
+            state["overrides"] = overrides
+            ws.save_state(state)
         return state
     data = dataset_for(params)
     unlabeled = (data.pool_labels < 0).nonzero().flatten().tolist()
@@ -108,6 +159,7 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
         "imports": [],
         "history": [],
         "tracking": {},
+        "overrides": list(overrides or []),
     }
     ws.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ws.root / "params.yaml", dump_params(params))
@@ -470,19 +522,33 @@ def labels_file(params: dict[str, Any]) -> Path:
     return Path(params["data_root"]) / LABELS_DIR / f"{params['experiment']}.csv"
 
 
+IMPORT_JOURNAL = "import.json"  # in the workspace while an import is being committed
+
+
 def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = None, force: bool = False,
-                  relabel: bool = False) -> dict[str, Any]:
-    """Validate annotations against the experiment and merge them; nothing is written unless the
-    whole file is valid. Returns a summary (counts, data version, still pending ids)."""
+                  relabel: bool = False, on_version: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Validate annotations against the experiment and merge them, all or nothing.
+
+    Everything that can fail is checked before anything is written: the experiment, the file,
+    its ids and labels, and that the DVC which pins the labels can run. Then the import commits
+    in an order a rerun completes from any point: the journal `runs/<experiment>/import.json`,
+    the provenance log (the truth about who labelled what), then `finish_import` (state.json, the
+    DVC pin, `on_version` with the new data version, e.g. the MLflow tag; the journal last). A
+    crash anywhere leaves the journal, and the next import or run of the experiment finishes it.
+    Returns the summary: counts, data version, whether DVC pinned it.
+    """
     import time
 
-    from tidal.labels import append_provenance, check_against_state, current_labels, read_annotations
+    from tidal.labels import LabelImportError, append_provenance, check_against_state, current_labels, read_annotations
 
     ws = workspace(params)
+    if not ws.exists():
+        raise LabelImportError(f"no experiment '{params['experiment']}' under {ws.root.parent}/: start it with "
+                               f"`tidal run --set experiment={params['experiment']} --set label_mode=human`")
+    finish_import(params, on_version)  # an import a crash left open commits first
     state = ws.load_state()
     log_path = labels_file(params)
-    # The provenance log is written before the state; after a crash between the two, its rows
-    # are the truth, so fold them in first (a rerun of the same import is then a no-op).
+    # Rows of the provenance log are the truth even where state.json lags behind them.
     logged = current_labels(log_path) if log_path.is_file() else {}
     labeled = {**state["labeled"], **logged}
     pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
@@ -490,28 +556,60 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     ann = read_annotations(Path(path), data.classes, fmt)
     plan = check_against_state(ann, experiment=params["experiment"], pool_ids=set(data.pool_ids),
                                pending=pending, labeled=labeled, force=force, relabel=relabel)
+    if pin_file(params["data_root"]).is_file():
+        dvc_executable()  # a DataError now, with nothing written, if the pin could not be renewed
     changed = {**{i: a.label for i, a in plan.new.items()}, **{i: a.label for i, (_, a) in plan.relabeled.items()}}
+    summary = {"file": str(path), "new": len(plan.new), "relabeled": len(plan.relabeled),
+               "unchanged": len(plan.unchanged), "skipped": len(ann.skipped),
+               "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    write_json(ws.root / IMPORT_JOURNAL, summary)
+    failpoint("import:journal")
     if changed:
         known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
                                for i in changed if i not in pending}}
         append_provenance(log_path, plan, cycle_of={i: known[i]["cycle"] for i in changed},
                           query_of={i: known[i]["query_id"] for i in changed}, source=str(path),
-                          imported_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), classes=data.classes)
-    labeled.update(changed)
-    for i in changed:
-        pending.pop(i, None)
-    # The caller re-pins data_root with DVC (flows: pin-labels task); this md5 is that pin.
-    new_version = dvc_dir_md5(params["data_root"])
-    summary = {"file": str(path), "new": len(plan.new), "relabeled": len(plan.relabeled),
-               "unchanged": len(plan.unchanged), "skipped": len(ann.skipped), "still_pending": len(pending),
-               "data_version": new_version}
-    state["labeled"], state["pending"] = labeled, pending
-    if plan.new:
+                          imported_at=summary["imported_at"], classes=data.classes)
+    failpoint("import:logged")
+    return finish_import(params, on_version)
+
+
+def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """Commit the import whose journal is in the workspace; None when there is none.
+
+    Each step is derived from what is already written, so running it again after a crash at any
+    point gives the same end state: state.json takes the provenance log's labels, data_root is
+    re-pinned by DVC when its pin differs, `on_version` gets the data version, the journal goes.
+    """
+    from tidal.labels import current_labels
+
+    ws = workspace(params)
+    journal = ws.root / IMPORT_JOURNAL
+    if not journal.is_file():
+        return None
+    summary = read_json(journal)
+    state = ws.load_state()
+    log_path = labels_file(params)
+    logged = current_labels(log_path) if log_path.is_file() else {}
+    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
+    version = dvc_dir_md5(params["data_root"])
+    summary = {**summary, "still_pending": len(pending), "data_version": version}
+    if summary["new"]:
         state["awaiting_labels"] = False
-    state["data_version"] = new_version
-    state.setdefault("imports", []).append(summary)
+    state["labeled"], state["pending"], state["data_version"] = {**state["labeled"], **logged}, pending, version
+    imports = state.setdefault("imports", [])
+    if not imports or imports[-1].get("imported_at") != summary["imported_at"]:
+        imports.append(summary)
     ws.save_state(state)
-    return summary
+    failpoint("import:state")
+    pin = pin_file(params["data_root"])
+    if pin.is_file() and pinned_md5(pin) != version:
+        dvc_add(params["data_root"])
+    failpoint("import:pinned")
+    if on_version is not None:
+        on_version(version)
+    journal.unlink()
+    return {**summary, "dvc_pinned": pin.is_file()}
 
 
 def _write_curve(ws: Workspace, state: dict) -> None:

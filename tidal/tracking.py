@@ -16,7 +16,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
@@ -158,6 +158,8 @@ class MlflowTracker:
         """A label import made a new data version: the parent run's tag follows it (later cycle
         runs copy it), and `data_version.<n>` keeps every version the experiment went through."""
         tags = self.client.get_run(parent_run_id).data.tags
+        if tags.get("data_version") == data_version:
+            return  # recorded already (an import finished again after a crash)
         n = sum(1 for k in tags if k.startswith("data_version."))
         self.client.set_tag(parent_run_id, "data_version", data_version)
         self.client.set_tag(parent_run_id, f"data_version.{n + 1}", data_version)
@@ -277,6 +279,19 @@ class NullTracker:
 
 def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:
     return MlflowTracker() if enabled else NullTracker()
+
+
+def data_version_recorder(params: dict) -> Callable[[str], None]:
+    """What a label import calls with its new data version: the experiment's MLflow parent run
+    records it (nothing with tracking off or before the parent run exists; MLflow is imported
+    only then, so an import without tracking stays fast)."""
+    def record(data_version: str) -> None:
+        from tidal.pipeline import load_state
+
+        parent = load_state(params)["tracking"].get("parent_run_id")
+        if params["tracking"] and parent:
+            make_tracker().record_data_version(parent, data_version)
+    return record
 
 
 def log_cycle_checkpoint(tracker: MlflowTracker | NullTracker, run_id: str, params: dict,

@@ -107,11 +107,13 @@ class ExperimentLock:
     def __init__(self, root: str | Path) -> None:
         self.path = Path(root) / ".lock"
         self.stale_owner: dict | None = None
+        self.created_root = False
 
     def __enter__(self) -> "ExperimentLock":
         import socket
         import time
 
+        self.created_root = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(2):
@@ -137,6 +139,12 @@ class ExperimentLock:
     def __exit__(self, *exc: object) -> None:
         if self._owner().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+        if self.created_root:
+            # A start that failed before writing anything leaves no empty runs/<experiment>/.
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass  # not empty: the experiment started
 
     def _owner(self) -> dict:
         try:

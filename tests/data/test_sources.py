@@ -275,6 +275,25 @@ def test_manifest_bad_row_names_line_and_path(manifest_root, cache, row, text):
     assert "manifest.csv line 4" in msg and text in msg
 
 
+def test_manifest_follows_a_symlinked_folder_inside_the_root(manifest_root, tmp_path, cache):
+    """Images kept on another disk, reached through a link inside data_root, load; the data
+    version hashes the linked files, so changing one changes it."""
+    from tidal.data.version import pool_version
+
+    other_disk = tmp_path / "other-disk"
+    for i in range(2):
+        _png(other_disk / f"{i}.png", 10 + i)
+    (manifest_root / "linked").symlink_to(other_disk, target_is_directory=True)
+    lines = (manifest_root / "manifest.csv").read_text().splitlines() + ["linked/0.png,cat,train",
+                                                                         "linked/1.png,dog,test"]
+    (manifest_root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    data = load_dataset(manifest_root, "manifest", cache_dir=cache)
+    assert "linked/0" in data.pool_ids and len(data.test_labels) == 3
+    before = pool_version(manifest_root)
+    _png(other_disk / "0.png", 99)
+    assert pool_version(manifest_root) != before
+
+
 def test_manifest_truncated_image_names_line_and_path(manifest_root, cache):
     bad = manifest_root / "img" / "4.png"
     bad.write_bytes(bad.read_bytes()[:30])

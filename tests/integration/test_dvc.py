@@ -1,6 +1,8 @@
 """`dvc repro` in a fresh git repository holding a copy of this project."""
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -8,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tidal.data.version import dvc_dir_md5
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -150,3 +155,75 @@ def test_a_shared_directory_remote_moves_the_pinned_data_between_clones(project_
     assert restored == original and original
     check = _run([str(BIN / "tidal"), "data"], clone, env)
     assert check.returncode == 0 and "matches its DVC pin" in check.stdout, check.stdout + check.stderr
+
+
+def _human_experiment(repo: Path, env: dict, name: str) -> tuple[list[str], Path]:
+    """A human-mode debug experiment waiting for its first labels; returns its --set args and an
+    annotated query (every label the model's suggestion)."""
+    sets = ["--set", "preset=debug", "--set", "label_mode=human", "--set", f"experiment={name}",
+            "--set", "tracking=false"]
+    assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
+    first = _run([str(BIN / "tidal"), "run", *sets], repo, env)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    with open(repo / f"runs/{name}/cycles/0/query.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["label"] = r["suggested_label"]
+    back = repo / f"{name}-back.csv"
+    with open(back, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return sets, back
+
+
+def test_import_without_the_venv_on_path_uses_the_packages_dvc(project_copy):
+    """`.venv/bin/tidal import-labels` with the venv not active: DVC is found beside the Python
+    that runs tidal, the pin is renewed, and the import is fast (no Prefect server)."""
+    repo, env = project_copy
+    sets, back = _human_experiment(repo, env, "nopath")
+    bare = {**env, "PATH": "/usr/bin:/bin"}  # no .venv/bin: `dvc` is not on PATH
+    imported = _run([str(BIN / "tidal"), "import-labels", str(back), "--experiment", "nopath",
+                     "--set", "tracking=false"], repo, bare)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "re-pinned in data.dvc" in imported.stdout
+    assert yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"] == dvc_dir_md5(repo / "data") + ".dir"
+    assert "Prefect" not in imported.stdout + imported.stderr  # no server started, no flow run logs
+
+
+@pytest.mark.parametrize("failpoint", ["import:logged", "import:pinned"])
+def test_an_import_killed_part_way_is_finished_by_the_next_run(project_copy, failpoint):
+    """SIGKILL after the labels log (before state.json / the pin / the journal's removal): the
+    next `tidal run` finishes the import first, so nothing labelled is lost and the pin holds."""
+    repo, env = project_copy
+    sets, back = _human_experiment(repo, env, "crash")
+    killed = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo,
+                  {**env, "TIDAL_FAILPOINT": failpoint})
+    assert killed.returncode == -9
+    assert (repo / "runs/crash/import.json").is_file()  # the journal says an import is open
+    log_rows = (repo / "data/labels/crash.csv").read_text().splitlines()
+    assert len(log_rows) == 1 + 20
+    again = _run([str(BIN / "tidal"), "run", *sets], repo, env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not (repo / "runs/crash/import.json").exists()
+    state = json.loads((repo / "runs/crash/state.json").read_text())
+    assert len(state["labeled"]) == 40 + 20  # the initial set and every imported label
+    assert len(state["imports"]) == 1  # finished once, not counted twice
+    assert yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"] == dvc_dir_md5(repo / "data") + ".dir"
+    assert (repo / "runs/crash/cycles/1/query.csv").is_file()  # the next cycle trained on the labels
+    # the same file imported again is a no-op, not a conflict
+    redo = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo, env)
+    assert redo.returncode == 2 or "0 new label(s)" in redo.stdout, redo.stdout + redo.stderr
+
+
+def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(project_copy):
+    repo, env = project_copy
+    assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
+    assert _run([str(BIN / "dvc"), "commit", "-f", "data.dvc"], repo, env).returncode == 0  # the pin's listing in the cache
+    (repo / "data/labels").mkdir()
+    (repo / "data/labels/other.csv").write_text("id,label\n")
+    out = _run([str(BIN / "tidal"), "run", "--set", "preset=debug", "--set", "tracking=false"], repo, env)
+    assert out.returncode == 2
+    assert "only in imported labels (labels/other.csv)" in out.stderr
+    assert "do not `dvc checkout`" in out.stderr and "dvc add data" in out.stderr
+    assert out.stderr.count("\n") <= 3, out.stderr  # one clear message, no traceback

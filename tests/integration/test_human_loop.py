@@ -6,6 +6,7 @@ import csv
 import json
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,54 @@ def test_too_few_unlabeled_samples_is_an_error(tmp_path, initial_size, message):
     with pytest.raises(DataError, match=message):
         pipeline.score_step(params, 0, trained["checkpoint"])
     assert _snapshot(tmp_path) == before
+
+
+def test_commands_on_an_experiment_use_its_recorded_settings(prefect_harness, mlflow_uri, tmp_path, monkeypatch,
+                                                             capsys):
+    """Started with `--set data_root=ELSEWHERE` (and other --set values), the experiment's later
+    commands name only the experiment: import-labels writes the labels log under ELSEWHERE,
+    status shows the recorded cycle count and next steps that work as printed."""
+    monkeypatch.chdir(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    started = ["--set", "preset=debug", "--set", "label_mode=human", "--set", "experiment=rec",
+               "--set", f"data_root={elsewhere}", "--set", "cycles=3"]
+    assert tidal_main(["run", *started]) == 0
+    out = capsys.readouterr().out
+    assert "then:      tidal import-labels FILE --experiment rec\n" in out
+    assert "and:       tidal run --set experiment=rec " in out
+    ws = tmp_path / "runs/rec"
+    data = load_dataset(elsewhere, "digits")
+    truth = {i: data.classes[y] for i, y in zip(data.pool_ids, data.pool_labels.tolist())}
+    back = _write_annotated(ws / "cycles/0/query.csv", tmp_path / "back.csv", truth)
+    assert tidal_main(["import-labels", str(back), "--experiment", "rec"]) == 0  # as status printed it
+    assert (elsewhere / "labels/rec.csv").is_file()
+    assert not (tmp_path / "data").exists()  # nothing written under ./params.yaml's data_root
+    assert tidal_main(["status", "--experiment", "rec"]) == 0
+    assert "cycle:        1 done of 3 planned" in capsys.readouterr().out
+    some_id = _rows(ws / "cycles/0/query.csv")[0]["id"]
+    assert tidal_main(["status", "--experiment", "rec", "--history", some_id]) == 0
+    assert " by ann at " in capsys.readouterr().out  # the human label, not "from the data set"
+    # a --set that would change what defines the experiment is refused, and changes nothing
+    before = _snapshot(tmp_path / "elsewhere/..")
+    assert tidal_main(["run", "--set", "experiment=rec", "--set", "train.epochs=9"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert _snapshot(tmp_path / "elsewhere/..") == before
+    assert tidal_main(["run", "--set", "experiment=rec"]) == 0  # resumes on the recorded settings
+    assert (ws / "cycles/1/query.csv").is_file()
+
+
+def test_a_failed_start_leaves_no_workspace_and_status_into_a_closed_pipe_is_quiet(prefect_harness, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tidal_main(["run", "--set", "dataset=imagefolder", "--set", f"data_root={tmp_path}/none",
+                       "--set", "experiment=nothing"]) == 2
+    assert not (tmp_path / "runs/nothing").exists()
+    assert tidal_main(["run", "--set", "preset=debug", "--set", "tracking=false", "--set", "experiment=piped",
+                       "--set", "cycles=1"]) == 0
+    # `true` exits without reading: every write of status meets a closed pipe (as `| head` does
+    # once head has its lines).
+    status = f"{sys.executable} -m tidal.cli status --experiment piped"
+    done = subprocess.run(f"{status} 2>err.txt | true", shell=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0
+    err = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

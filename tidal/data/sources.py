@@ -344,18 +344,19 @@ MANIFEST_SPLITS = ("train", "test")
 
 
 def _inside(root: Path, text: str) -> Path | None:
-    """root/text if text is a relative path that stays inside root, else None."""
+    """root/text if text is a relative path without `..`, else None.
+
+    The rule is on the text the manifest holds: an absolute path or `..` is refused, since a
+    manifest is data that may come from elsewhere. A symlink inside root is followed, wherever
+    it points: whoever can put a link in the data root chose that target (the usual way to keep
+    images on another disk), and the data version hashes the linked files too.
+    """
     from pathlib import PurePosixPath, PureWindowsPath
 
     rel = PurePosixPath(text.replace("\\", "/"))
     if rel.is_absolute() or PureWindowsPath(text).drive or ".." in rel.parts or not rel.parts:
         return None
-    path = root / rel
-    try:
-        path.resolve().relative_to(root.resolve())  # a symlink pointing outside escapes too
-    except ValueError:
-        return None
-    return path
+    return root / rel
 
 
 def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
@@ -388,7 +389,8 @@ def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
             where = f"{csv_path} line {line}, path '{text}'"
             path = _inside(root, text)
             if path is None:
-                raise DataError(f"{where}: the path must be relative to {root} and stay inside it")
+                raise DataError(f"{where}: the path must be relative to {root}, without '..' (a symlink "
+                                f"inside {root} may point elsewhere)")
             split = (row.get("split") or "").strip()
             if split not in MANIFEST_SPLITS:
                 raise DataError(f"{where}: split must be one of {list(MANIFEST_SPLITS)}, got '{split}'")

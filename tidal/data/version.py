@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _file_entries(directory: str | Path) -> list[dict[str, str]]:
         memo = {}
     entries, fresh = [], {}
     now = time.time_ns()
-    for dirpath, _, filenames in os.walk(root):
+    for dirpath, _, filenames in os.walk(root, followlinks=True):  # linked folders are data too
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")  # once per folder, not per file
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in filenames:
@@ -128,11 +129,60 @@ def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
         return {"data_version": version, "pool_version": pool, "pinned": False}
     expected = pinned_md5(pin)
     if expected != version:
+        name = Path(data_root).name
+        changed = _changed_since_pin(pin, expected, entries)
+        if changed is not None and changed and all(p.startswith(LABELS_DIR + "/") for p in changed):
+            raise DataError(
+                f"{data_root}/ differs from its pin {pin} only in imported labels ({', '.join(changed[:3])}"
+                f"{', ...' if len(changed) > 3 else ''}): an import stopped before DVC pinned them. Pin them with "
+                f"`{dvc_executable_or_name()} add {name}` (run where {pin.name} is) and commit {pin.name}; do not "
+                f"`dvc checkout`, which would throw those labels away.")
+        what = f" (changed: {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})" if changed else ""
         raise DataError(
-            f"{data_root}/ does not match its pin {pin} (pinned {expected}, found {version}). "
-            f"Restore the pinned data with `dvc checkout {pin.name}`, or pin what is there now with "
-            f"`dvc add {Path(data_root).name}` and commit {pin.name}.")
+            f"{data_root}/ does not match its pin {pin} (pinned {expected}, found {version}){what}. If you imported "
+            f"labels or added data since, pin what is there now with `dvc add {name}` and commit {pin.name}; to "
+            f"restore the pinned data instead, `dvc checkout {pin.name}` (it discards what the pin does not "
+            f"hold, labels under {name}/{LABELS_DIR}/ included).")
     return {"data_version": version, "pool_version": pool, "pinned": True}
+
+
+def _changed_since_pin(pin: Path, pinned: str, entries: list[dict[str, str]]) -> list[str] | None:
+    """The relpaths that differ from the pinned listing in the DVC cache; None without the cache."""
+    for folder in (pin.parent, *pin.parent.parents):
+        listing = folder / ".dvc" / "cache" / "files" / "md5" / pinned[:2] / f"{pinned[2:]}.dir"
+        if listing.is_file():
+            try:
+                old = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            new = {e["relpath"]: e["md5"] for e in entries}
+            return sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
+        if (folder / ".dvc").is_dir():
+            return None
+    return None
+
+
+def dvc_executable_or_name() -> str:
+    try:
+        return dvc_executable()
+    except DataError:
+        return "dvc"
+
+
+def dvc_executable() -> str:
+    """The `dvc` installed with this package (beside the running Python), else the one on PATH.
+
+    `.venv/bin/tidal` called without the venv active has no `dvc` on PATH, and another `dvc` on
+    PATH may be another version: the one beside `sys.executable` is the project's pinned one.
+    """
+    beside = Path(sys.executable).parent / "dvc"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("dvc")
+    if found is None:
+        raise DataError(f"DVC is not installed beside {sys.executable} nor on PATH, so the labels could not "
+                        f"be pinned; nothing was imported. Install the project (`make install`) and retry")
+    return found
 
 
 def dvc_add(data_root: str | Path) -> bool:
@@ -142,11 +192,7 @@ def dvc_add(data_root: str | Path) -> bool:
     pin = pin_file(data_root)
     if not pin.is_file():
         return False
-    dvc = shutil.which("dvc")
-    if dvc is None:
-        raise DataError("the `dvc` command is not on PATH; activate .venv (`. .venv/bin/activate`) "
-                        f"and run `dvc add {Path(data_root).name}` to pin the new labels")
-    result = subprocess.run([dvc, "add", "--quiet", Path(data_root).name], cwd=pin.parent,
+    result = subprocess.run([dvc_executable(), "add", "--quiet", Path(data_root).name], cwd=pin.parent,
                             capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
     if result.returncode != 0:
         raise DataError(f"`dvc add {Path(data_root).name}` failed: {(result.stdout + result.stderr).strip()}")
