@@ -159,7 +159,7 @@ def load_cells(cells_dir: Path) -> list[dict]:
 
 def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str) -> None:
     """curves.csv, learning_curves.png and README.md from whatever cells exist."""
-    from tidal.report import markdown_table, plot_curves, summarize
+    from tidal.report import labels_to_reach_table, markdown_table, plot_curves, summarize
 
     cells = load_cells(root / "cells")
     rows = [r for c in cells for r in c["rows"]]
@@ -192,7 +192,8 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
         lines += ["## Test accuracy and AUBC", "", markdown_table(summary),
                   "Paired gain: per seed, the strategy's AUBC minus random's AUBC on that seed (same initial "
                   "labeled set and training seed); mean ± 95 % Student t interval over the seeds both have.",
-                  "", "![learning curves](learning_curves.png)", ""]
+                  "", "![learning curves](learning_curves.png)", "",
+                  "## Labels to reach random's final accuracy", "", labels_to_reach_table(summary)]
         queried = [r for r in rows if int(r["cycle"]) > 0]
         if queried:
             # Cycle 0 is trained on the random initial set before any strategy chose a label; it

@@ -77,6 +77,38 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def labels_to_reach(curve: dict[int, float], target: float) -> float | None:
+    """The labels at which a mean learning curve first reaches `target`, interpolated linearly
+    between budgets; None if it never does (the curve is read as it rises, budget by budget)."""
+    points = sorted(curve.items())
+    for i, (n, acc) in enumerate(points):
+        if acc >= target:
+            if i == 0:
+                return float(n)
+            n0, a0 = points[i - 1]
+            return n0 + (n - n0) * (target - a0) / (acc - a0)
+    return None
+
+
+def labels_to_reach_table(summary: dict) -> str:
+    """How many labels each strategy needs for random's final mean accuracy: the label saving."""
+    if "random" not in summary["curves"]:
+        return ""
+    means = {s: {n: float(np.mean(v)) for n, v in summary["curves"][s].items() if v} for s in summary["strategies"]}
+    last = max(means["random"])
+    target = means["random"][last]
+    lines = [f"| strategy | labels to reach random's final accuracy ({target:.4f} at {last}) | vs random |",
+             "|---|---|---|"]
+    for s in summary["strategies"]:
+        n = labels_to_reach(means[s], target)
+        text = "not reached" if n is None else f"{n:,.0f}"
+        saving = "–" if n is None or s == "random" else f"{(n - last) / last:+.1%} labels"
+        lines.append(f"| {s} | {text} | {saving} |")
+    lines += ["", "On the mean curve over seeds, interpolated linearly between budgets; \"not reached\": "
+              "the strategy's mean stays below it up to the last budget.", ""]
+    return "\n".join(lines)
+
+
 def plot_curves(summary: dict, path: str | Path, title: str = "Learning curves") -> Path:
     import matplotlib
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tidal.report import markdown_table, mean_ci, summarize
+from tidal.report import labels_to_reach, labels_to_reach_table, markdown_table, mean_ci, summarize
 
 
 def _rows(strategy: str, seed: int, accs: list[float], start: int = 100, step: int = 100) -> list[dict]:
@@ -44,3 +44,22 @@ def test_markdown_table_shows_a_losing_method_as_negative():
     line = next(l for l in table.splitlines() if l.startswith("| entropy"))
     assert "-0.1000 ± 0.0000" in line
     assert "| 0.7000 | 0.8000 |" in line
+
+
+def test_labels_to_reach_interpolates_and_says_when_never():
+    curve = {100: 0.5, 200: 0.6, 300: 0.7}
+    assert labels_to_reach(curve, 0.65) == pytest.approx(250.0)
+    assert labels_to_reach(curve, 0.5) == 100.0
+    assert labels_to_reach(curve, 0.71) is None
+
+
+def test_labels_to_reach_table_shows_the_saving_against_random():
+    rows = [{"strategy": s, "seed": 0, "n_labeled": n, "test_accuracy": a}
+            for s, curve in {"random": {100: 0.5, 200: 0.6, 300: 0.7},
+                             "good": {100: 0.5, 200: 0.7, 300: 0.8},
+                             "bad": {100: 0.4, 200: 0.5, 300: 0.6}}.items() for n, a in curve.items()]
+    table = labels_to_reach_table(summarize(rows))
+    assert "(0.7000 at 300)" in table
+    assert "| good | 200 | -33.3% labels |" in table
+    assert "| bad | not reached | – |" in table
+    assert "| random | 300 | – |" in table
