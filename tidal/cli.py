@@ -188,6 +188,8 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
     print(f"imported {summary['new']} new label(s), {summary['relabeled']} relabeled, "
           f"{summary['unchanged']} unchanged, {summary['skipped']} skipped (no label); "
           f"{summary['still_pending']} still pending")
+    if summary["conflict_report"]:
+        print(summary["conflict_report"])
     from tidal.data.version import pin_file
 
     pinned = f"re-pinned in {pin_file(params['data_root']).name}" if summary["dvc_pinned"] else "not DVC-pinned here"

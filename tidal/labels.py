@@ -8,16 +8,24 @@ functions with plain values (ids, dicts), so every rule here is testable without
   `labelstudio_config.xml`) for one query; annotators fill the `label` field (a class NAME).
 - `read_annotations` reads any of these back (or Label Studio's own JSON export) into
   `Annotations`; every bad input is a `LabelImportError` naming the file, the row and what to do.
-  Nothing is written while reading.
+  Nothing is written while reading. Several answers for one id (Label Studio annotations of one
+  task by several annotators, or repeated csv/jsonl rows) are votes; when they disagree, the
+  `conflicts` policy decides (`CONFLICT_POLICIES`): refuse the id (it stays pending), take the
+  newest answer, or take the majority (a tie is refused). The decision is kept on each
+  `Annotation` (`decided_by`, `others`) and every disagreement in `Annotations.conflicts`.
 - `check_against_state` decides what an import would change (`ImportPlan`) or refuses it.
 - `append_provenance` appends one row per new/changed label to `labels.csv` (old bytes + new rows,
-  written atomically); `label_history` / `current_labels` read it back.
+  written atomically), with the policy that decided it and the other annotators' labels;
+  `label_history` / `current_labels` read it back (logs from before those two columns too).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
+import reprlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +36,11 @@ from tidal.workspace import atomic_write_bytes, atomic_write_text
 FORMATS = ("csv", "jsonl", "label-studio")
 QUERY_COLUMNS = ["experiment", "cycle", "query_id", "id", "path", "score", "rank", "suggested_label", "label"]
 PROVENANCE_COLUMNS = ["id", "label", "label_name", "annotator", "cycle", "query_id", "imported_at", "source",
-                      "supersedes"]
+                      "supersedes", "decided_by", "other_labels"]
+# The layout of logs written before decided_by/other_labels: still read, and upgraded (the header
+# line only; every row's bytes stay) by the next append.
+LEGACY_PROVENANCE_COLUMNS = PROVENANCE_COLUMNS[:9]
+CONFLICT_POLICIES = ("refuse", "newest", "majority")
 EXPORT_FILES = {"csv": "query.csv", "jsonl": "query.jsonl", "label-studio": "query_labelstudio.json"}
 LABELSTUDIO_CONFIG = "labelstudio_config.xml"
 _SHOW = 5  # ids shown in an error message before "... and N more"
@@ -39,11 +51,42 @@ class LabelImportError(ValueError):
 
 
 @dataclass
+class Vote:
+    """One answer for one id: a csv/jsonl row, or one non-cancelled Label Studio annotation."""
+    annotator: str | None
+    label: int                 # class index
+    row: int                   # as Annotation.row
+    when: str = ""             # Label Studio updated_at (else created_at); "" for csv/jsonl
+
+
+@dataclass
 class Annotation:
     id: str
     label: int                 # class index
     annotator: str | None
     row: int                   # csv/jsonl: line number (csv header = line 1); label-studio: task number (1-based)
+    # "single" (one answer), "unanimous" (several, all the same label), or the policy that chose
+    # this label among disagreeing answers: "newest" or "majority".
+    decided_by: str = "single"
+    others: list[Vote] = field(default_factory=list)  # the id's other answers (agreeing and outvoted)
+
+
+@dataclass
+class Conflict:
+    """Answers for one id that disagree, and what the policy made of them."""
+    id: str
+    votes: list[Vote]          # every answer, in file order
+    label: int | None          # the label the policy chose; None: refused, the id stays pending
+
+    def describe(self, classes: list[str] | None = None, fmt: str = "") -> str:
+        """e.g. "s0 (alice: cat (line 2), bob: dog (line 5); refused)"."""
+        def name(label: int) -> str:
+            return classes[label] if classes and 0 <= label < len(classes) else str(label)
+
+        where = "task #" if fmt == "label-studio" else "line "
+        answers = ", ".join(f"{v.annotator or '?'}: {name(v.label)} ({where}{v.row})" for v in self.votes)
+        outcome = "refused" if self.label is None else f"took {name(self.label)}"
+        return f"{self.id} ({answers}; {outcome})"
 
 
 @dataclass
@@ -54,9 +97,32 @@ class Annotations:
     labels: list[Annotation]
     skipped: list[str]         # ids left without a label (empty label, skipped/cancelled task)
     source: str                # the file read
+    conflicts: list[Conflict] = field(default_factory=list)  # ids whose answers disagree, in file order
+    policy: str = "refuse"     # the conflicts policy applied
+    fmt: str = ""              # the format read (csv, jsonl, label-studio)
 
     def ids(self) -> list[str]:
         return [a.id for a in self.labels]
+
+    def refused(self) -> list[str]:
+        """Ids not imported because their answers disagree (they stay pending)."""
+        return [c.id for c in self.conflicts if c.label is None]
+
+    def conflict_report(self, classes: list[str] | None = None) -> str:
+        """One line naming every disagreement and what was done with it; "" when there is none."""
+        if not self.conflicts:
+            return ""
+        refused = [c for c in self.conflicts if c.label is None]
+        decided = [c for c in self.conflicts if c.label is not None]
+        parts = []
+        if refused:
+            why = "a tie" if self.policy == "majority" else "label_conflicts=refuse"
+            parts.append(f"{len(refused)} id(s) not imported, the annotators disagree ({why}; they stay "
+                         f"pending): {_shorten([c.describe(classes, self.fmt) for c in refused])}")
+        if decided:
+            parts.append(f"{len(decided)} id(s) decided by label_conflicts={self.policy}: "
+                         f"{_shorten([c.describe(classes, self.fmt) for c in decided])}")
+        return f"{self.source}: " + "; ".join(parts)
 
 
 @dataclass
@@ -99,13 +165,9 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
             "suggested_label": _class_name(classes, r.get("suggested_label")), "label": None,
         })
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=QUERY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for rec in records:
-        writer.writerow({**rec, "score": repr(rec["score"]), "label": ""})
     paths = {fmt: out_dir / name for fmt, name in EXPORT_FILES.items()}
-    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["csv"], ",".join(QUERY_COLUMNS) + "\n" + _csv_text(
+        QUERY_COLUMNS, [{**rec, "score": repr(rec["score"]), "label": ""} for rec in records]))
 
     atomic_write_text(paths["jsonl"], "".join(json.dumps(rec) + "\n" for rec in records))
 
@@ -141,58 +203,106 @@ def _shorten(items: list[str]) -> str:
     return shown + (f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else "")
 
 
+_brief = reprlib.Repr()
+_brief.maxstring, _brief.maxother, _brief.maxlevel, _brief.maxlist, _brief.maxdict = 120, 120, 3, 12, 6
+
+
+def _show(value: Any) -> str:
+    """repr() for messages, bounded: a value from a file may be huge or nested a thousand deep."""
+    return _brief.repr(value)
+
+
 def _where(source: str, fmt: str, row: int) -> str:
     return f"{source} task #{row}" if fmt == "label-studio" else f"{source} line {row}"
 
 
-class _Collector:
-    """Accumulates rows of one file and enforces the per-file rules."""
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
 
-    def __init__(self, source: str, fmt: str, classes: list[str]) -> None:
-        self.source, self.fmt, self.classes = source, fmt, classes
+
+class _Collector:
+    """Accumulates the rows of one file, enforces the per-file rules, and decides each id's label
+    from its votes (every non-empty answer) under the conflicts policy."""
+
+    def __init__(self, source: str, fmt: str, classes: list[str], conflicts: str = "refuse") -> None:
+        self.source, self.fmt, self.classes, self.policy = source, fmt, classes, conflicts
         self.index = {c: i for i, c in enumerate(classes)}
-        self.first_row: dict[str, int] = {}
+        self.seen: dict[str, int] = {}       # id -> first row, in file order
+        self.votes: dict[str, list[Vote]] = {}
         self.meta: dict[str, dict[Any, int]] = {"experiment": {}, "query_id": {}, "cycle": {}}
-        self.labels: list[Annotation] = []
-        self.skipped: list[str] = []
         self.n_rows = 0
 
     def fail(self, row: int, msg: str) -> LabelImportError:
         return LabelImportError(f"{_where(self.source, self.fmt, row)}: {msg}")
 
-    def add(self, row: int, sample_id: Any, label: Any, annotator: Any, experiment: Any = None,
+    def _text(self, row: int, what: str, value: Any) -> str:
+        """A string value of the file (id, annotator, experiment, query id), stripped."""
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise self.fail(row, f"{what} {_show(value)} must be a string (or an integer), not "
+                                 f"{type(value).__name__}")
+        text = str(value).strip()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise self.fail(row, f"{what} {_show(value)} holds a lone UTF-16 surrogate (a broken \\u escape), "
+                                 "which is not text; fix it and import again") from None
+        return text
+
+    def add(self, row: int, sample_id: Any, votes: list[tuple[Any, Any, str]], experiment: Any = None,
             query_id: Any = None, cycle: Any = None) -> None:
+        """One row (csv/jsonl line, Label Studio task) of one id; votes: (label, annotator, when) answers,
+        where an empty label is no answer."""
         self.n_rows += 1
-        if sample_id is None or str(sample_id).strip() == "":
+        if _is_blank(sample_id):
             raise self.fail(row, "the sample id is empty; every row must keep the id it was exported with")
-        sid = str(sample_id).strip()
-        if sid in self.first_row:
-            raise self.fail(row, f"id {sid!r} appears twice (also at {_where(self.source, self.fmt, self.first_row[sid])}); "
-                                 "keep one answer per sample and import again")
-        self.first_row[sid] = row
+        sid = self._text(row, "the sample id", sample_id)
+        self.seen.setdefault(sid, row)
         for key, value in (("experiment", experiment), ("query_id", query_id), ("cycle", cycle)):
-            if value is None or str(value).strip() == "":
+            if _is_blank(value):
                 continue
             if key == "cycle":
                 try:
+                    if isinstance(value, bool) or not isinstance(value, (str, int)):
+                        raise ValueError
                     value = int(str(value).strip())
                 except ValueError:
-                    raise self.fail(row, f"cycle {value!r} is not an integer") from None
+                    raise self.fail(row, f"cycle {_show(value)} is not an integer") from None
             else:
-                value = str(value).strip()
+                value = self._text(row, key, value)
             self.meta[key].setdefault(value, row)
-        if label is None or (isinstance(label, str) and label.strip() == ""):
-            self.skipped.append(sid)
-            return
-        if not isinstance(label, str):
-            raise self.fail(row, f"label {label!r} for id {sid!r} must be a class name (a string), one of "
-                                 f"{self.classes}")
-        name = label.strip()
-        if name not in self.index:
-            raise self.fail(row, f"label {name!r} for id {sid!r} is not one of the classes {self.classes}; "
-                                 "fix the label (names are case-sensitive) and import again")
-        ann = None if annotator is None or str(annotator).strip() == "" else str(annotator).strip()
-        self.labels.append(Annotation(sid, self.index[name], ann, row))
+        for label, annotator, when in votes:
+            if _is_blank(label):
+                continue
+            if not isinstance(label, str):
+                raise self.fail(row, f"label {_show(label)} for id {sid!r} must be a class name (a string), one of "
+                                     f"{self.classes}")
+            name = label.strip()
+            if name not in self.index:
+                raise self.fail(row, f"label {_show(name)} for id {sid!r} is not one of the classes {self.classes}; "
+                                     "fix the label (names are case-sensitive) and import again")
+            who = None if _is_blank(annotator) else self._text(row, "annotator", annotator)
+            self.votes.setdefault(sid, []).append(Vote(who, self.index[name], row, when))
+
+    def _decide(self, sid: str, votes: list[Vote]) -> tuple[Annotation | None, Conflict | None]:
+        newest = max(range(len(votes)), key=lambda i: (votes[i].when, i))  # ties: the later answer in the file
+        labels = {v.label for v in votes}
+        if len(labels) == 1:
+            winner, decided_by, conflict = votes[newest], "single" if len(votes) == 1 else "unanimous", None
+        elif self.policy == "refuse":
+            return None, Conflict(sid, votes, None)
+        elif self.policy == "newest":
+            winner, decided_by = votes[newest], "newest"
+        else:  # majority
+            counts = Counter(v.label for v in votes).most_common()
+            if len(counts) > 1 and counts[0][1] == counts[1][1]:
+                return None, Conflict(sid, votes, None)
+            top = counts[0][0]
+            winner = votes[max((i for i, v in enumerate(votes) if v.label == top), key=lambda i: (votes[i].when, i))]
+            decided_by = "majority"
+        if len(labels) > 1:
+            conflict = Conflict(sid, votes, winner.label)
+        others = [v for v in votes if v is not winner]
+        return Annotation(sid, winner.label, winner.annotator, winner.row, decided_by, others), conflict
 
     def finish(self) -> Annotations:
         if self.n_rows == 0:
@@ -205,8 +315,19 @@ class _Collector:
                 raise LabelImportError(f"{self.source} mixes several {key} values: {found}; one file must "
                                        "answer one query of one experiment; split it and import each part")
             values[key] = next(iter(seen)) if seen else None
-        return Annotations(values["experiment"], values["query_id"], values["cycle"], self.labels,
-                           self.skipped, self.source)
+        labels, skipped, conflicts = [], [], []
+        for sid in self.seen:
+            votes = self.votes.get(sid)
+            if not votes:
+                skipped.append(sid)
+                continue
+            ann, conflict = self._decide(sid, votes)
+            if ann is not None:
+                labels.append(ann)
+            if conflict is not None:
+                conflicts.append(conflict)
+        return Annotations(values["experiment"], values["query_id"], values["cycle"], labels, skipped,
+                           self.source, conflicts, self.policy, self.fmt)
 
 
 def _infer_format(path: Path) -> str:
@@ -218,9 +339,39 @@ def _infer_format(path: Path) -> str:
     return fmt
 
 
-def read_annotations(path: Path, classes: list[str], fmt: str | None = None) -> Annotations:
-    """Read filled-in annotations (csv, jsonl, or Label Studio JSON); raises LabelImportError."""
+_UTF16_32_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+                  b"\xfe\xff": "UTF-16"}
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    for bom, name in _UTF16_32_BOMS.items():
+        if raw.startswith(bom):
+            raise LabelImportError(f"{path} is {name} text (it starts with a {name} byte-order mark); "
+                                   "save it as UTF-8 and import again")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LabelImportError(f"{path} is not UTF-8 text ({err}); save it as UTF-8 and import again") from None
+    if "\x00" in text:
+        line = len(_LINE_END.findall(text, 0, text.index("\x00"))) + 1
+        raise LabelImportError(f"{path} line {line} holds a NUL byte, which no text file has (is it UTF-16 "
+                               "without a byte-order mark, or not a text file?); save it as UTF-8 and import again")
+    return text
+
+
+def read_annotations(path: Path, classes: list[str], fmt: str | None = None,
+                     conflicts: str = "refuse") -> Annotations:
+    """Read filled-in annotations (csv, jsonl, or Label Studio JSON); raises LabelImportError.
+
+    conflicts: what to do with an id whose answers disagree (`CONFLICT_POLICIES`): "refuse" (not
+    imported, it stays pending), "newest" (the newest answer wins: Label Studio's updated_at, else
+    the later row) or "majority" (the most frequent label wins; a tie is refused). Cancelled Label
+    Studio annotations and empty answers are no votes.
+    """
     path = Path(path)
+    if conflicts not in CONFLICT_POLICIES:
+        raise LabelImportError(f"unknown label conflicts policy {conflicts!r}; use one of "
+                               f"{', '.join(CONFLICT_POLICIES)}")
     if fmt is None:
         fmt = _infer_format(path)
     elif fmt not in FORMATS:
@@ -231,11 +382,8 @@ def read_annotations(path: Path, classes: list[str], fmt: str | None = None) -> 
         raise LabelImportError(f"no such annotations file: {path}") from None
     except OSError as err:
         raise LabelImportError(f"cannot read {path}: {err}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LabelImportError(f"{path} is not UTF-8 text ({err}); save it as UTF-8 and import again") from None
-    col = _Collector(str(path), fmt, list(classes))
+    text = _decode(path, raw)
+    col = _Collector(str(path), fmt, list(classes), conflicts)
     if text.strip() == "":
         raise LabelImportError(f"no annotations in {path}: the file is empty; "
                                "export the query again and fill in the label column")
@@ -256,9 +404,9 @@ def _read_csv(text: str, col: _Collector) -> None:
     header = [h.strip() for h in header]
     missing = [c for c in ("id", "label") if c not in header]
     if missing:
-        raise LabelImportError(f"{col.source}: missing column(s) {missing}; found columns {header}; the file needs "
-                               "at least `id` and `label` (export the query again, or use --format if this is "
-                               "not a csv)")
+        raise LabelImportError(f"{col.source}: missing column(s) {missing}; found columns {_show(header)}; the "
+                               "file needs at least `id` and `label` (export the query again, or use --format if "
+                               "this is not a csv)")
     pos = {name: i for i, name in reversed(list(enumerate(header)))}  # first occurrence wins
 
     def cell(values: list[str], name: str) -> str | None:
@@ -278,47 +426,52 @@ def _read_csv(text: str, col: _Collector) -> None:
         if len(values) > len(header):
             raise col.fail(line, f"{len(values)} fields but the header has {len(header)}; "
                                  "quote values that contain commas")
-        col.add(line, cell(values, "id"), cell(values, "label"), cell(values, "annotator"),
+        col.add(line, cell(values, "id"), [(cell(values, "label"), cell(values, "annotator"), "")],
                 cell(values, "experiment"), cell(values, "query_id"), cell(values, "cycle"))
+
+
+def _loads(text: str) -> Any:
+    """json.loads; ValueError (malformed, or an integer of more than 4300 digits) or RecursionError."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")  # not str.splitlines(): U+2028, U+0085 ... may stand inside a JSON string
 
 
 def _read_jsonl(text: str, col: _Collector) -> None:
     seen_label_key = False
     keys_found: set[str] = set()
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(_LINE_END.split(text), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
+            obj = _loads(line)
+        except ValueError as err:
             raise col.fail(n, f"malformed JSON ({err}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
             raise col.fail(n, f"expected a JSON object, found {type(obj).__name__}")
         keys_found.update(obj)
         if "id" not in obj:
-            raise col.fail(n, f"no `id` key (found keys {sorted(obj)}); keep the id each row was exported with")
+            raise col.fail(n, f"no `id` key (found keys {_show(sorted(obj))}); keep the id each row was exported "
+                              "with")
         seen_label_key = seen_label_key or "label" in obj
-        col.add(n, obj.get("id"), obj.get("label"), obj.get("annotator"), obj.get("experiment"),
+        col.add(n, obj.get("id"), [(obj.get("label"), obj.get("annotator"), "")], obj.get("experiment"),
                 obj.get("query_id"), obj.get("cycle"))
     if col.n_rows and not seen_label_key:
-        raise LabelImportError(f"{col.source}: no line has a `label` key (found keys {sorted(keys_found)}); "
+        raise LabelImportError(f"{col.source}: no line has a `label` key (found keys {_show(sorted(keys_found))}); "
                                "add \"label\": \"<class name>\" to each answered line")
 
 
-def _latest_annotation(annotations: list) -> dict | None:
-    live = [(a.get("updated_at") or a.get("created_at") or "", i, a) for i, a in enumerate(annotations)
-            if isinstance(a, dict) and not a.get("was_cancelled")]
-    return max(live, key=lambda t: (str(t[0]), t[1]))[2] if live else None
-
-
-def _annotator(completed_by: Any) -> str | None:
+def _annotator(completed_by: Any) -> Any:
     if isinstance(completed_by, dict):
-        who = completed_by.get("email") or completed_by.get("username") or completed_by.get("id")
-        return None if who is None else str(who)
-    return None if completed_by is None else str(completed_by)
+        return completed_by.get("email") or completed_by.get("username") or completed_by.get("id")
+    return completed_by
 
 
-def _choice(result: list, col: _Collector, n: int) -> str:
+def _choice(result: list, col: _Collector, n: int) -> Any:
     items = [r for r in result if isinstance(r, dict) and isinstance(r.get("value"), dict)
              and r["value"].get("choices")]
     if not items:
@@ -331,8 +484,8 @@ def _choice(result: list, col: _Collector, n: int) -> str:
 
 def _read_labelstudio(text: str, col: _Collector) -> None:
     try:
-        tasks = json.loads(text)
-    except json.JSONDecodeError as err:
+        tasks = _loads(text)
+    except ValueError as err:
         raise LabelImportError(f"{col.source}: malformed JSON ({err}); export the tasks from Label Studio "
                                "again as JSON") from None
     if isinstance(tasks, dict):  # a single task
@@ -345,21 +498,24 @@ def _read_labelstudio(text: str, col: _Collector) -> None:
                               "JSON export")
         data = task["data"]
         if "sample_id" not in data:
-            raise col.fail(n, f"task data has no `sample_id` (found {sorted(data)}); import tasks from "
+            raise col.fail(n, f"task data has no `sample_id` (found {_show(sorted(data))}); import tasks from "
                               "query_labelstudio.json so each keeps its sample id")
         annotations = task.get("annotations") or []
         if not isinstance(annotations, list):
             raise col.fail(n, "`annotations` must be a list")
-        latest = _latest_annotation(annotations)
-        result = latest.get("result") if latest else None
-        if not result:  # no annotation, only cancelled ones, or an empty result: skipped
-            label, who = None, None
-        else:
+        votes = []
+        for a in annotations:  # every submitted annotation is a vote; cancelled (skipped) ones are not
+            if not isinstance(a, dict) or a.get("was_cancelled"):
+                continue
+            result = a.get("result")
+            if not result:  # submitted empty: no answer
+                continue
             if not isinstance(result, list):
                 raise col.fail(n, "the annotation's `result` must be a list")
-            label, who = _choice(result, col, n), _annotator(latest.get("completed_by"))
-        col.add(n, data.get("sample_id"), label, who, data.get("experiment"), data.get("query_id"),
-                data.get("cycle"))
+            when = a.get("updated_at") or a.get("created_at") or ""
+            votes.append((_choice(result, col, n), _annotator(a.get("completed_by")),
+                          when if isinstance(when, str) else _show(when)))
+        col.add(n, data.get("sample_id"), votes, data.get("experiment"), data.get("query_id"), data.get("cycle"))
 
 
 # --- checks against the experiment ----------------------------------------------------------
@@ -410,9 +566,51 @@ def check_against_state(ann: Annotations, *, experiment: str, pool_ids: set[str]
 
 # --- provenance log -------------------------------------------------------------------------
 
+def _csv_text(columns: list[str], rows: list[dict]) -> str:
+    """CSV rows with "\\n" line ends that read back as written: csv's minimal quoting does not quote a
+    lone "\\r" (it is not in the line terminator), which a reader takes for a line end, so a row
+    holding one is written fully quoted."""
+    buf = io.StringIO()
+    plain = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    quoted = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        (quoted if any("\r" in str(v) for v in row.values()) else plain).writerow(row)
+    return buf.getvalue()
+
+
+def _other_labels(a: Annotation, classes: list[str] | None) -> str:
+    """The id's other answers as compact JSON: [{"annotator": ..., "label": ..., "label_name": ...}]."""
+    if not a.others:
+        return ""
+    return json.dumps([{"annotator": v.annotator, "label": v.label,
+                        **({"label_name": classes[v.label]} if classes else {})} for v in a.others],
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def _log_header(labels_csv: Path, old: bytes) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(old.decode("utf-8-sig"), newline="")), [])
+    except UnicodeDecodeError as err:
+        raise LabelImportError(f"{labels_csv} is not UTF-8 text ({err}); refusing to append to it; restore it "
+                               "from its DVC-pinned version (dvc checkout) and import again") from None
+    except csv.Error as err:
+        raise LabelImportError(f"{labels_csv} line 1 is unreadable csv ({err}); refusing to append to it; "
+                               "restore it from its DVC-pinned version (dvc checkout) and import again") from None
+
+
 def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str, int], query_of: dict[str, str],
-                      source: str, imported_at: str, classes: list[str] | None = None) -> int:
-    """Append one row per new/relabeled id to labels_csv (old bytes + new rows, atomically); returns rows added."""
+                      source: str, imported_at: str, classes: list[str] | None = None, dry_run: bool = False) -> int:
+    """Append one row per new/relabeled id to labels_csv (old bytes + new rows, atomically); returns rows added.
+
+    dry_run: make every check below and return the rows it would add, writing nothing (so a caller
+    can refuse an import before it writes anything else).
+
+    A log in the layout from before `decided_by`/`other_labels` gets the new header line (its rows'
+    bytes stay as they are and read back with those two columns empty). Any other layout, a file
+    that is not UTF-8 csv, one whose rows do not read back (`current_labels`), or one that would not
+    read back as its old labels plus the new ones (a last row cut inside a quoted value) is refused
+    with LabelImportError and left byte-identical.
+    """
     labels_csv = Path(labels_csv)
     entries: list[tuple[Annotation, int | None]] = [(a, None) for a in plan.new.values()]
     entries += [(a, old) for old, a in plan.relabeled.values()]
@@ -420,34 +618,98 @@ def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str,
         return 0
     entries.sort(key=lambda e: e[0].row)
     old = labels_csv.read_bytes() if labels_csv.exists() else b""
+    new_header = ",".join(PROVENANCE_COLUMNS).encode() + b"\n"
+    before: dict[str, int] = {}
     if old.strip():
-        header = next(csv.reader(io.StringIO(old.decode("utf-8-sig"))), [])
-        if header != PROVENANCE_COLUMNS:
-            raise LabelImportError(f"{labels_csv} has columns {header}, expected {PROVENANCE_COLUMNS}; "
+        header = _log_header(labels_csv, old)
+        if header == LEGACY_PROVENANCE_COLUMNS:
+            bom = b"\xef\xbb\xbf" if old.startswith(b"\xef\xbb\xbf") else b""
+            first_end = _LINE_END_BYTES.search(old)
+            old = bom + new_header + (old[first_end.end():] if first_end else b"")
+        elif header != PROVENANCE_COLUMNS:
+            raise LabelImportError(f"{labels_csv} has columns {_show(header)}, expected {PROVENANCE_COLUMNS}; "
                                    "refusing to append to a file of another layout")
-        prefix = old if old.endswith(b"\n") else old + b"\n"
+        before = current_labels(labels_csv)  # a log whose rows do not read back is refused, not appended to
+        prefix = old if old.endswith((b"\n", b"\r")) else old + b"\n"
     else:
-        prefix = ",".join(PROVENANCE_COLUMNS).encode() + b"\n"
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PROVENANCE_COLUMNS, lineterminator="\n")
+        prefix = new_header
+    rows = []
     for a, previous in entries:
         cycle = cycle_of.get(a.id)
-        writer.writerow({
+        rows.append({
             "id": a.id, "label": a.label, "label_name": classes[a.label] if classes else "",
             "annotator": a.annotator or "", "cycle": "" if cycle is None else cycle,
             "query_id": query_of.get(a.id, ""), "imported_at": imported_at, "source": source,
-            "supersedes": "" if previous is None else previous,
+            "supersedes": "" if previous is None else previous, "decided_by": a.decided_by,
+            "other_labels": _other_labels(a, classes),
         })
-    atomic_write_bytes(labels_csv, prefix + buf.getvalue().encode())
+    try:
+        data = prefix + _csv_text(PROVENANCE_COLUMNS, rows).encode()
+    except UnicodeEncodeError as err:  # only from hand-built plans: read_annotations refuses such text
+        raise LabelImportError(f"cannot write {labels_csv}: a value is not text ({err})") from None
+    if _labels_of(_parse_log(data.decode("utf-8-sig"), labels_csv), labels_csv) != {**before, **plan.updates()}:
+        raise LabelImportError(f"{labels_csv} would not read back as its labels plus the new ones (is its last row "
+                               "cut inside a quoted value?); refusing to append to it; restore it from its "
+                               "DVC-pinned version (dvc checkout) and import again")
+    if not dry_run:
+        atomic_write_bytes(labels_csv, data)
     return len(entries)
 
 
-def _provenance_rows(labels_csv: Path) -> Iterable[dict[str, str]]:
+_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
+
+
+def _log_rows(labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every row of the log; see `_parse_log`."""
     labels_csv = Path(labels_csv)
     if not labels_csv.exists():
         return []
-    with open(labels_csv, newline="", encoding="utf-8-sig") as fh:
-        return list(csv.DictReader(fh))
+    try:
+        text = labels_csv.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise LabelImportError(f"{labels_csv} is not UTF-8 text ({err}); restore it from its DVC-pinned "
+                               "version (dvc checkout)") from None
+    return _parse_log(text, labels_csv)
+
+
+def _parse_log(text: str, labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of every row; columns a row lacks (logs written before
+    decided_by/other_labels) read as ""."""
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
+            rows.append((reader.line_num, row))  # the line the row ends on
+        columns = list(reader.fieldnames or [])
+    except csv.Error as err:
+        raise LabelImportError(f"{labels_csv} line {reader.reader.line_num} is unreadable csv ({err}); restore "
+                               "it from its DVC-pinned version (dvc checkout)") from None
+    missing = [c for c in ("id", "label") if c not in columns]
+    if rows and missing:
+        raise LabelImportError(f"{labels_csv} has no {missing} column(s) (found {_show(columns)}); it is not a "
+                               "label provenance log")
+    for _, row in rows:
+        row.pop(None, None)  # extra fields of a hand-edited row
+        for key in PROVENANCE_COLUMNS:
+            if row.get(key) is None:
+                row[key] = ""
+    return rows
+
+
+def _labels_of(rows: list[tuple[int, dict[str, str]]], labels_csv: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line, row in rows:
+        try:
+            out[row["id"]] = int(row["label"])
+        except ValueError:
+            raise LabelImportError(f"{labels_csv} line {line}: the label {_show(row['label'])} of id "
+                                   f"{_show(row['id'])} is not a class number; restore the file from its "
+                                   "DVC-pinned version (dvc checkout)") from None
+    return out
+
+
+def _provenance_rows(labels_csv: Path) -> Iterable[dict[str, str]]:
+    return [row for _, row in _log_rows(labels_csv)]
 
 
 def label_history(labels_csv: Path, sample_id: str) -> list[dict]:
@@ -457,4 +719,4 @@ def label_history(labels_csv: Path, sample_id: str) -> list[dict]:
 
 def current_labels(labels_csv: Path) -> dict[str, int]:
     """{id: label} from the provenance log; the last row of an id wins."""
-    return {row["id"]: int(row["label"]) for row in _provenance_rows(labels_csv)}
+    return _labels_of(_log_rows(labels_csv), labels_csv)

@@ -553,7 +553,7 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     labeled = {**state["labeled"], **logged}
     pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
     data = dataset_for(params)
-    ann = read_annotations(Path(path), data.classes, fmt)
+    ann = read_annotations(Path(path), data.classes, fmt, conflicts=params["label_conflicts"])
     plan = check_against_state(ann, experiment=params["experiment"], pool_ids=set(data.pool_ids),
                                pending=pending, labeled=labeled, force=force, relabel=relabel)
     if pin_file(params["data_root"]).is_file():
@@ -561,15 +561,20 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     changed = {**{i: a.label for i, a in plan.new.items()}, **{i: a.label for i, (_, a) in plan.relabeled.items()}}
     summary = {"file": str(path), "new": len(plan.new), "relabeled": len(plan.relabeled),
                "unchanged": len(plan.unchanged), "skipped": len(ann.skipped),
+               "label_conflicts": ann.policy, "conflicts": len(ann.conflicts),
+               "conflicts_refused": ann.refused(), "conflict_report": ann.conflict_report(data.classes),
                "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
+                           for i in changed if i not in pending}}
+    log_rows = dict(plan=plan, cycle_of={i: known[i]["cycle"] for i in changed},
+                    query_of={i: known[i]["query_id"] for i in changed}, source=str(path),
+                    imported_at=summary["imported_at"], classes=data.classes)
+    if changed:
+        append_provenance(log_path, **log_rows, dry_run=True)  # a log it cannot extend fails here
     write_json(ws.root / IMPORT_JOURNAL, summary)
     failpoint("import:journal")
     if changed:
-        known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
-                               for i in changed if i not in pending}}
-        append_provenance(log_path, plan, cycle_of={i: known[i]["cycle"] for i in changed},
-                          query_of={i: known[i]["query_id"] for i in changed}, source=str(path),
-                          imported_at=summary["imported_at"], classes=data.classes)
+        append_provenance(log_path, **log_rows)
     failpoint("import:logged")
     return finish_import(params, on_version)
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tidal.labels import (PROVENANCE_COLUMNS, Annotation, Annotations, ImportPlan, LabelImportError,
-                          append_provenance, check_against_state, current_labels, export_query_files,
-                          label_history, read_annotations)
+from tidal.labels import (LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, Annotation, Annotations, ImportPlan,
+                          LabelImportError, Vote, append_provenance, check_against_state, current_labels,
+                          export_query_files, label_history, read_annotations)
 
 CLASSES = ["cat", "dog", "bird"]
 EXP = "exp1"
@@ -155,15 +155,16 @@ def test_roundtrip_labelstudio_export(exported, tmp_path):
     assert (ann.experiment, ann.query_id, ann.cycle, ann.skipped) == (EXP, "q-2", 2, [])
 
 
-def test_labelstudio_latest_non_cancelled_annotation_wins(exported, tmp_path):
+def test_labelstudio_newest_non_cancelled_annotation_wins_under_newest(exported, tmp_path):
     tasks = _ls_export(exported)
-    tasks[0]["annotations"] = [_ls_annotation("cat", when="2026-01-02T00:00:00Z"),
-                               _ls_annotation("bird", when="2026-01-01T00:00:00Z"),
-                               _ls_annotation("dog", cancelled=True, when="2026-01-03T00:00:00Z")]
+    tasks[0]["annotations"] = [_ls_annotation("cat", user=1, when="2026-01-02T00:00:00Z"),
+                               _ls_annotation("bird", user=2, when="2026-01-01T00:00:00Z"),
+                               _ls_annotation("dog", user=3, cancelled=True, when="2026-01-03T00:00:00Z")]
     path = tmp_path / "export.json"
     path.write_text(json.dumps(tasks))
-    ann = read_annotations(path, CLASSES)
-    assert [(a.id, a.label) for a in ann.labels] == [("s0", 0)]
+    ann = read_annotations(path, CLASSES, conflicts="newest")
+    assert [(a.id, a.label, a.annotator, a.decided_by) for a in ann.labels] == [("s0", 0, "1", "newest")]
+    assert ann.labels[0].others == [Vote("2", 2, 1, "2026-01-01T00:00:00Z")]  # the cancelled one is no vote
 
 
 def test_labelstudio_skipped_and_cancelled_tasks(exported, tmp_path):
@@ -281,20 +282,22 @@ def test_jsonl_non_string_label(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "label-studio"])
-def test_duplicate_id_names_both_rows(tmp_path, fmt):
+def test_repeated_id_is_one_id_with_several_answers(tmp_path, fmt):
+    """A repeated row (task) of one id is more answers for it, not an error; empty ones are no answers."""
     if fmt == "csv":
-        path = _write_csv(tmp_path / "a.csv", ["id", "label"], [["s0", "cat"], ["s1", "dog"], ["s0", "bird"]])
-        first, second = "line 2", "line 4"
+        path = _write_csv(tmp_path / "a.csv", ["id", "label"], [["s0", "cat"], ["s1", ""], ["s0", ""], ["s1", ""]])
     elif fmt == "jsonl":
         path = tmp_path / "a.jsonl"
-        path.write_text('{"id": "s0", "label": "cat"}\n{"id": "s1", "label": null}\n{"id": "s0", "label": null}\n')
-        first, second = "line 1", "line 3"
+        path.write_text('{"id": "s0", "label": "cat"}\n{"id": "s1", "label": null}\n{"id": "s0", "label": null}\n'
+                        '{"id": "s1"}\n')
     else:
         path = tmp_path / "a.json"
-        path.write_text(json.dumps([{"data": {"sample_id": "s0"}}, {"data": {"sample_id": "s0"}}]))
-        first, second = "task #1", "task #2"
-    msg = _raises(path, "appears twice")
-    assert f"{path} {second}" in msg and f"also at {path} {first}" in msg and "'s0'" in msg
+        path.write_text(json.dumps([{"data": {"sample_id": "s0"}, "annotations": [_ls_annotation("cat")]},
+                                    {"data": {"sample_id": "s1"}}, {"data": {"sample_id": "s0"}},
+                                    {"data": {"sample_id": "s1"}}]))
+    ann = read_annotations(path, CLASSES)
+    assert [(a.id, a.label, a.decided_by, a.others) for a in ann.labels] == [("s0", 0, "single", [])]
+    assert ann.skipped == ["s1"] and ann.conflicts == []
 
 
 @pytest.mark.parametrize("column,values", [("experiment", ["exp1", "exp2"]), ("query_id", ["q-1", "q-2"]),
@@ -495,3 +498,372 @@ def test_full_flow_export_import_check_log(exported, tmp_path):
                       imported_at="2026-01-01T00:00:00Z", classes=CLASSES)
     assert current_labels(log) == {"s0": 1, "s1": 0}
     assert plan.still_pending == ["s2", "s3"]
+
+
+# --- disagreeing annotators: the label_conflicts policy --------------------------------------
+
+def _ls_tasks(*answers):
+    """One task per item: (sample id, [(choice, user, when, cancelled), ...])."""
+    return [{"data": {"sample_id": sid, "experiment": EXP, "cycle": 2, "query_id": "q-2"},
+             "annotations": [_ls_annotation(c, user=u, when=w, cancelled=x) for c, u, w, x in votes]}
+            for sid, votes in answers]
+
+
+T1, T2, T3 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+DISAGREE = _ls_tasks(("s0", [("cat", 1, T2, False), ("dog", 2, T1, False)]),    # 1 vs 1, newest: cat
+                     ("s1", [("bird", 1, T1, False)]),                             # one answer
+                     ("s2", [("dog", 1, T1, False), ("dog", 2, T2, False)]),      # agree
+                     ("s3", [("cat", 1, T1, False), ("cat", 2, T2, False), ("bird", 3, T3, False)]))  # 2 vs 1
+
+
+def _read_ls(tmp_path, tasks, conflicts=None):
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(tasks))
+    return read_annotations(path, CLASSES, **({} if conflicts is None else {"conflicts": conflicts}))
+
+
+def _decided(ann):
+    return {a.id: (CLASSES[a.label], a.annotator, a.decided_by) for a in ann.labels}
+
+
+def test_conflicts_refuse_is_the_default_and_keeps_the_ids_pending(tmp_path):
+    ann = _read_ls(tmp_path, DISAGREE)
+    assert ann.policy == "refuse"
+    assert _decided(ann) == {"s1": ("bird", "1", "single"), "s2": ("dog", "2", "unanimous")}
+    assert ann.refused() == ["s0", "s3"] and ann.skipped == []
+    s0 = ann.conflicts[0]
+    assert s0.id == "s0" and s0.label is None
+    assert [(v.annotator, CLASSES[v.label], v.row) for v in s0.votes] == [("1", "cat", 1), ("2", "dog", 1)]
+    report = ann.conflict_report(CLASSES)
+    assert str(ann.source) in report and "2 id(s) not imported" in report and "stay pending" in report
+    assert "s0 (1: cat (task #1), 2: dog (task #1); refused)" in report
+    assert "s3 (1: cat (task #4), 2: cat (task #4), 3: bird (task #4); refused)" in report
+    # the refused ids are not imported: still pending after the check, the others are new
+    pending = {f"s{i}": {"cycle": 2, "query_id": "q-2"} for i in range(4)}
+    plan = check_against_state(ann, experiment=EXP, pool_ids=POOL, pending=pending, labeled={})
+    assert sorted(plan.new) == ["s1", "s2"] and plan.still_pending == ["s0", "s3"]
+    assert plan.new["s2"].others == [Vote("1", 1, 3, T1)]  # the agreeing answer is kept too
+
+
+def test_conflicts_newest_takes_the_newest_and_records_the_others(tmp_path):
+    ann = _read_ls(tmp_path, DISAGREE, "newest")
+    assert _decided(ann) == {"s0": ("cat", "1", "newest"), "s1": ("bird", "1", "single"),
+                             "s2": ("dog", "2", "unanimous"), "s3": ("bird", "3", "newest")}
+    assert ann.refused() == []
+    assert [(c.id, c.label) for c in ann.conflicts] == [("s0", 0), ("s3", 2)]
+    by_id = {a.id: a for a in ann.labels}
+    assert by_id["s0"].others == [Vote("2", 1, 1, T1)]
+    assert [(v.annotator, v.label) for v in by_id["s3"].others] == [("1", 0), ("2", 0)]
+    assert ("2 id(s) decided by label_conflicts=newest: s0 (1: cat (task #1), 2: dog (task #1); took cat)"
+            in ann.conflict_report(CLASSES))
+
+
+def test_conflicts_majority_takes_the_most_frequent_label(tmp_path):
+    ann = _read_ls(tmp_path, DISAGREE, "majority")
+    # s3: cat twice beats the newer bird; the newest cat answer speaks for it
+    assert _decided(ann)["s3"] == ("cat", "2", "majority")
+    assert [(v.annotator, CLASSES[v.label]) for v in ann.labels[-1].others] == [("1", "cat"), ("3", "bird")]
+    # s0: one against one is a tie: refused, even though one answer is newer
+    assert "s0" not in _decided(ann) and ann.refused() == ["s0"]
+    assert [(c.id, c.label) for c in ann.conflicts] == [("s0", None), ("s3", 0)]
+    report = ann.conflict_report(CLASSES)
+    assert "1 id(s) not imported" in report and "a tie" in report and "decided by label_conflicts=majority" in report
+
+
+def test_conflicts_majority_tie_among_three_labels_is_refused(tmp_path):
+    tasks = _ls_tasks(("s0", [("cat", 1, T1, False), ("dog", 2, T2, False), ("bird", 3, T3, False)]),
+                      ("s1", [("cat", 1, T1, False), ("cat", 2, T1, False), ("dog", 3, T2, False),
+                              ("dog", 4, T3, False)]))
+    ann = _read_ls(tmp_path, tasks, "majority")
+    assert ann.labels == [] and ann.refused() == ["s0", "s1"]
+
+
+def test_cancelled_and_empty_annotations_are_not_votes(tmp_path):
+    tasks = _ls_tasks(("s0", [("cat", 1, T1, False), ("dog", 2, T3, True)]),          # dog was skipped
+                      ("s1", [("cat", 1, T1, True), ("dog", 2, T2, True)]),           # all skipped
+                      ("s2", [("cat", 1, T1, False), ("dog", 2, T2, False), ("dog", 3, T3, True)]))
+    tasks[0]["annotations"].append(_ls_annotation("bird", user=4, when=T3, result=False))  # submitted empty
+    for policy in ("refuse", "newest", "majority"):
+        ann = _read_ls(tmp_path, tasks, policy)
+        assert _decided(ann)["s0"] == ("cat", "1", "single") and ann.labels[0].others == []
+        assert ann.skipped == ["s1"]
+        # s2: the cancelled dog does not break the cat/dog tie
+        assert ("s2" in ann.refused()) == (policy in ("refuse", "majority"))
+    assert _decided(_read_ls(tmp_path, tasks, "newest"))["s2"] == ("dog", "2", "newest")
+
+
+def test_conflicts_unknown_policy(tmp_path):
+    path = _write_csv(tmp_path / "a.csv", ["id", "label"], [["s0", "cat"]])
+    with pytest.raises(LabelImportError, match="unknown label conflicts policy 'latest'; use one of refuse, newest"):
+        read_annotations(path, CLASSES, conflicts="latest")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_csv_and_jsonl_repeated_rows_follow_the_same_policy(tmp_path, fmt):
+    rows = [("s0", "cat", "ann"), ("s1", "dog", "ann"), ("s0", "dog", "bob"), ("s1", "dog", "bob"),
+            ("s2", "bird", "ann"), ("s2", "cat", "bob"), ("s2", "bird", "carol"), ("s0", "", "carol")]
+    if fmt == "csv":
+        path = _write_csv(tmp_path / "a.csv", ["id", "label", "annotator"], [list(r) for r in rows])
+        line = {"s0": 4, "s2": 8}  # header = line 1
+    else:
+        path = tmp_path / "a.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "label": lab or None, "annotator": who}) + "\n"
+                                for i, lab, who in rows))
+        line = {"s0": 3, "s2": 7}
+    refuse = read_annotations(path, CLASSES)
+    assert _decided(refuse) == {"s1": ("dog", "bob", "unanimous")}  # same label twice: imported
+    assert refuse.refused() == ["s0", "s2"] and refuse.skipped == []
+    assert (f"s0 (ann: 0 (line {line['s0'] - 2}), bob: 1 (line {line['s0']}); refused)"
+            in refuse.conflict_report())  # without the classes: label numbers
+    newest = read_annotations(path, CLASSES, conflicts="newest")  # no timestamps: the later row is newer
+    assert _decided(newest) == {"s0": ("dog", "bob", "newest"), "s1": ("dog", "bob", "unanimous"),
+                                "s2": ("bird", "carol", "newest")}
+    assert newest.labels[0].row == line["s0"] and newest.labels[2].row == line["s2"]
+    majority = read_annotations(path, CLASSES, conflicts="majority")
+    assert _decided(majority) == {"s1": ("dog", "bob", "unanimous"), "s2": ("bird", "carol", "majority")}
+    assert majority.refused() == ["s0"]  # cat against dog: a tie
+
+
+def test_provenance_records_policy_and_other_labels(tmp_path):
+    ann = _read_ls(tmp_path, DISAGREE, "majority")
+    pending = {f"s{i}": {"cycle": 2, "query_id": "q-2"} for i in range(4)}
+    plan = check_against_state(ann, experiment=EXP, pool_ids=POOL, pending=pending, labeled={})
+    log = tmp_path / "labels.csv"
+    append_provenance(log, plan, cycle_of={i: 2 for i in plan.new}, query_of={i: "q-2" for i in plan.new},
+                      source=ann.source, imported_at="t", classes=CLASSES)
+    header = log.read_text().splitlines()[0]
+    assert header == ",".join(PROVENANCE_COLUMNS) and header.endswith(",supersedes,decided_by,other_labels")
+    rows = {r["id"]: r for r in csv.DictReader(open(log, newline=""))}
+    assert sorted(rows) == ["s1", "s2", "s3"]
+    assert (rows["s1"]["decided_by"], rows["s1"]["other_labels"]) == ("single", "")
+    assert rows["s2"]["decided_by"] == "unanimous"
+    assert json.loads(rows["s2"]["other_labels"]) == [{"annotator": "1", "label": 1, "label_name": "dog"}]
+    assert (rows["s3"]["label_name"], rows["s3"]["annotator"], rows["s3"]["decided_by"]) == ("cat", "2", "majority")
+    assert json.loads(rows["s3"]["other_labels"]) == [{"annotator": "1", "label": 0, "label_name": "cat"},
+                                                      {"annotator": "3", "label": 2, "label_name": "bird"}]
+    assert label_history(log, "s3")[0]["decided_by"] == "majority"
+    assert current_labels(log) == {"s1": 2, "s2": 1, "s3": 0}
+
+
+LEGACY_LOG = (",".join(LEGACY_PROVENANCE_COLUMNS) + "\r\n"
+              "s0,0,cat,alice,1,q-1,2025-12-01T00:00:00Z,a.csv,\r\n"
+              "s1,1,dog,,1,q-1,2025-12-01T00:00:00Z,a.csv,\r\n"
+              "s0,2,bird,bob,1,q-1,2025-12-02T00:00:00Z,b.csv,0\r\n").encode()
+
+
+def test_old_log_without_the_new_columns_is_still_read(tmp_path):
+    log = tmp_path / "labels.csv"
+    log.write_bytes(LEGACY_LOG)
+    assert current_labels(log) == {"s0": 2, "s1": 1}
+    history = label_history(log, "s0")
+    assert [(h["label"], h["annotator"], h["supersedes"]) for h in history] == [("0", "alice", ""), ("2", "bob", "0")]
+    assert all(h["decided_by"] == "" and h["other_labels"] == "" for h in history)
+    assert log.read_bytes() == LEGACY_LOG
+
+
+def test_append_to_old_log_upgrades_the_header_and_keeps_every_row(tmp_path):
+    log = tmp_path / "labels.csv"
+    log.write_bytes(b"\xef\xbb\xbf" + LEGACY_LOG)
+    plan = _plan(new=[("s2", 0, "carol")])
+    plan.new["s2"].decided_by, plan.new["s2"].others = "newest", [Vote("dan", 1, 2, T1)]
+    append_provenance(log, plan, cycle_of={"s2": 2}, query_of={"s2": "q-2"}, source="c.json", imported_at="t",
+                      classes=CLASSES)
+    data = log.read_bytes()
+    old_rows = LEGACY_LOG.split(b"\r\n", 1)[1]
+    assert data == (b"\xef\xbb\xbf" + ",".join(PROVENANCE_COLUMNS).encode() + b"\n" + old_rows
+                    + b's2,0,cat,carol,2,q-2,t,c.json,,newest,"[{""annotator"":""dan"",""label"":1,'
+                      b'""label_name"":""dog""}]"\n')
+    assert current_labels(log) == {"s0": 2, "s1": 1, "s2": 0}
+    assert label_history(log, "s1")[0]["decided_by"] == "" and label_history(log, "s2")[0]["decided_by"] == "newest"
+
+
+def test_label_conflicts_param():
+    from tidal.config import CHOICES, DEFAULTS, ConfigError, load_params
+
+    assert DEFAULTS["label_conflicts"] == "refuse" and CHOICES["label_conflicts"] == ("refuse", "newest", "majority")
+    assert load_params(None, ["label_conflicts=majority"])["label_conflicts"] == "majority"
+    with pytest.raises(ConfigError, match="label_conflicts"):
+        load_params(None, ["label_conflicts=latest"])
+
+
+# --- regressions found by tests/code/test_import_fuzz.py ------------------------------------
+
+@pytest.mark.parametrize("name,text,where", [
+    ("a.jsonl", '{"id": "s0", "label": "cat", "score": ' + "1" * 5000 + "}\n", "line 1: malformed JSON"),
+    ("a.json", '[{"data": {"sample_id": "s0", "rank": ' + "1" * 5000 + "}}]", "malformed JSON"),
+])
+def test_json_integer_of_more_than_4300_digits_is_refused(tmp_path, name, text, where):
+    """json.loads raised a bare ValueError (Python's int max-str-digits limit)."""
+    path = tmp_path / name
+    path.write_text(text)
+    msg = _raises(path, where)
+    assert str(path) in msg and "4300 digits" in msg
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("a.jsonl", '{"id": "s0", "label": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 1: malformed JSON"),
+    ("a.json", "[" * 100_000 + "]" * 100_000, "malformed JSON"),
+])
+def test_json_nested_too_deep_is_refused(tmp_path, name, text, where):
+    """json.loads raised RecursionError."""
+    path = tmp_path / name
+    path.write_text(text)
+    assert "nested too deeply" in _raises(path, where)
+
+
+@pytest.mark.parametrize("name,text,where", [
+    ("a.jsonl", '{"id": "s0", "label": "cat", "annotator": "\\udfff"}\n', r"line 1: annotator '\\udfff' holds a lone"),
+    ("b.jsonl", '{"id": "s0\\ud800", "label": "cat"}\n', "line 1: the sample id 's0\\\\ud800' holds a lone"),
+    ("c.jsonl", '{"id": "s0", "label": "cat", "query_id": "q\\ud800"}\n', "line 1: query_id"),
+    ("d.json", json.dumps([{"data": {"sample_id": "s0"}, "annotations": [_ls_annotation("cat", user="\ud800")]}]),
+     "task #1: annotator"),
+])
+def test_lone_surrogate_is_refused_while_reading(tmp_path, name, text, where):
+    """A \\udXXX escape was accepted, then append_provenance crashed with UnicodeEncodeError."""
+    path = tmp_path / name
+    path.write_text(text)
+    assert "surrogate" in _raises(path, where)
+
+
+def test_values_with_carriage_returns_survive_the_provenance_log(tmp_path):
+    """csv's minimal quoting left a lone \\r bare, so the log split the row; current_labels then crashed."""
+    path = tmp_path / "a.csv"
+    path.write_bytes(b'id,label,annotator\ns0,cat,"Ann\rSmith"\n"s\r1",dog,\n')
+    ann = read_annotations(path, CLASSES)
+    assert [(a.id, a.annotator) for a in ann.labels] == [("s0", "Ann\rSmith"), ("s\r1", None)]
+    plan = check_against_state(ann, experiment=EXP, pool_ids={"s0", "s\r1"}, pending={}, labeled={}, force=True)
+    log = tmp_path / "labels.csv"
+    append_provenance(log, plan, cycle_of={}, query_of={}, source="a\rb.csv", imported_at="t", classes=CLASSES)
+    assert current_labels(log) == {"s0": 0, "s\r1": 1}
+    assert label_history(log, "s0")[0]["annotator"] == "Ann\rSmith"
+    assert label_history(log, "s\r1")[0]["source"] == "a\rb.csv"
+    # the query export quotes them the same way
+    out = export_query_files(tmp_path / "q", EXP, 1, "q-1", [{"id": "s\r1", "score": 0.5, "rank": 1}], CLASSES)
+    assert read_annotations(out["csv"], CLASSES).skipped == ["s\r1"]
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x1c", "\x0b", "\x0c"])
+def test_jsonl_line_separators_inside_a_string_are_text(tmp_path, char):
+    """str.splitlines() split a line at U+2028, U+0085 ... that json.dumps(ensure_ascii=False) leaves raw."""
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"id": "s0", "label": "cat", "annotator": f"a{char}b"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"id": "s1", "label": "dog"}) + "\r" + json.dumps({"id": "s2", "label": "dog"}))
+    ann = read_annotations(path, CLASSES)
+    assert [(a.id, a.annotator, a.row) for a in ann.labels] == [("s0", f"a{char}b", 1), ("s1", None, 2),
+                                                                ("s2", None, 3)]
+
+
+@pytest.mark.parametrize("value,kind", [("1.5", "float"), ("true", "bool"), ('["s0"]', "list"),
+                                        ('{"id": "s0"}', "dict")])
+def test_id_that_is_not_a_string_is_refused(tmp_path, value, kind):
+    path = tmp_path / "a.jsonl"
+    path.write_text(f'{{"id": {value}, "label": "cat"}}\n')
+    assert f"must be a string (or an integer), not {kind}" in _raises(path, "line 1: the sample id")
+    path.write_text('{"id": 7, "label": "cat"}\n')
+    assert read_annotations(path, CLASSES).ids() == ["7"]
+
+
+@pytest.mark.parametrize("encoding,match", [("utf-16", "is UTF-16 text"), ("utf-32", "is UTF-32 text"),
+                                            ("utf-16-le", "line 1 holds a NUL byte")])
+def test_utf16_and_utf32_files_are_named(tmp_path, encoding, match):
+    path = tmp_path / "a.csv"
+    path.write_bytes("id,label\ns0,cat\n".encode(encoding))
+    assert "save it as UTF-8" in _raises(path, match)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"id,label\ns0,\xff\n", "is not UTF-8 text"),
+    (b"id,label\ns0,cat\n", r"line 2: the label 'cat' of id 's0' is not a class number"),
+    (b"id,label\ns0,1\ns1\n", "line 3: the label '' of id 's1'"),
+    (b"sample,label\ns0,1\n", r"has no \['id'\] column"),
+    (b'id,label\ns0,"1' + b"1" * 200_000 + b'"\n', "line 2 is unreadable csv"),
+])
+def test_damaged_provenance_log_is_a_label_import_error_and_is_not_appended_to(tmp_path, content, match):
+    """current_labels raised UnicodeDecodeError / ValueError / KeyError, and append_provenance appended
+    to a log that did not read back."""
+    log = tmp_path / "labels.csv"
+    log.write_bytes(content)
+    with pytest.raises(LabelImportError, match=match) as info:
+        current_labels(log)
+    assert str(log) in str(info.value)
+    with pytest.raises(LabelImportError):
+        append_provenance(log, _plan(new=[("s5", 1, None)]), cycle_of={}, query_of={}, source="x", imported_at="t")
+    assert log.read_bytes() == content
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfeid\x00", b'"id,label\n', b"id,label,label_name\ns0,1,dog\n"])
+def test_append_refuses_a_log_it_cannot_read_and_leaves_it_byte_identical(tmp_path, content):
+    log = tmp_path / "labels.csv"
+    log.write_bytes(content)
+    with pytest.raises(LabelImportError, match="refusing to append"):
+        append_provenance(log, _plan(new=[("s5", 1, None)]), cycle_of={}, query_of={}, source="x", imported_at="t")
+    assert log.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+
+
+REFUSED_FILES = [
+    ("a.csv", b"id;label\ns0;cat\n"), ("b.csv", b"id,label\ns0,wolf\n"), ("c.csv", b"id,label\n,cat\n"),
+    ("d.csv", "id,label\ns0,cat\n".encode("utf-16")), ("e.csv", b"id,label\ns0,caf\xe9\n"),
+    ("f.jsonl", b'{"id": "s0", "label": "cat"'), ("g.jsonl", b'["s0", "cat"]\n'), ("h.jsonl", b'{"id": null}\n'),
+    ("i.json", b'{"data": []}'), ("j.json", b'[{"data": {"sample_id": "s0"}, "annotations": {"a": 1}}]'),
+    ("k.json", json.dumps([{"data": {"sample_id": "s0"}, "annotations": [_ls_annotation(5)]}]).encode()),
+    ("l.json", b"[" * 5000),
+]
+
+
+@pytest.mark.parametrize("name,content", REFUSED_FILES)
+def test_a_refused_file_reaches_no_writer(tmp_path, monkeypatch, name, content):
+    """Reading and checking never write: a refused file cannot reach append_provenance or any other
+    writer of tidal.labels, and the log and the workspace stay byte-identical."""
+    from tidal import labels
+
+    def no_write(*args, **kwargs):
+        raise AssertionError("a writer was called while reading or checking annotations")
+
+    monkeypatch.setattr(labels, "atomic_write_bytes", no_write)
+    monkeypatch.setattr(labels, "atomic_write_text", no_write)
+    monkeypatch.setattr(labels, "append_provenance", no_write)
+    (tmp_path / "labels.csv").write_bytes(LEGACY_LOG)
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = _snapshot(tmp_path)
+    with pytest.raises(LabelImportError):
+        ann = read_annotations(path, CLASSES)
+        check_against_state(ann, experiment=EXP, pool_ids=POOL, pending=PENDING, labeled={})
+    assert _snapshot(tmp_path) == before
+
+
+def test_append_refuses_a_log_cut_inside_a_quoted_value(tmp_path):
+    """The log read back fine ('Ann' at the end of the data), but the rows appended after it were
+    swallowed into that open quote: the import reported new labels the log did not have."""
+    log = tmp_path / "labels.csv"
+    content = (",".join(PROVENANCE_COLUMNS) + '\ns1,0,cat,"Ann').encode()
+    log.write_bytes(content)
+    assert current_labels(log) == {"s1": 0}
+    for dry_run in (True, False):
+        with pytest.raises(LabelImportError, match="would not read back as its labels plus the new ones") as info:
+            append_provenance(log, _plan(new=[("s2", 1, None)]), cycle_of={}, query_of={}, source="x",
+                              imported_at="t", dry_run=dry_run)
+        assert str(log) in str(info.value) and log.read_bytes() == content
+
+
+def test_append_dry_run_checks_and_writes_nothing(tmp_path):
+    log = tmp_path / "labels.csv"
+    log.write_bytes(LEGACY_LOG)
+    plan = _plan(new=[("s2", 0, None), ("s3", 1, None)])
+    assert append_provenance(log, plan, cycle_of={}, query_of={}, source="x", imported_at="t", dry_run=True) == 2
+    assert log.read_bytes() == LEGACY_LOG
+    assert append_provenance(tmp_path / "new.csv", plan, cycle_of={}, query_of={}, source="x", imported_at="t",
+                             dry_run=True) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
+    log.write_text("id,label\ns0,1\n")
+    with pytest.raises(LabelImportError, match="another layout"):
+        append_provenance(log, plan, cycle_of={}, query_of={}, source="x", imported_at="t", dry_run=True)
+
+
+def test_append_upgrades_an_old_log_with_cr_line_ends(tmp_path):
+    log = tmp_path / "labels.csv"
+    old = LEGACY_LOG.replace(b"\r\n", b"\r")
+    log.write_bytes(old)
+    append_provenance(log, _plan(new=[("s2", 0, None)]), cycle_of={}, query_of={}, source="x", imported_at="t")
+    assert log.read_bytes().startswith(",".join(PROVENANCE_COLUMNS).encode() + b"\n" + old.split(b"\r", 1)[1])
+    assert current_labels(log) == {"s0": 2, "s1": 1, "s2": 0}

@@ -260,3 +260,30 @@ def test_a_failed_start_leaves_no_workspace_and_status_into_a_closed_pipe_is_qui
     assert done.returncode == 0
     err = (tmp_path / "err.txt").read_text()
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_disagreeing_annotators_are_refused_by_name_and_stay_pending(waiting_experiment, capsys):
+    """Two Label Studio annotators disagree on one task: by default (label_conflicts=refuse) that
+    id is not imported and is named; the agreed ones are, with the decision in the log."""
+    tmp, ws = waiting_experiment["tmp"], waiting_experiment["ws"]
+    tasks = json.loads((ws / "cycles/0/query_labelstudio.json").read_text())[:2]
+
+    def answer(choice: str, user: int) -> dict:
+        return {"id": user, "completed_by": user, "was_cancelled": False, "updated_at": f"2026-01-0{user}T10:00:00Z",
+                "result": [{"from_name": "label", "to_name": "image", "type": "choices",
+                            "value": {"choices": [choice]}}]}
+
+    tasks[0]["annotations"] = [answer("3", 1), answer("5", 2)]  # disagree
+    tasks[1]["annotations"] = [answer("4", 1), answer("4", 2)]  # agree
+    export = tmp / "ls-export.json"
+    export.write_text(json.dumps(tasks))
+    assert tidal_main(["import-labels", str(export), *_sets(tmp)]) == 0
+    out = capsys.readouterr().out
+    disputed, agreed = tasks[0]["data"]["sample_id"], tasks[1]["data"]["sample_id"]
+    assert "imported 1 new label(s)" in out and disputed in out and "label_conflicts=refuse" in out
+    state = json.loads((ws / "state.json").read_text())
+    assert disputed in state["pending"] and disputed not in state["labeled"]
+    assert state["labeled"][agreed] == 4
+    log = _rows(tmp / "data/labels/human-digits.csv")
+    assert [r["id"] for r in log] == [agreed] and log[0]["decided_by"] == "unanimous"
+    assert state["imports"][-1]["conflicts_refused"] == [disputed]
