@@ -204,7 +204,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     info = prepare_data(params)
     pinned = "matches its DVC pin" if info["pinned"] else "not pinned by DVC here"
-    print(f"{info['data_dir']}: data version {info['data_version']} ({pinned})")
+    print(f"{info['data_dir']}: data version {info['dir_version']} ({pinned})")
     return 0
 
 

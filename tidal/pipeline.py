@@ -18,8 +18,8 @@ import torch
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, load_dataset, materialize
-from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, pin_file, pinned_md5,
-                                verify_data_version)
+from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
+                                pin_file, pin_lock, pinned_md5, verify_data_version)
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
@@ -93,10 +93,14 @@ def _cycle_seed(seed: int, cycle: int) -> int:
 def prepare_data(params: dict[str, Any]) -> dict[str, str]:
     """Materialize the dataset if missing and check the data directory against its DVC pin.
 
-    Returns {data_dir, data_version, pinned}; the version is the md5 DVC gives data_root.
+    Returns {data_dir, data_version, pool_version, dir_version, pinned}: data_version is the
+    experiment's own (the pool and its labels, `experiment_data_version`), dir_version the md5
+    DVC gives the whole data_root.
     """
     data_dir = materialize(params["data_root"], params["dataset"])
-    return {"data_dir": str(data_dir), **verify_data_version(params["data_root"])}
+    checked = verify_data_version(params["data_root"])
+    own = experiment_data_version(params["data_root"], params["experiment"], pool=str(checked["pool_version"]))
+    return {"data_dir": str(data_dir), **checked, "dir_version": checked["data_version"], "data_version": own}
 
 
 def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> None:
@@ -597,7 +601,7 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
     log_path = labels_file(params)
     logged = current_labels(log_path) if log_path.is_file() else {}
     pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
-    version = dvc_dir_md5(params["data_root"])
+    version = experiment_data_version(params["data_root"], params["experiment"])
     summary = {**summary, "still_pending": len(pending), "data_version": version}
     if summary["new"]:
         state["awaiting_labels"] = False
@@ -608,8 +612,10 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
     ws.save_state(state)
     failpoint("import:state")
     pin = pin_file(params["data_root"])
-    if pin.is_file() and pinned_md5(pin) != version:
-        dvc_add(params["data_root"])
+    if pin.is_file():
+        with pin_lock(params["data_root"]):
+            if pinned_md5(pin) != dvc_dir_md5(params["data_root"]):
+                dvc_add(params["data_root"])
     failpoint("import:pinned")
     if on_version is not None:
         on_version(version)

@@ -74,3 +74,49 @@ def test_a_torn_memo_is_ignored(tmp_path, counted_md5):
     assert dvc_dir_md5(root) == expected and counted_md5  # read again, memo rewritten
     counted_md5.clear()
     assert dvc_dir_md5(root) == expected and counted_md5 == []
+
+
+def test_an_experiments_data_version_covers_the_pool_and_only_its_own_labels(tmp_path):
+    from tidal.data.version import LABELS_DIR, experiment_data_version, pool_version
+
+    root = tmp_path / "data"
+    (root / "pool").mkdir(parents=True)
+    (root / "pool" / "x.npy").write_bytes(b"pool bytes")
+    pool = pool_version(root)
+    assert experiment_data_version(root, "a") == experiment_data_version(root, "b") == pool  # no labels yet
+    (root / LABELS_DIR).mkdir()
+    (root / LABELS_DIR / "a.csv").write_text("id,label\ns1,3\n")
+    a1, b1 = experiment_data_version(root, "a"), experiment_data_version(root, "b")
+    assert a1 != pool and b1 == pool  # a's import changes a's version only
+    (root / LABELS_DIR / "b.csv").write_text("id,label\ns2,1\n")
+    assert experiment_data_version(root, "a") == a1  # and b's leaves a's alone
+    (root / LABELS_DIR / "a.csv").write_text("id,label\ns1,4\n")
+    assert experiment_data_version(root, "a") != a1
+    (root / "pool" / "x.npy").write_bytes(b"other pool")
+    assert experiment_data_version(root, "b") != experiment_data_version(root, "b", pool=pool)
+
+
+def test_pin_lock_serializes_two_repins(tmp_path):
+    import threading
+    import time
+
+    from tidal.data.version import pin_lock
+
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    inside, overlaps = [], []
+
+    def repin(name: str) -> None:
+        with pin_lock(tmp_path / "data"):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+            time.sleep(0.3)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=repin, args=(n,)) for n in ("a", "b")]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not overlaps and time.perf_counter() - start >= 0.6

@@ -14,7 +14,9 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -114,6 +116,37 @@ def pinned_md5(pin: str | Path) -> str:
 def pool_version(data_root: str | Path) -> str:
     """The version of the pool itself: data_root without the human labels folder."""
     return dvc_dir_md5(data_root, exclude=(LABELS_DIR,))
+
+
+def experiment_data_version(data_root: str | Path, experiment: str, pool: str | None = None) -> str:
+    """One experiment's data version: the pool and its own labels log, not other experiments'.
+
+    md5 of "<pool version>:<md5 of labels/<experiment>.csv>"; without a labels log it is the pool
+    version itself (which is DVC's md5 of a data_root that holds no labels). So an import into
+    one experiment leaves every other experiment's version as it was.
+    """
+    pool = pool or pool_version(data_root)
+    log = Path(data_root) / LABELS_DIR / f"{experiment}.csv"
+    if not log.is_file():
+        return pool
+    return hashlib.md5(f"{pool}:{_file_md5(log)}".encode()).hexdigest()
+
+
+@contextmanager
+def pin_lock(data_root: str | Path) -> Iterator[None]:
+    """Serialize re-pins of one DVC pin across processes (two imports at once, of any experiments):
+    DVC itself refuses a second command while one holds its repository lock."""
+    import fcntl
+
+    pin = pin_file(data_root)
+    lock_dir = pin.parent / ".dvc" / "tmp"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"tidal-pin-{pin.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
