@@ -12,6 +12,15 @@ def _conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+def stage_outputs(stages: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run x through the stages in turn; the output of each (the TD module reads them all)."""
+    features = []
+    for stage in stages:
+        x = stage(x)
+        features.append(x)
+    return features
+
+
 def penultimate(features: list[torch.Tensor]) -> torch.Tensor:
     """The head's input: the last stage, global-average-pooled, B×C_last (embedding strategies use it)."""
     return torch.flatten(nn.functional.adaptive_avg_pool2d(features[-1], 1), 1)
@@ -37,10 +46,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
+        features = stage_outputs(self.stages, x)
         logits = self.head(self.dropout(penultimate(features)))
         return logits, features
 
@@ -71,11 +77,7 @@ class CifarCNN(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
+        features = stage_outputs(self.stages, self.stem(x))
         logits = self.head(self.dropout(penultimate(features)))
         return logits, features
 
@@ -124,12 +126,8 @@ class ResNet18(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        x = self.stem(x)
-        features = []
-        for stage in self.stages:
-            x = stage(x)
-            features.append(x)
-        logits = self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        features = stage_outputs(self.stages, self.stem(x))
+        logits = self.head(penultimate(features))
         return logits, features
 
 
