@@ -48,7 +48,8 @@ def summarize(rows: list[dict]) -> dict:
         for s in strategies:
             paired = sorted(set(aubc[s]) & set(aubc["random"]))
             gains[s] = {seed: aubc[s][seed] - aubc["random"][seed] for seed in paired}
-    return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains}
+    return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains,
+            "runs": dict(by_run)}
 
 
 def markdown_table(summary: dict) -> str:
@@ -91,21 +92,31 @@ def labels_to_reach(curve: dict[int, float], target: float) -> float | None:
 
 
 def labels_to_reach_table(summary: dict) -> str:
-    """How many labels each strategy needs for random's final mean accuracy: the label saving."""
+    """How many labels each strategy needs for random's final accuracy: the label saving.
+
+    Paired like the AUBC gain: for each strategy, both mean curves are taken over the seeds that
+    it and random share, so a seed only one of them has cannot tilt the comparison.
+    """
     if "random" not in summary["curves"]:
         return ""
-    means = {s: {n: float(np.mean(v)) for n, v in summary["curves"][s].items() if v} for s in summary["strategies"]}
-    last = max(means["random"])
-    target = means["random"][last]
-    lines = [f"| strategy | labels to reach random's final accuracy ({target:.4f} at {last}) | vs random |",
-             "|---|---|---|"]
+    runs = summary["runs"]
+    last = max(summary["budgets"])
+    lines = ["| strategy | seeds | random's final accuracy on those seeds | labels to reach it | vs random |",
+             "|---|---|---|---|---|"]
     for s in summary["strategies"]:
-        n = labels_to_reach(means[s], target)
+        seeds = sorted(set(summary["aubc"][s]) & set(summary["aubc"]["random"]))
+        seeds = [sd for sd in seeds if last in runs[("random", sd)]]
+        if not seeds:
+            continue
+        target = float(np.mean([runs[("random", sd)][last] for sd in seeds]))
+        budgets = sorted(set.intersection(*(set(runs[(s, sd)]) for sd in seeds)))
+        curve = {n: float(np.mean([runs[(s, sd)][n] for sd in seeds])) for n in budgets}
+        n = labels_to_reach(curve, target)
         text = "not reached" if n is None else f"{n:,.0f}"
         saving = "–" if n is None or s == "random" else f"{(n - last) / last:+.1%} labels"
-        lines.append(f"| {s} | {text} | {saving} |")
-    lines += ["", "On the mean curve over seeds, interpolated linearly between budgets; \"not reached\": "
-              "the strategy's mean stays below it up to the last budget.", ""]
+        lines.append(f"| {s} | {len(seeds)} | {target:.4f} at {last} | {text} | {saving} |")
+    lines += ["", "Mean curves over the seeds each strategy shares with random, interpolated linearly between "
+              "budgets; \"not reached\": the strategy's mean stays below it up to the last budget.", ""]
     return "\n".join(lines)
 
 

@@ -53,13 +53,13 @@ def test_labels_to_reach_interpolates_and_says_when_never():
     assert labels_to_reach(curve, 0.71) is None
 
 
-def test_labels_to_reach_table_shows_the_saving_against_random():
-    rows = [{"strategy": s, "seed": 0, "n_labeled": n, "test_accuracy": a}
-            for s, curve in {"random": {100: 0.5, 200: 0.6, 300: 0.7},
-                             "good": {100: 0.5, 200: 0.7, 300: 0.8},
-                             "bad": {100: 0.4, 200: 0.5, 300: 0.6}}.items() for n, a in curve.items()]
+def test_labels_to_reach_table_shows_the_saving_against_random_on_shared_seeds():
+    curves = {("random", 0): {100: 0.5, 200: 0.6, 300: 0.7}, ("random", 1): {100: 0.6, 200: 0.8, 300: 0.9},
+              ("good", 0): {100: 0.5, 200: 0.7, 300: 0.8}, ("bad", 0): {100: 0.4, 200: 0.5, 300: 0.6}}
+    rows = [{"strategy": s, "seed": sd, "n_labeled": n, "test_accuracy": a}
+            for (s, sd), curve in curves.items() for n, a in curve.items()]
     table = labels_to_reach_table(summarize(rows))
-    assert "(0.7000 at 300)" in table
-    assert "| good | 200 | -33.3% labels |" in table
-    assert "| bad | not reached | – |" in table
-    assert "| random | 300 | – |" in table
+    # good and bad only have seed 0: random's target is its seed-0 final accuracy, not the mean of 2
+    assert "| good | 1 | 0.7000 at 300 | 200 | -33.3% labels |" in table
+    assert "| bad | 1 | 0.7000 at 300 | not reached | – |" in table
+    assert "| random | 2 | 0.8000 at 300 | 300 | – |" in table
