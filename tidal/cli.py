@@ -334,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.pipeline import ExperimentMismatch
     from tidal.train import TrainingDiverged
     from tidal.train_ddp import DistributedTrainingFailed
-    from tidal.workspace import ExperimentLocked
+    from tidal.workspace import ExperimentLocked, WorkspaceWriteError
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
-                                           DistributedTrainingFailed, ExperimentLocked, FileNotFoundError)
+                                           DistributedTrainingFailed, ExperimentLocked, WorkspaceWriteError,
+                                           FileNotFoundError)
     from tidal.labels import LabelImportError
 
     errors += (LabelImportError,)

@@ -6,6 +6,7 @@ or the new version, never a torn one; a rerun resumes from what is on disk.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -16,18 +17,43 @@ from typing import Any
 LEARNING_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
 
 
+class WorkspaceWriteError(RuntimeError):
+    """A file of the workspace could not be written (disk full, read-only); nothing is torn."""
+
+
+# Errors of the file system rather than of the program: said plainly, with what to do.
+_WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                 errno.EPERM: "the operation is not permitted"}
+
+
+def write_error(path: Path, err: OSError) -> WorkspaceWriteError | OSError:
+    """A WorkspaceWriteError for the errors a user fixes outside the program, else err itself."""
+    if err.errno not in _WRITE_ERRNOS:
+        return err
+    return WorkspaceWriteError(
+        f"cannot write {path}: {_WRITE_ERRNOS[err.errno]}. Nothing was half-written: every file keeps its last "
+        f"complete version. Free space or make the folder writable (or point runs_dir elsewhere with "
+        f"--set runs_dir=DIR), then run the same command again: it resumes.")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -114,7 +140,10 @@ class ExperimentLock:
         import time
 
         self.created_root = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(self.path, err) from err
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         for _ in range(2):
             try:
@@ -129,10 +158,16 @@ class ExperimentLock:
                     f"experiment in {self.path.parent} is being run by pid {owner.get('pid')} on "
                     f"{owner.get('host')} since {owner.get('since')}; wait for it to finish. If that "
                     f"process is gone, delete {self.path}.") from None
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
+            except OSError as err:
+                raise write_error(self.path, err) from err
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(me, fh)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as err:
+                self.path.unlink(missing_ok=True)
+                raise write_error(self.path, err) from err
             return self
         raise ExperimentLocked(f"could not take the lock {self.path}")
 
