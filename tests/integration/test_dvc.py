@@ -227,3 +227,21 @@ def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(project_cop
     assert "only in imported labels (labels/other.csv)" in out.stderr
     assert "do not `dvc checkout`" in out.stderr and "dvc add data" in out.stderr
     assert out.stderr.count("\n") <= 3, out.stderr  # one clear message, no traceback
+
+
+def test_an_import_into_one_experiment_leaves_the_others_data_version(project_copy):
+    """Two human experiments on one pinned data/: labels imported into one change its data
+    version and the pin, not the other's version, and the other still runs on the new pin."""
+    repo, env = project_copy
+    sets_a, back_a = _human_experiment(repo, env, "exp-a")
+    sets_b, _ = _human_experiment(repo, env, "exp-b")
+    before_a = json.loads((repo / "runs/exp-a/state.json").read_text())["data_version"]
+    before_b = json.loads((repo / "runs/exp-b/state.json").read_text())["data_version"]
+    assert before_a == before_b  # no labels yet: both are the pool's version
+    imported = _run([str(BIN / "tidal"), "import-labels", str(back_a), *sets_a], repo, env)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    after_a = json.loads((repo / "runs/exp-a/state.json").read_text())["data_version"]
+    assert after_a != before_a
+    again_b = _run([str(BIN / "tidal"), "run", *sets_b], repo, env)  # still waiting, but checks the pin
+    assert again_b.returncode == 0, again_b.stdout[-2000:] + again_b.stderr[-2000:]
+    assert json.loads((repo / "runs/exp-b/state.json").read_text())["data_version"] == before_b
