@@ -22,6 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from tidal.data.errors import DataError
+
 CACHE_FORMAT = 1  # bump when the decoded layout changes, so old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -93,8 +95,6 @@ def decode_images(paths: list[str] | list[Path], describe: Callable[[int], str])
     of the first; an unreadable or truncated file is a DataError.
     """
     from PIL import Image, UnidentifiedImageError
-
-    from tidal.data.sources import DataError
 
     arrays: list[np.ndarray] = []
     size = None

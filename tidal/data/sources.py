@@ -30,9 +30,8 @@ from typing import Callable, overload
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Data that is missing or unusable; the message says where and what to do."""
+from tidal.data.cache import IMAGE_SUFFIXES, cached, data_key, decode_images, file_stat_entry
+from tidal.data.errors import DataError
 
 
 class PositionalIds(Sequence[str]):
@@ -281,8 +280,6 @@ def _visible(path: Path) -> bool:
 def _image_files(folder: Path) -> list[os.DirEntry]:
     """Visible image files of one folder, sorted by name (os.scandir: no extra stat per file
     to list them, and string sorting; a 60,000-file pool is listed on every load)."""
-    from tidal.data.cache import IMAGE_SUFFIXES
-
     with os.scandir(folder) as entries:
         files = [e for e in entries if e.is_file() and not e.name.startswith(".")
                  and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
@@ -291,8 +288,6 @@ def _image_files(folder: Path) -> list[os.DirEntry]:
 
 def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
     """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name."""
-    from tidal.data.cache import cached, data_key, decode_images
-
     root = Path(os.path.abspath(root))  # so each listed entry's path is absolute already
     train_dir, test_dir = root / "train", root / "test"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
@@ -367,8 +362,6 @@ def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
     (the pool) or `test` (must be labeled). Ids are the path without extension.
     """
     import csv
-
-    from tidal.data.cache import cached, data_key, decode_images, file_stat_entry
 
     csv_path, classes_path = root / MANIFEST_CSV, root / MANIFEST_CLASSES
     classes = [line.strip() for line in classes_path.read_text().splitlines() if line.strip()]

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import yaml
 
-from tidal.data.sources import DataError
+from tidal.data.errors import DataError
 
 
 def _file_md5(path: Path) -> str:
