@@ -82,13 +82,9 @@ def cell_name(strategy: str, seed: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from tidal.workspace import atomic_write_text  # the library's one atomic write (temp, fsync, rename)
+
+    atomic_write_text(path, text)
 
 
 def _resolve_data_root(params_path: str | None, overrides: list[str]) -> list[str]:
