@@ -1,0 +1,87 @@
+"""benchmarks/kill_points.py: an experiment SIGKILLed at a random moment ends where an uninterrupted
+one ends, and a point whose end state is broken on purpose is reported as failed.
+
+One cycle (run, import, final run) instead of the benchmark's three keeps this to a few minutes:
+the reference and two kill points, each command a real `tidal` subprocess with MLflow tracking on
+and its own temporary Prefect server.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds leftover processes in /proc (Linux)")
+
+
+@pytest.fixture(scope="module")
+def kill_points(tmp_path_factory):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_points.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_kill_points", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tmp = tmp_path_factory.mktemp("kill-points")
+    # Seed 5: point 0 kills the import at 52 % of its reference time, well before its end whatever the
+    # load (a draw near 100 % could end before its kill, and the point would test nothing).
+    argv = ["--points", "1", "--seed", "5", "--cycles", "1", "--out", str(tmp / "out"), "--work", str(tmp / "work")]
+    return {"module": module, "tmp": tmp, "result": module.main(argv)}
+
+
+def test_a_killed_point_ends_as_the_reference(kill_points):
+    result, out = kill_points["result"], kill_points["tmp"] / "out"
+    assert result["ran"] == [0] and result["passed"] == [0] and result["failed"] == []
+    point = json.loads((out / "points/0.json").read_text())
+    assert point["passed"], {k: v for k, v in point["checks"].items() if not v["passed"]}
+    assert set(point["checks"]) == set(kill_points["module"].CHECKS)
+    assert point["killed"] and any(c["rc"] == -9 and c["killed"] for c in point["commands"])
+    assert "state" in point["left_by_kill"] and "MLflow:" in point["left_by_kill"]  # what the kill left
+    readme = (out / "README.md").read_text()
+    assert "Points run: **1**; passed: **1**; failed: **0**" in readme
+    assert "--points 1 --seed 5 --cycles 1" in readme
+    # Rerun: the finished point is skipped, nothing is run.
+    again = kill_points["module"].main(["--points", "1", "--seed", "5", "--cycles", "1", "--out", str(out)])
+    assert again["ran"] == [] and again["skipped"] == [0]
+
+
+def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
+    """The same draw into another results folder and the same work folder (its reference is reused,
+    the point runs as kp-0-try2); its labels log and an MLflow metric are tampered with before the checks."""
+    from mlflow import MlflowClient
+
+    module, tmp = kill_points["module"], kill_points["tmp"]
+
+    def tamper(work, exp):
+        log = work.repo / "data/labels" / f"{exp}.csv"
+        with open(log, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rows[0]["label"] = str((int(rows[0]["label"]) + 1) % 10)  # one label changed
+        with open(log, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        # Two CPU samples at step 0 of cycle 0's run (system metrics are not compared with the
+        # reference's, so only the repeated step shows).
+        cycle_run = json.loads((work.repo / "runs" / exp / "state.json").read_text())["tracking"]["cycle_runs"]["0"]
+        client = MlflowClient(tracking_uri=work.uri)
+        for value, stamp in ((1.0, 1_000), (2.0, 2_000)):
+            client.log_metric(cycle_run, "system/cpu_utilization_percentage", value, timestamp=stamp, step=0)
+
+    out = tmp / "out-broken"
+    result = module.main(["--points", "1", "--seed", "5", "--cycles", "1", "--out", str(out), "--work",
+                          str(tmp / "work")], before_checks=tamper)
+    assert result["failed"] == [0]
+    point = json.loads((out / "points/0.json").read_text())
+    assert point["experiment"] == "kp-0-try2"
+    # Exactly what was broken fails; the rest, compared with the reference read back from the work
+    # folder, passes.
+    assert set(point["failed"]) == {"labels_log", "dvc_pin", "dvc_status", "mlflow_steps"}, point["checks"]
+    assert "[0]" in point["checks"]["labels_log"]["detail"]
+    assert "cycle-0" in point["checks"]["mlflow_steps"]["detail"]
+    assert "system/cpu_utilization_percentage: step(s) [0]" in point["checks"]["mlflow_steps"]["detail"]
+    readme = (out / "README.md").read_text()
+    assert "passed: **0**; failed: **1**" in readme and "## Failures" in readme
+    assert "`labels_log`:" in readme
