@@ -115,7 +115,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                              "initial_size": 500, "budget": 500},
     "paper-cifar100-imb100": {**_PAPER, "experiment": "paper-cifar100-imb100", "dataset": "cifar100",
                               "imbalance_ratio": 100.0, "initial_size": 1000, "budget": 1000},
-    # CIFAR-10 on 2 CPU cores, from the JPEG image folder (../shared/data/cifar10-jpg.tar.gz
+    # CIFAR-10 on 2 CPU cores, from the JPEG image folder (the CIFAR-10 JPEG tarball cifar10-jpg.tar.gz
     # unpacked with `mkdir -p datasets/cifar10-jpg && tar xzf cifar10-jpg.tar.gz -C
     # datasets/cifar10-jpg --strip-components=1`, giving datasets/cifar10-jpg/{train,test}).
     # Cost per strategy and seed, measured: 310-398 s wall on the idle 2-core machine (the first
