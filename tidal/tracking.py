@@ -169,7 +169,7 @@ class MlflowTracker:
         """Sample CPU, memory (and GPU, when present) into the run while the block runs."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1,
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, samples_before_logging=1, resume_logging=True,
                                        tracking_uri=self.uri)
         monitor.start()
         try:
