@@ -575,7 +575,9 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
                     imported_at=summary["imported_at"], classes=data.classes)
     if changed:
         append_provenance(log_path, **log_rows, dry_run=True)  # a log it cannot extend fails here
-    write_json(ws.root / IMPORT_JOURNAL, summary)
+    # The journal names the labels it commits, so a crash before the log has them is told apart
+    # from one after: finish_import drops a journal whose labels never reached the log.
+    write_json(ws.root / IMPORT_JOURNAL, {**summary, "labels": changed})
     failpoint("import:journal")
     if changed:
         append_provenance(log_path, **log_rows)
@@ -589,6 +591,8 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
     Each step is derived from what is already written, so running it again after a crash at any
     point gives the same end state: state.json takes the provenance log's labels, data_root is
     re-pinned by DVC when its pin differs, `on_version` gets the data version, the journal goes.
+    A journal whose labels are not in the log (a crash before the log was written) is dropped
+    and nothing is committed: that import never happened, and running it again does it.
     """
     from tidal.labels import current_labels
 
@@ -597,9 +601,13 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
     if not journal.is_file():
         return None
     summary = read_json(journal)
-    state = ws.load_state()
+    committed = summary.pop("labels", None)
     log_path = labels_file(params)
     logged = current_labels(log_path) if log_path.is_file() else {}
+    if committed and any(logged.get(i) != label for i, label in committed.items()):
+        journal.unlink()
+        return None
+    state = ws.load_state()
     pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
     version = experiment_data_version(params["data_root"], params["experiment"])
     summary = {**summary, "still_pending": len(pending), "data_version": version}

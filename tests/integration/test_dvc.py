@@ -213,7 +213,31 @@ def test_an_import_killed_part_way_is_finished_by_the_next_run(project_copy, fai
     assert (repo / "runs/crash/cycles/1/query.csv").is_file()  # the next cycle trained on the labels
     # the same file imported again is a no-op, not a conflict
     redo = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo, env)
-    assert redo.returncode == 2 or "0 new label(s)" in redo.stdout, redo.stdout + redo.stderr
+    assert redo.returncode == 0 and "imported 0 new label(s)" in redo.stdout, redo.stdout + redo.stderr
+
+
+def test_an_import_killed_before_its_log_is_written_imports_nothing_until_rerun(project_copy):
+    """SIGKILL after the journal, before the labels log: no label is counted as imported (the
+    experiment still waits), and running the same import again imports every label once."""
+    repo, env = project_copy
+    sets, back = _human_experiment(repo, env, "early")
+    killed = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo,
+                  {**env, "TIDAL_FAILPOINT": "import:journal"})
+    assert killed.returncode == -9
+    assert not (repo / "data/labels/early.csv").exists()
+    status = _run([str(BIN / "tidal"), "status", *sets], repo, env)  # reads state, finishes nothing
+    assert status.returncode == 0, status.stdout + status.stderr
+    waiting = _run([str(BIN / "tidal"), "run", *sets], repo, env)  # drops the journal: nothing to commit
+    assert waiting.returncode == 0, waiting.stdout[-3000:] + waiting.stderr[-3000:]
+    assert not (repo / "runs/early/import.json").exists()
+    state = json.loads((repo / "runs/early/state.json").read_text())
+    assert len(state["labeled"]) == 40 and len(state["pending"]) == 20 and state["awaiting_labels"]
+    assert not state.get("imports") and not (repo / "runs/early/cycles/1").exists()
+    again = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo, env)
+    assert again.returncode == 0 and "imported 20 new label(s)" in again.stdout, again.stdout + again.stderr
+    state = json.loads((repo / "runs/early/state.json").read_text())
+    assert len(state["labeled"]) == 60 and not state["pending"] and len(state["imports"]) == 1
+    assert len((repo / "data/labels/early.csv").read_text().splitlines()) == 1 + 20
 
 
 def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(project_copy):
