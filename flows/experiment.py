@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline
+from tidal.faults import failpoint
 from tidal.memory import peak_rss_mb
 from tidal.tracking import data_version_recorder, log_cycle_checkpoint, make_tracker
 from tidal.workspace import ExperimentLock, read_json
@@ -38,8 +40,14 @@ def start_experiment(params: dict, data_version: str, pool_version: str, overrid
     state = pipeline.start_experiment(params, data_version, pool_version, overrides)
     parent = state["tracking"].get("parent_run_id")
     if params["tracking"] and not parent:
-        parent = make_tracker().start_experiment(params, data_version,
-                                                 prefect_flow_run_id=flow_run.get_id() or "")
+        # The key is saved before the run exists, so a crash in between finds that run again.
+        run_key = state["tracking"].get("run_key")
+        if not run_key:
+            run_key = uuid.uuid4().hex
+            pipeline.record_tracking(params, "run_key", run_key)
+        parent = make_tracker().start_experiment(params, data_version, prefect_flow_run_id=flow_run.get_id() or "",
+                                                 run_key=run_key)
+        failpoint("tracking:parent-created")
         pipeline.record_tracking(params, "parent_run_id", parent)
     return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent or ""}
 
@@ -52,6 +60,7 @@ def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_r
         return runs.get(str(cycle), "")
     run_id = make_tracker().start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]),
                                         prefect_flow_run_id=prefect_flow_run_id)
+    failpoint("tracking:cycle-created")
     pipeline.record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
     return run_id
 
@@ -163,6 +172,7 @@ def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_label
     tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
     log_cycle_checkpoint(tracker, run_id, params, checkpoint)
     tracker.end_run(run_id)
+    failpoint("tracking:cycle-logged")
 
 
 @task(name="commit-state", task_run_name="commit-state-cycle-{cycle}", **OUTSIDE)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_SPEC_TAG = "tidal.model_spec"
+RUN_KEY_TAG = "tidal.run_key"  # the workspace's key for its parent run, saved before the run exists
 
 
 def tracking_uri() -> str:
@@ -43,16 +44,28 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(name)
         return found.experiment_id if found else self.client.create_experiment(name)
 
-    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "") -> str:
-        """Create the parent run; return its id."""
+    def _existing_run(self, experiment_id: str, tags: dict[str, str]) -> str | None:
+        """The run carrying all of `tags`, if one exists: a run created by a process killed before
+        its id was saved in the workspace is found again instead of left behind as an orphan."""
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = self.client.search_runs([experiment_id], filter_string=query, max_results=1,
+                                        order_by=["attributes.start_time ASC"])
+        return found[0].info.run_id if found else None
+
+    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
+                         run_key: str = "") -> str:
+        """Create the parent run, or find the one tagged with `run_key`; return its id."""
         from tidal.config import flatten
 
+        experiment_id = self._experiment_id(params["experiment"])
+        if run_key and (found := self._existing_run(experiment_id, {RUN_KEY_TAG: run_key})):
+            return found
         run = self.client.create_run(
-            self._experiment_id(params["experiment"]),
+            experiment_id,
             run_name=f"{params['strategy']}-seed{params['seed']}",
             tags={"strategy": params["strategy"], "dataset": params["dataset"],
                   "data_version": data_version, "tidal.kind": "experiment",
-                  "prefect.flow_run_id": prefect_flow_run_id})
+                  "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key})
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
         flat["data_version"] = data_version
         self._log(run.info.run_id, params=flat)
@@ -60,7 +73,12 @@ class MlflowTracker:
 
     def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int,
                     prefect_flow_run_id: str = "") -> str:
+        """Create the cycle's child run, or find the one already under the parent; return its id."""
         parent = self.client.get_run(parent_run_id)
+        found = self._existing_run(parent.info.experiment_id,
+                                   {"mlflow.parentRunId": parent_run_id, "cycle": str(cycle)})
+        if found:
+            return found
         run = self.client.create_run(
             parent.info.experiment_id, run_name=f"cycle-{cycle}",
             tags={"mlflow.parentRunId": parent_run_id, "cycle": str(cycle), "tidal.kind": "cycle",
@@ -77,14 +95,22 @@ class MlflowTracker:
             for key in ("loss", "accuracy", "td_kl", "lr"):
                 metrics.append((f"train_{key}" if key != "td_kl" else "module_kl_loss", record[key],
                                 record["epoch"]))
-        self._log(run_id, metrics=metrics)
+        self._log(run_id, metrics=self._not_logged(run_id, metrics))
 
     def log_cycle_result(self, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
                          test_accuracy: float, query_path: str) -> None:
-        self._log(run_id, metrics=[("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)])
+        """Idempotent: a cycle redone after a crash logs no metric step a second time."""
+        self._log(run_id, metrics=self._not_logged(
+            run_id, [("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)]))
         self.client.log_artifact(run_id, query_path, artifact_path="query")
-        self._log(parent_run_id, metrics=[("test_accuracy", test_accuracy, n_labeled),
-                                          ("test_accuracy_by_cycle", test_accuracy, cycle)])
+        self._log(parent_run_id, metrics=self._not_logged(
+            parent_run_id, [("test_accuracy", test_accuracy, n_labeled), ("test_accuracy_by_cycle", test_accuracy, cycle)]))
+
+    def _not_logged(self, run_id: str, metrics: list[tuple]) -> list[tuple]:
+        """The (key, value, step) metrics whose key has no value at that step in the run yet."""
+        logged = {key: {m.step for m in self.client.get_metric_history(run_id, key)}
+                  for key in {key for key, _, _ in metrics}}
+        return [(key, value, step) for key, value, step in metrics if int(step) not in logged[key]]
 
     def log_checkpoint(self, run_id: str, checkpoint: str | Path, spec: dict[str, Any]) -> None:
         """The cycle's checkpoint as an artifact, and the spec that rebuilds its classifier.
@@ -250,7 +276,8 @@ class NullTracker:
 
     uri = "none"
 
-    def start_experiment(self, params: dict[str, Any], data_version: str) -> str:
+    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
+                         run_key: str = "") -> str:
         return ""
 
     def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int,

@@ -1,0 +1,58 @@
+"""SIGKILL around the MLflow calls, rerun: one parent run, one run per cycle, every step once.
+
+A run created by a process killed before the workspace saved its id is found again (not left
+behind as a second, forever-RUNNING run), and a cycle redone after its results were logged does
+not log them twice. Real MLflow sqlite store, real Prefect test harness, the `tidal` CLI.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+
+def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tidal.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("point", ["tracking:parent-created", "tracking:cycle-created", "tracking:cycle-logged"])
+def test_a_run_killed_around_tracking_leaves_one_run_per_cycle(prefect_harness, tmp_path, point):
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "CI": "1", "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": uri,
+           "TIDAL_FAILPOINT": point}
+    sets = ["preset=debug", "experiment=tracked", f"runs_dir={tmp_path / 'runs'}", f"data_root={tmp_path / 'data'}",
+            "tracking=true"]
+    args = ["run", *sum((["--set", s] for s in sets), [])]
+    killed = _run(args, env, tmp_path)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    env.pop("TIDAL_FAILPOINT")
+    rerun = _run(args, env, tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tracked")
+    runs = client.search_runs([experiment.experiment_id])
+    kinds = Counter(r.data.tags.get("tidal.kind") for r in runs)
+    assert kinds == {"experiment": 1, "cycle": 2}, [(r.info.run_name, r.info.status) for r in runs]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    parent = next(r for r in runs if r.data.tags["tidal.kind"] == "experiment")
+    cycles = sorted((r for r in runs if r.data.tags["tidal.kind"] == "cycle"), key=lambda r: r.data.tags["cycle"])
+    assert [r.data.tags["cycle"] for r in cycles] == ["0", "1"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in cycles} == {parent.info.run_id}
+    for run in [parent, *cycles]:
+        for key in ("test_accuracy", "n_labeled", "train_loss", "test_accuracy_by_cycle"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "test_accuracy")) == [40, 60]
+    for run in cycles:
+        assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # debug: 3 epochs
