@@ -14,7 +14,7 @@ The experiment is the default one (digits pool, small-cnn, 100 initial labels + 
 batch 64, lr x0.1 at epoch 30, random crop with padding 1, no flip) with strategy `entropy`:
 
 - ours: `tidal.bench.run_trial` (the library's pipeline steps, tracking off). A cycle is train +
-  evaluate + score + select + export + commit, from one `train_step` call to the next.
+  evaluate + score + select + export + commit (`tidal.pipeline.run_cycle`'s step times).
 - baal: `ActiveLearningDataset` over the same pool with the same initial ids, `ModelWrapper`
   around the same SmallCNN (logits only), `ActiveLearningLoop` with the `Entropy` heuristic,
   `max_sample` = subset_size, `query_size` = budget. The crop is done baal's way: a per-sample
@@ -85,28 +85,20 @@ def experiment_params(seed: int, overrides: list[str]) -> dict[str, Any]:
 # --- ours ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _instrumented_pipeline(starts: list[float], candidates: list[int]) -> Iterator[None]:
-    """Record when each cycle's train step begins and how many candidates each score step draws.
-
-    run_trial times train, evaluate and score but not select + export + commit; the time from
-    one train_step call to the next covers the whole cycle. Restored on exit.
-    """
-    train_step, candidate_ids = pipeline.train_step, pipeline.candidate_ids
-
-    def timed_train_step(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        starts.append(time.perf_counter())
-        return train_step(*args, **kwargs)
+def _counted_candidates(candidates: list[int]) -> Iterator[None]:
+    """Record how many candidates each score step draws. Restored on exit."""
+    candidate_ids = pipeline.candidate_ids
 
     def counted_candidate_ids(*args: Any, **kwargs: Any) -> list[str]:
         ids = candidate_ids(*args, **kwargs)
         candidates.append(len(ids))
         return ids
 
-    pipeline.train_step, pipeline.candidate_ids = timed_train_step, counted_candidate_ids
+    pipeline.candidate_ids = counted_candidate_ids
     try:
         yield
     finally:
-        pipeline.train_step, pipeline.candidate_ids = train_step, candidate_ids
+        pipeline.candidate_ids = candidate_ids
 
 
 def run_ours(params: dict[str, Any], overrides: list[str], work: Path, name: str) -> dict[str, Any]:
@@ -115,23 +107,20 @@ def run_ours(params: dict[str, Any], overrides: list[str], work: Path, name: str
 
     runs_dir = work / "runs"
     shutil.rmtree(runs_dir / name, ignore_errors=True)
-    starts: list[float] = []
     candidates: list[int] = []
     t0 = time.perf_counter()
-    with _instrumented_pipeline(starts, candidates):
+    with _counted_candidates(candidates):
         record = run_trial(["strategy=entropy", "device=cpu", f"seed={params['seed']}",
                             f"data_root={params['data_root']}", *overrides, f"runs_dir={runs_dir}",
                             f"experiment={name}"], work / name)
     end = time.perf_counter()
     state = pipeline.load_state({**params, "runs_dir": str(runs_dir), "experiment": name})
-    bounds = [*starts, end]
     cycles = []
-    for i, c in enumerate(record["cycles"]):
-        cycle_s = bounds[i + 1] - bounds[i]
+    for c, n_candidates in zip(record["cycles"], candidates):
         cycles.append({"cycle": c["cycle"], "n_labeled": c["n_labeled"], "test_accuracy": c["test_accuracy"],
-                       "cycle_s": cycle_s, "train_s": c["train_s"], "eval_s": c["eval_s"], "score_s": c["score_s"],
-                       "other_s": cycle_s - c["train_s"] - c["eval_s"] - c["score_s"],
-                       "n_candidates": candidates[i]})
+                       "cycle_s": c["train_s"] + c["eval_s"] + c["score_s"] + c["commit_s"],
+                       "train_s": c["train_s"], "eval_s": c["eval_s"], "score_s": c["score_s"],
+                       "other_s": c["commit_s"], "n_candidates": n_candidates})
     return {"library": "ours", "total_s": end - t0, "initial_ids": list(state["labeled"])[:params["initial_size"]],
             "cycles": cycles}
 

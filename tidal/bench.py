@@ -29,6 +29,7 @@ import torch
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.device import resolve_device
+from tidal.train import TrainConfig
 from tidal.workspace import write_json
 
 
@@ -64,21 +65,6 @@ def train_flops_per_image(backbone: torch.nn.Module, in_shape: tuple[int, ...], 
     return 3.0 * counter.get_total_flops()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def score_candidates(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
-    """scores.csv of the cycle: `scoring.shards` shards one after another here, then merged (the
-    same file the flow's parallel shards write), or one pass."""
-    n = params["scoring"]["shards"]
-    if n == 1:
-        return pipeline.score_step(params, cycle, checkpoint)
-    parts = [pipeline.score_shard_step(params, cycle, checkpoint, s, n)["path"] for s in range(n)]
-    return pipeline.merge_scores_step(params, cycle, parts)
-
-
 def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None = None) -> dict[str, Any]:
     """One experiment (all its cycles) through the pipeline steps; returns and writes its record."""
     params = load_params(None, ["tracking=false", *overrides])
@@ -87,12 +73,10 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
     info = pipeline.prepare_data(params)
     pipeline.start_experiment(params, info["data_version"], info["pool_version"])
     data = pipeline.dataset_for(params)
-    backbone, _ = pipeline._build_models(params, data)
+    backbone, _ = pipeline.build_models(params, data)
     flops = train_flops_per_image(backbone, tuple(data.pool_images.shape[1:]), device)
     cycles, start = [], time.perf_counter()
-    state = pipeline.load_state(params)
-    for cycle in range(state["cycle"], params["cycles"]):
-        n_labeled = len(pipeline.load_state(params)["labeled"])
+    for cycle in range(pipeline.load_state(params)["cycle"], params["cycles"]):
         epoch_times: list[float] = []
         last = [time.perf_counter()]
 
@@ -101,27 +85,20 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
             epoch_times.append(now - last[0])
             last[0] = now
 
-        t0 = time.perf_counter()
-        trained = pipeline.train_step(params, cycle, on_epoch=on_epoch)
-        _sync(device)
-        t1 = time.perf_counter()
-        acc = pipeline.evaluate_step(params, cycle, trained["checkpoint"])
-        t2 = time.perf_counter()
-        scores = score_candidates(params, cycle, trained["checkpoint"])
-        _sync(device)
-        t3 = time.perf_counter()
-        ids = pipeline.select_step(scores, params["budget"])
-        query = pipeline.export_query(params, cycle, scores, ids)
-        pipeline.commit_cycle(params, cycle, acc, query, pipeline.reveal_oracle_labels(params, ids))
-        train_s = t1 - t0
-        images = n_labeled * params["train"]["epochs"]
+        done = pipeline.run_cycle(params, cycle, on_epoch=on_epoch)
+        seconds, n_labeled, acc = done["seconds"], done["n_labeled"], done["test_accuracy"]
+        train_s = seconds["train"]
+        # The epochs it trained: train.min_steps raises them on small labeled sets.
+        images = n_labeled * TrainConfig.from_params(params["train"]).for_labeled(n_labeled).epochs
         tflops = flops * images / train_s / 1e12 if train_s > 0 else 0.0
         cycles.append({"cycle": cycle, "n_labeled": n_labeled, "test_accuracy": acc, "train_s": train_s,
                        "epoch_s": epoch_times, "train_img_s": images / train_s if train_s > 0 else 0.0,
                        "train_tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
-                       "eval_s": t2 - t1, "score_s": t3 - t2, "resumed": trained["resumed"]})
+                       "eval_s": seconds["evaluate"], "score_s": seconds["score"], "commit_s": seconds["commit"],
+                       "resumed": done["resumed"]})
         print(f"[{params['experiment']}] cycle {cycle}: {n_labeled} labels, acc {acc:.4f}, "
-              f"train {train_s:.1f} s ({cycles[-1]['train_img_s']:.0f} img/s), score {t3 - t2:.1f} s", flush=True)
+              f"train {train_s:.1f} s ({cycles[-1]['train_img_s']:.0f} img/s), score {seconds['score']:.1f} s",
+              flush=True)
     record = {"experiment": params["experiment"], "strategy": params["strategy"], "seed": params["seed"],
               "dataset": params["dataset"], "backbone": params["backbone"], "device": str(device),
               "torch": torch.__version__, "train_flops_per_image": flops, "peak_tflops": peak_tflops,

@@ -218,7 +218,7 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
     return data.pool_images[pos], labels
 
 
-def _build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None."""
     backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
     strategy = build_strategy(params["strategy"], params=params)
@@ -247,7 +247,7 @@ def _aux_key(aux: torch.nn.Module) -> str:
 def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = None
                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     data = data or dataset_for(params)
-    backbone, aux = _build_models(params, data)
+    backbone, aux = build_models(params, data)
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     backbone.load_state_dict(saved["backbone"])
     if aux is not None:
@@ -289,7 +289,7 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     set_deterministic(device)
     seed = _cycle_seed(params["seed"], cycle)
     torch.manual_seed(seed)
-    backbone, aux = _build_models(params, data)
+    backbone, aux = build_models(params, data)
     log.info("cycle %d: training %s on %d labeled samples (%s)", cycle, params["backbone"], len(labels), device)
     def epoch_done(record: dict) -> None:
         failpoint("train:epoch" if distributed is None else f"train_ddp:rank{distributed.rank}:epoch")
@@ -507,6 +507,50 @@ def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query
     ws.save_state(state)
     _write_curve(ws, state)
     return record
+
+
+def score_candidates(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
+    """scores.csv of the cycle: one pass, or `scoring.shards` shards one after another and merged
+    (the same file the flow's parallel shard tasks write)."""
+    n = params["scoring"]["shards"]
+    if n == 1:
+        return score_step(params, cycle, checkpoint)
+    parts = [score_shard_step(params, cycle, checkpoint, s, n)["path"] for s in range(n)]
+    return merge_scores_step(params, cycle, parts)
+
+
+def run_cycle(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """One whole cycle in this process, tracking off: the steps the flow runs as tasks, in its order.
+
+    Train on the current labels, evaluate, score the candidates, select, export the query, then
+    reveal the oracle's labels (label_mode=oracle) or leave the query pending (human), and commit.
+    Returns the committed history record plus `resumed` (the checkpoint was already there) and
+    `seconds` per step (train, evaluate, score, commit: select + export + commit), each read after a
+    device sync so GPU work is counted where it ran.
+    """
+    device = resolve_device(params["device"])
+    seconds: dict[str, float] = {}
+    last = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal last
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        seconds[step], last = now - last, now
+
+    trained = train_step(params, cycle, on_epoch=on_epoch)
+    lap("train")
+    acc = evaluate_step(params, cycle, trained["checkpoint"])
+    lap("evaluate")
+    scores = score_candidates(params, cycle, trained["checkpoint"])
+    lap("score")
+    ids = select_step(scores, params["budget"])
+    query = export_query(params, cycle, scores, ids)
+    labels = reveal_oracle_labels(params, ids) if params["label_mode"] == "oracle" else None
+    record = commit_cycle(params, cycle, acc, query, labels, queried_ids=ids)
+    lap("commit")
+    return {**record, "resumed": trained["resumed"], "seconds": seconds}
 
 
 def waiting_for_labels(params: dict[str, Any]) -> dict[str, Any] | None:
