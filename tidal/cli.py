@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.data.sources import DataError
     from tidal.pipeline import ExperimentMismatch
     from tidal.train import TrainingDiverged
-    from tidal.train_ddp import DistributedTrainingFailed
+    from tidal.launch import DistributedTrainingFailed
     from tidal.workspace import ExperimentLocked, WorkspaceWriteError
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,

@@ -268,7 +268,7 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     if ckpt.is_file() and hist_path.is_file():
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": True}
     if distributed is None and params["distributed"]["nproc_per_node"] > 1:
-        from tidal.train_ddp import launch
+        from tidal.launch import launch
 
         log.info("cycle %d: training on %d processes (torchrun)", cycle, params["distributed"]["nproc_per_node"])
         try:

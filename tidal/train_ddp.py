@@ -3,7 +3,7 @@
     torchrun --nproc-per-node N -m tidal.train_ddp --params params.yaml --cycle K [--set key=value ...]
 
 `tidal.pipeline.train_step` runs exactly this (as `python -m torch.distributed.run --standalone
-...`, see `launch`) when `distributed.nproc_per_node` > 1, waits, and returns what the
+...`, see `tidal.launch.launch`) when `distributed.nproc_per_node` > 1, waits, and returns what the
 one-process step returns: cycles/<k>/model.pt (same keys) and train_history.json.
 
 Each rank runs `train_step` with a `DistributedContext`: the same workspace, labeled set, seed
@@ -45,28 +45,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
-import tempfile
-from collections import deque
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from tidal.config import dump_params, load_params
+from tidal import pipeline
+from tidal.config import load_params
 from tidal.device import resolve_device
-from tidal.train import DistributedContext, TrainingDiverged
-
-EPOCH_PREFIX = "TIDAL_DDP_EPOCH "
-TAIL_LINES = 40  # of the ranks' output, in the error of a failed run
-
-
-class DistributedTrainingFailed(RuntimeError):
-    """A rank of a distributed training run failed; the message names it and shows the output's tail."""
+from tidal.launch import EPOCH_PREFIX, check_devices
+from tidal.train import DistributedContext
 
 
 def backend_for(params: dict[str, Any], device: torch.device) -> str:
@@ -75,110 +64,6 @@ def backend_for(params: dict[str, Any], device: torch.device) -> str:
         return "nccl" if device.type == "cuda" else "gloo"
     return backend
 
-
-def check_devices(device: torch.device, nproc: int) -> None:
-    """On CUDA each process needs its own GPU (NCCL cannot share one between ranks)."""
-    if device.type == "cuda" and torch.cuda.device_count() < nproc:
-        raise RuntimeError(f"distributed.nproc_per_node={nproc} needs one CUDA device per process, but "
-                           f"{torch.cuda.device_count()} are visible; lower distributed.nproc_per_node "
-                           f"or set device=cpu (backend gloo)")
-
-
-# --- the launching process --------------------------------------------------------------------
-
-def launch(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], None] | None = None) -> None:
-    """Train cycle `cycle` on `distributed.nproc_per_node` local processes and wait for them.
-
-    Raises DistributedTrainingFailed (or TrainingDiverged, when that is what a rank raised) if
-    any rank fails. The caller checks the files rank 0 wrote.
-    """
-    nproc = params["distributed"]["nproc_per_node"]
-    check_devices(resolve_device(params["device"]), nproc)
-    with tempfile.TemporaryDirectory(prefix="tidal-ddp-") as tmp:
-        params_path = Path(tmp) / "params.yaml"
-        # The params are complete: preset=null, or re-applying the preset would undo overrides.
-        params_path.write_text(dump_params({**params, "preset": None}))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "tidal.train_ddp", "--params", str(params_path), "--cycle", str(cycle)]
-        tail: deque[str] = deque(maxlen=200)  # enough for torchrun's failure summary
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                bufsize=1)
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(EPOCH_PREFIX):
-                    if on_epoch is not None:
-                        on_epoch(json.loads(line[len(EPOCH_PREFIX):]))
-                    continue
-                tail.append(line)
-                sys.stderr.write(line)  # the ranks' own output, as if they ran here
-            code = proc.wait()
-        except BaseException:
-            _stop(proc)
-            raise
-    if code != 0:
-        raise _failure(cycle, code, "".join(tail))
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    # SIGTERM lets torchrun stop its workers; SIGKILL would leave them running.
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _root_cause(output: str) -> str:
-    """The entry of torchrun's failure summary that names the rank to blame.
-
-    torchrun's "Root Cause" is the first failure it observed. When a rank is killed (SIGKILL,
-    a crash signal), its peers fail at their next collective and one of them may be observed
-    first; so a rank ended by a signal other than SIGTERM (which torchrun itself sends to the
-    survivors) is the root cause, wherever the summary lists it.
-    """
-    if "Failures:" not in output:
-        return output
-    summary = output[output.rfind("Failures:"):]
-    entries = [re.split(r"^(?:-{20,}|={20,})\s*$", part, flags=re.MULTILINE)[0]
-               for part in re.split(r"^\[\d+\]:\s*$", summary, flags=re.MULTILINE)[1:]]
-    if not entries:
-        return output
-    for entry in entries:
-        code = re.search(r"exitcode\s*:\s*(-?\d+)", entry)
-        if code and int(code.group(1)) < 0 and int(code.group(1)) != -signal.SIGTERM:
-            return entry
-    return entries[-1]  # the "Root Cause (first observed failure)" section comes last
-
-
-def _failure(cycle: int, code: int, output: str) -> Exception:
-    """The error for a failed run, from torchrun's summary ("Root Cause": rank, exitcode)."""
-    diverged = re.search(r"TrainingDiverged: (.+)", output)
-    if diverged:
-        return TrainingDiverged(diverged.group(1).strip())
-    root = _root_cause(output)
-    rank = re.search(r"rank\s*:\s*(\d+)", root)
-    exitcode = re.search(r"exitcode\s*:\s*(-?\d+)", root)
-    who = f"rank {rank.group(1)}" if rank else "a rank"
-    how = ""
-    if exitcode:
-        value = int(exitcode.group(1))
-        how = f" with exit code {value}"
-        try:
-            how += f" ({signal.Signals(-value).name})" if value < 0 else ""
-        except ValueError:  # a signal without a name
-            pass
-    errors = re.findall(r"^\s*(\w*(?:Error|Exception)\b:.*)$", root, flags=re.MULTILINE)
-    if errors:
-        how += f": {errors[-1].strip()[:300]}"
-    last = "".join(output.splitlines(keepends=True)[-TAIL_LINES:]).rstrip()
-    return DistributedTrainingFailed(
-        f"distributed training of cycle {cycle} failed: {who} failed{how} (torchrun exit code {code}); "
-        f"no checkpoint was kept, a rerun retrains. Last output:\n{last}")
-
-
-# --- one rank (run by torchrun) -----------------------------------------------------------------
 
 def _report(record: dict) -> None:
     # One write per line: lines of the two ranks on one pipe do not interleave.
@@ -200,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise SystemExit("tidal.train_ddp is one rank of a distributed run: start it with "
                          "`torchrun --nproc-per-node N -m tidal.train_ddp ...`")
-    from tidal import pipeline
-
     params = load_params(args.params, args.set)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = resolve_device(params["device"])

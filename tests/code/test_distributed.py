@@ -7,7 +7,7 @@ import torch
 
 from tidal.dynamics import TDRecorder
 from tidal.train import DistributedContext, TrainingDiverged
-from tidal.train_ddp import DistributedTrainingFailed, _failure
+from tidal.launch import DistributedTrainingFailed, _failure
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

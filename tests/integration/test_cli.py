@@ -37,7 +37,7 @@ def test_data_command_writes_and_versions(tmp_path: Path, capsys):
 def test_failed_distributed_training_is_one_clear_line(monkeypatch, capsys):
     """The flow re-raises what the train task raised; the CLI prints it without a traceback."""
     import tidal.cli
-    from tidal.train_ddp import DistributedTrainingFailed
+    from tidal.launch import DistributedTrainingFailed
 
     def failing_run(args):
         raise DistributedTrainingFailed("distributed training of cycle 0 failed: rank 1 failed with exit code -9")

@@ -1,0 +1,84 @@
+"""The package's shape: no import circle inside `tidal`, no Prefect in it, MLflow in one module.
+
+Read from the source (every import statement, module level or inside a function), so a lazy
+import that closes a circle counts too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "tidal"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The tidal modules (and top-level outside packages) a file imports."""
+    found = set()
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+        else:
+            continue
+        for name in names:
+            # a module of ours, or the outside package's top level
+            while name not in modules and "." in name and name.startswith("tidal"):
+                name = name.rsplit(".", 1)[0]
+            found.add(name if name.startswith("tidal") else name.split(".")[0])
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    return {name: _imports(path, modules) - {name} for name, path in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle among tidal modules (a package importing its own submodules aside)."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done or node not in graph:
+            return None
+        for dep in sorted(graph[node]):
+            if dep.startswith(node + "."):
+                continue  # `tidal.data` re-exporting `tidal.data.sources`
+            found = visit(dep, path + [node])
+            if found:
+                return found
+        done.add(node)
+        return None
+
+    for start in sorted(graph):
+        found = visit(start, [])
+        if found:
+            return found
+    return None
+
+
+def test_no_import_circle_inside_tidal():
+    assert _cycle(_graph()) is None, " -> ".join(_cycle(_graph()))
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _cycle({"tidal.a": {"tidal.b"}, "tidal.b": {"tidal.c"}, "tidal.c": {"tidal.a"}}) == [
+        "tidal.a", "tidal.b", "tidal.c", "tidal.a"]
+
+
+def test_tidal_never_imports_prefect_and_only_tracking_imports_mlflow():
+    graph = _graph()
+    assert not [m for m, deps in graph.items() if "prefect" in deps]
+    assert sorted(m for m, deps in graph.items() if "mlflow" in deps) == ["tidal.tracking"]
