@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -19,10 +18,8 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tidal import pipeline
-from tidal.faults import failpoint
+from tidal import pipeline, tracking
 from tidal.memory import peak_rss_mb
-from tidal.tracking import data_version_recorder, log_cycle_checkpoint, make_tracker
 from tidal.workspace import ExperimentLock, read_json
 
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
@@ -38,36 +35,20 @@ def verify_data_version(params: dict) -> dict:
 @task(name="start-experiment", **OUTSIDE)
 def start_experiment(params: dict, data_version: str, pool_version: str, overrides: list[str]) -> dict:
     state = pipeline.start_experiment(params, data_version, pool_version, overrides)
-    parent = state["tracking"].get("parent_run_id")
-    if params["tracking"] and not parent:
-        # The key is saved before the run exists, so a crash in between finds that run again.
-        run_key = state["tracking"].get("run_key")
-        if not run_key:
-            run_key = uuid.uuid4().hex
-            pipeline.record_tracking(params, "run_key", run_key)
-        parent = make_tracker().start_experiment(params, data_version, prefect_flow_run_id=flow_run.get_id() or "",
-                                                 run_key=run_key)
-        failpoint("tracking:parent-created")
-        pipeline.record_tracking(params, "parent_run_id", parent)
-    return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent or ""}
+    tracker = tracking.make_tracker(params["tracking"])
+    parent = tracking.experiment_run(tracker, params, data_version, flow_run.get_id() or "")
+    return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent}
 
 
 @task(name="start-cycle-run", task_run_name="start-cycle-run-cycle-{cycle}", **OUTSIDE)
 def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str) -> str:
-    state = pipeline.load_state(params)
-    runs = state["tracking"].get("cycle_runs", {})
-    if str(cycle) in runs or not params["tracking"]:
-        return runs.get(str(cycle), "")
-    run_id = make_tracker().start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]),
-                                        prefect_flow_run_id=prefect_flow_run_id)
-    failpoint("tracking:cycle-created")
-    pipeline.record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
-    return run_id
+    tracker = tracking.make_tracker(params["tracking"])
+    return tracking.cycle_run(tracker, params, cycle, parent_run_id, prefect_flow_run_id)
 
 
 @task(name="train", task_run_name="train-cycle-{cycle}", **COMPUTE)
 def train(params: dict, cycle: int, run_id: str) -> dict:
-    tracker = make_tracker(params["tracking"])
+    tracker = tracking.make_tracker(params["tracking"])
     with tracker.system_metrics(run_id):
         result = pipeline.train_step(params, cycle)
     if not result["resumed"]:
@@ -166,13 +147,8 @@ def reveal_oracle_labels(params: dict, ids: list[str]) -> dict[str, int]:
 @task(name="log-cycle", task_run_name="log-cycle-cycle-{cycle}", **OUTSIDE)
 def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
               test_accuracy: float, query_path: str, checkpoint: str) -> None:
-    if not params["tracking"]:
-        return
-    tracker = make_tracker()
-    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
-    log_cycle_checkpoint(tracker, run_id, params, checkpoint)
-    tracker.end_run(run_id)
-    failpoint("tracking:cycle-logged")
+    tracking.log_cycle(tracking.make_tracker(params["tracking"]), params, run_id, parent_run_id, cycle, n_labeled,
+                       test_accuracy, query_path, checkpoint)
 
 
 @task(name="commit-state", task_run_name="commit-state-cycle-{cycle}", **OUTSIDE)
@@ -233,7 +209,7 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
     """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
     params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
-        pipeline.finish_import(params, data_version_recorder(params))  # one a crash left open
+        pipeline.finish_import(params, tracking.data_version_recorder(params))  # one a crash left open
         version = verify_data_version(params)
         started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
         for cycle in range(started["cycle"], params["cycles"]):
@@ -243,8 +219,8 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
             if params["label_mode"] == "human":
                 break  # the query is with the annotators: stop until labels are imported
         history = pipeline.load_state(params)["history"]
-        if params["tracking"] and started["parent_run_id"] and not pipeline.waiting_for_labels(params):
-            make_tracker().end_run(started["parent_run_id"])
+        if started["parent_run_id"] and not pipeline.waiting_for_labels(params):
+            tracking.make_tracker(params["tracking"]).end_run(started["parent_run_id"])
     return history
 
 
@@ -264,7 +240,7 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
     score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
     params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
-        pipeline.finish_import(params, data_version_recorder(params))  # one a crash left open
+        pipeline.finish_import(params, tracking.data_version_recorder(params))  # one a crash left open
         version = verify_data_version(params)
         started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
         if _waiting(params):
@@ -275,7 +251,7 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
 @task(name="merge-labels", **COMPUTE)
 def merge_labels(params: dict, path: str, fmt: str | None, force: bool, relabel: bool) -> dict:
     return pipeline.import_labels(params, path, fmt, force=force, relabel=relabel,
-                                  on_version=data_version_recorder(params))
+                                  on_version=tracking.data_version_recorder(params))
 
 
 @flow(name="import-labels")

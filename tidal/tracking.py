@@ -29,6 +29,8 @@ def tracking_uri() -> str:
 
 
 class MlflowTracker:
+    enabled = True
+
     def __init__(self, uri: str | None = None) -> None:
         # No usage reports from an offline pipeline.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -275,6 +277,7 @@ class NullTracker:
     """Tracking off (a bare GPU box, quick checks): same calls, nothing recorded."""
 
     uri = "none"
+    enabled = False
 
     def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
                          run_key: str = "") -> str:
@@ -304,8 +307,68 @@ class NullTracker:
         yield
 
 
-def make_tracker(enabled: bool = True) -> MlflowTracker | NullTracker:
+Tracker = MlflowTracker | NullTracker
+
+
+def make_tracker(enabled: bool = True) -> Tracker:
+    """The one switch for tracking: pass `params["tracking"]`; off gives the NullTracker."""
     return MlflowTracker() if enabled else NullTracker()
+
+
+# --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
+
+def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_flow_run_id: str = "") -> str:
+    """The experiment's parent run id: the one state.json records, else found or created.
+
+    Its key is saved before the run exists, so a process killed in between finds that run
+    again instead of leaving it behind. "" with tracking off.
+    """
+    import uuid
+
+    from tidal.faults import failpoint
+    from tidal.pipeline import load_state, record_tracking
+
+    saved = load_state(params)["tracking"]
+    if not tracker.enabled or saved.get("parent_run_id"):
+        return saved.get("parent_run_id", "")
+    run_key = saved.get("run_key")
+    if not run_key:
+        run_key = uuid.uuid4().hex
+        record_tracking(params, "run_key", run_key)
+    parent = tracker.start_experiment(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key)
+    failpoint("tracking:parent-created")
+    record_tracking(params, "parent_run_id", parent)
+    return parent
+
+
+def cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str = "") -> str:
+    """The cycle's child run id: the one state.json records, else found under the parent or
+    created. "" with tracking off."""
+    from tidal.faults import failpoint
+    from tidal.pipeline import load_state, record_tracking
+
+    state = load_state(params)
+    runs = state["tracking"].get("cycle_runs", {})
+    if not tracker.enabled or str(cycle) in runs:
+        return runs.get(str(cycle), "")
+    run_id = tracker.start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]),
+                                 prefect_flow_run_id=prefect_flow_run_id)
+    failpoint("tracking:cycle-created")
+    record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
+    return run_id
+
+
+def log_cycle(tracker: Tracker, params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
+              test_accuracy: float, query_path: str, checkpoint: str) -> None:
+    """The cycle's results, query and checkpoint on its run, which then ends; safe to repeat."""
+    if not tracker.enabled:
+        return
+    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
+    log_cycle_checkpoint(tracker, run_id, params, checkpoint)
+    tracker.end_run(run_id)
+    from tidal.faults import failpoint
+
+    failpoint("tracking:cycle-logged")
 
 
 def data_version_recorder(params: dict) -> Callable[[str], None]:
@@ -316,12 +379,12 @@ def data_version_recorder(params: dict) -> Callable[[str], None]:
         from tidal.pipeline import load_state
 
         parent = load_state(params)["tracking"].get("parent_run_id")
-        if params["tracking"] and parent:
-            make_tracker().record_data_version(parent, data_version)
+        if parent:
+            make_tracker(params["tracking"]).record_data_version(parent, data_version)
     return record
 
 
-def log_cycle_checkpoint(tracker: MlflowTracker | NullTracker, run_id: str, params: dict,
+def log_cycle_checkpoint(tracker: Tracker, run_id: str, params: dict,
                          checkpoint: str | Path) -> None:
     """The cycle's weights and model spec on its run; `register` makes the MLflow model.
 
