@@ -13,12 +13,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch globally (model init, dropout) and return a CPU generator for data order."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def set_deterministic(device: torch.device) -> None:
     """On CPU the same seed must give the same selection bit for bit."""
     if device.type == "cpu":

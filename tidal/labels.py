@@ -101,9 +101,6 @@ class Annotations:
     policy: str = "refuse"     # the conflicts policy applied
     fmt: str = ""              # the format read (csv, jsonl, label-studio)
 
-    def ids(self) -> list[str]:
-        return [a.id for a in self.labels]
-
     def refused(self) -> list[str]:
         """Ids not imported because their answers disagree (they stay pending)."""
         return [c.id for c in self.conflicts if c.label is None]

@@ -475,7 +475,7 @@ def check_import(fmt: str, data: bytes, state: dict, base: Path, clean: bool = F
 
 
 def _check_annotations(ann) -> None:
-    ids = ann.ids()
+    ids = [a.id for a in ann.labels]
     assert len(ids) == len(set(ids)), "an id is imported twice"
     assert all(isinstance(i, str) and i == i.strip() and i for i in ids)
     assert all(0 <= a.label < len(CLASSES) and a.row >= 1 for a in ann.labels)

@@ -651,7 +651,7 @@ LEGACY_LOG = (",".join(LEGACY_PROVENANCE_COLUMNS) + "\r\n"
               "s0,2,bird,bob,1,q-1,2025-12-02T00:00:00Z,b.csv,0\r\n").encode()
 
 
-def test_old_log_without_the_new_columns_is_still_read(tmp_path):
+def test_a_log_without_the_decision_columns_is_read(tmp_path):
     log = tmp_path / "labels.csv"
     log.write_bytes(LEGACY_LOG)
     assert current_labels(log) == {"s0": 2, "s1": 1}
@@ -760,7 +760,7 @@ def test_id_that_is_not_a_string_is_refused(tmp_path, value, kind):
     path.write_text(f'{{"id": {value}, "label": "cat"}}\n')
     assert f"must be a string (or an integer), not {kind}" in _raises(path, "line 1: the sample id")
     path.write_text('{"id": 7, "label": "cat"}\n')
-    assert read_annotations(path, CLASSES).ids() == ["7"]
+    assert [a.id for a in read_annotations(path, CLASSES).labels] == ["7"]
 
 
 @pytest.mark.parametrize("encoding,match", [("utf-16", "is UTF-16 text"), ("utf-32", "is UTF-32 text"),

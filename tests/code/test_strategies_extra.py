@@ -53,7 +53,7 @@ def _pointwise(name, backbone, images, k, batch_size=512, seed=0, **kw):
 
 # --- margin and least-confidence ------------------------------------------------------------
 
-def test_registry_holds_the_new_strategies():
+def test_registry_holds_margin_least_confidence_bald_coreset_and_badge():
     assert {"margin", "least-confidence", "bald", "coreset", "badge"} <= set(STRATEGIES)
     assert issubclass(STRATEGIES["coreset"], SetStrategy) and issubclass(STRATEGIES["badge"], SetStrategy)
 

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
-    """Run with a hard time limit; on expiry kill the whole process group (torchrun and its ranks)."""
-    start = time.monotonic()
+def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run with a hard time limit; on expiry kill the whole process group (torchrun and its ranks)
+    and fail the test: the limit is what tells a hang from a run that ends."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -53,7 +52,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[subproces
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"{cmd[2:4]} did not end within {timeout} s (a hang):\n{out[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, ""), time.monotonic() - start
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], buffers: bool = False) -> float:
@@ -69,7 +68,7 @@ def two_ranks(data_root, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp") / "ranks.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
            str(data_root), str(out)]
-    run, _ = _run(cmd, _env(), timeout=120)
+    run = _run(cmd, _env(), timeout=120)
     assert run.returncode == 0, run.stdout[-4000:]
     return torch.load(out, weights_only=True)
 
@@ -135,12 +134,11 @@ def _train_step_in_subprocess(root: Path, data_root: Path, env: dict, timeout: f
 def test_killed_rank_ends_the_run_with_a_clear_error_then_rerun_trains(data_root, tmp_path, monkeypatch):
     params = _workspace(tmp_path, data_root, "distributed.nproc_per_node=2")
     out_dir = pipeline.workspace(params).cycle_dir(0)
-    killed, seconds = _train_step_in_subprocess(tmp_path, data_root, _env(TIDAL_FAILPOINT="train_ddp:rank1:epoch"),
-                                                120, "distributed.nproc_per_node=2")
+    killed = _train_step_in_subprocess(tmp_path, data_root, _env(TIDAL_FAILPOINT="train_ddp:rank1:epoch"),
+                                     120, "distributed.nproc_per_node=2")
     assert killed.returncode == 3, killed.stdout[-3000:]
     assert ("TRAIN_STEP_ERROR DistributedTrainingFailed: distributed training of cycle 0 failed: "
             "rank 1 failed with exit code -9 (SIGKILL)") in killed.stdout, killed.stdout[-3000:]
-    assert seconds < 120
     assert not (out_dir / "model.pt").exists() and not (out_dir / "train_history.json").exists()
     # The step stays resumable: the rerun trains (in this process, torchrun again) and writes both files.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -152,13 +150,12 @@ def test_killed_rank_ends_the_run_with_a_clear_error_then_rerun_trains(data_root
 def test_hanging_rank_times_out_instead_of_hanging(data_root, tmp_path):
     _workspace(tmp_path, data_root, "distributed.nproc_per_node=2")
     env = _env(TIDAL_FAILPOINT="train_ddp:rank1:epoch", TIDAL_FAILPOINT_ACTION="hang")
-    hung, seconds = _train_step_in_subprocess(tmp_path, data_root, env, 120, "distributed.nproc_per_node=2",
-                                              "distributed.timeout_s=5")
+    hung = _train_step_in_subprocess(tmp_path, data_root, env, 120, "distributed.nproc_per_node=2",
+                                     "distributed.timeout_s=5")
     assert hung.returncode == 3, hung.stdout[-3000:]
     # Rank 1 stopped answering; rank 0's next collective timed out after timeout_s and ended the run.
     assert "TRAIN_STEP_ERROR DistributedTrainingFailed" in hung.stdout, hung.stdout[-3000:]
     assert "rank 0 failed with exit code 1" in hung.stdout and "Timed out" in hung.stdout, hung.stdout[-3000:]
-    assert seconds < 120
     assert not (tmp_path / "ddp/cycles/0/model.pt").exists()
 
 

@@ -217,9 +217,16 @@ def test_system_metrics_are_sampled_into_the_run(mlflow_uri):
     from tidal.tracking import MlflowTracker
 
     tracker = MlflowTracker()
+    client = MlflowClient(tracking_uri=mlflow_uri)
     run_id = tracker.client.create_run(tracker._experiment_id("sysmetrics")).info.run_id
+    wanted = ("system/cpu_utilization", "system/system_memory_usage")
+
+    def sampled() -> bool:
+        keys = client.get_run(run_id).data.metrics
+        return all(any(k.startswith(w) for k in keys) for w in wanted)
+
     with tracker.system_metrics(run_id, interval_s=0.5):
-        time.sleep(2.0)
-    metrics = MlflowClient(tracking_uri=mlflow_uri).get_run(run_id).data.metrics
-    assert any(k.startswith("system/cpu_utilization") for k in metrics), metrics
-    assert any(k.startswith("system/system_memory_usage") for k in metrics), metrics
+        deadline = time.monotonic() + 60  # the tracked work: wait until the sampler has logged both
+        while not sampled() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert sampled(), client.get_run(run_id).data.metrics

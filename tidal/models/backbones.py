@@ -31,7 +31,7 @@ class SmallCNN(nn.Module):
 
     Stage 1 keeps the resolution; stages 2 and 3 halve it. Global average pooling makes the
     head independent of the input size. `dropout` > 0 puts a dropout layer before the head
-    (0, the default, is no layer at all: the same model, parameters and random stream as before).
+    (0, the default, adds no layer: no parameters and no draws from the random stream).
     """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, dropout: float = 0.0) -> None:
@@ -141,6 +141,6 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 def build_backbone(name: str, in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)}")
-    # Only SmallCNN and CifarCNN take `dropout`; 0 (the default) passes nothing, so every backbone builds as before.
+    # Only SmallCNN and CifarCNN take `dropout`; 0 (the default) passes nothing, so any backbone builds with it.
     extra = {"dropout": dropout} if dropout > 0 else {}
     return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, **extra)
