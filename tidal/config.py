@@ -58,6 +58,10 @@ DEFAULTS: dict[str, Any] = {
         # long, in steps, as 10,000 (benchmarks/learner.py chose it on a validation split).
         "min_steps": 300,
         "schedule": "multistep",  # "multistep" (lr ×0.1 at each milestone) or "onecycle" (rise, then to 0)
+        # Cycle k > 0 starts from cycle k-1's backbone and auxiliary module (new optimizer, schedule
+        # from the start), as the TiDAL reference code trains; false trains fresh seeded models
+        # every cycle (docs/architecture.md, "Models across cycles"). The committed results use false.
+        "warm_start": False,
     },
     "score_batch_size": 512,
     # Training on several processes (torchrun + DistributedDataParallel, tidal/train_ddp.py).

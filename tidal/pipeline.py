@@ -248,11 +248,15 @@ def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = Non
                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     data = data or dataset_for(params)
     backbone, aux = build_models(params, data)
+    _load_weights(backbone, aux, checkpoint)
+    return backbone, aux
+
+
+def _load_weights(backbone: torch.nn.Module, aux: torch.nn.Module | None, checkpoint: str | Path) -> None:
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     backbone.load_state_dict(saved["backbone"])
     if aux is not None:
         aux.load_state_dict(saved[_aux_key(aux)])
-    return backbone, aux
 
 
 def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], None] | None = None,
@@ -290,6 +294,9 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     seed = _cycle_seed(params["seed"], cycle)
     torch.manual_seed(seed)
     backbone, aux = build_models(params, data)
+    if params["train"]["warm_start"] and cycle > 0:
+        # After the seeding, so the data order and augmentation draws stay those of a fresh start.
+        _load_weights(backbone, aux, ws.cycle_dir(cycle - 1) / "model.pt")
     log.info("cycle %d: training %s on %d labeled samples (%s)", cycle, params["backbone"], len(labels), device)
     def epoch_done(record: dict) -> None:
         failpoint("train:epoch" if distributed is None else f"train_ddp:rank{distributed.rank}:epoch")

@@ -52,6 +52,7 @@ class TrainConfig:
     compile: str | bool = False  # CUDA only: false, "default" or "reduce-overhead"
     min_steps: int = 0  # a cycle takes at least this many optimizer steps (epochs are raised to reach it)
     schedule: str = "multistep"  # "multistep" (×0.1 at each milestone) or "onecycle"
+    warm_start: bool = False  # read by pipeline.train_step: start from the previous cycle's weights
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainConfig":

@@ -94,3 +94,19 @@ def test_kl_gradient_reaches_backbone_first_conv():
     assert backbone.head.weight.grad is None
     # and the module itself is trained by it
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in td.out.parameters())
+
+
+def test_td_task_never_detaches_the_backbone_features():
+    # As in the reference (hyperconnect/TiDAL train_test.py:train_epoch): only Learning Loss detaches
+    # its input after an epoch; the TD module's KL reaches the backbone in every epoch, whatever
+    # train.lloss_detach_epoch says.
+    from tidal.train import TrainConfig, aux_task
+
+    backbone, td = _backbone_and_td()
+    cfg = TrainConfig(epochs=5, batch_size=4, lr=0.1, momentum=0.9, weight_decay=5e-4, milestones=[],
+                      td_weight=1.0, crop_pad=0, hflip=False, lloss_detach_epoch=0)
+    task = aux_task(td, cfg)
+    _, features = backbone(torch.randn(4, 1, 8, 8))
+    target = torch.softmax(torch.randn(4, 10), dim=1)
+    td_kl_loss(task.forward(features, epoch=10**6), target).backward()
+    assert backbone.stages[0][0].weight.grad.abs().sum().item() > 0

@@ -242,3 +242,33 @@ def test_pipeline_steps_resume_without_redoing_work(tmp_path, data_root):
     assert [r["epoch"] for r in history] == list(range(1, params["train"]["epochs"] + 1))
     rows = read_csv(scores_path)
     assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_trains_cycle_one_from_cycle_zeros_models(tmp_path, data_root, monkeypatch, warm):
+    """train.warm_start: cycle 1 starts from cycle 0's backbone and TD module (the reference code's
+    way); off, it starts from the fresh seeded models it would build anyway."""
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "device=cpu",
+                                "tracking=false", f"train.warm_start={str(warm).lower()}"])
+    prepared = pipeline.prepare_data(params)
+    pipeline.start_experiment(params, prepared["data_version"])
+    pipeline.run_cycle(params, 0)
+    started_from = []
+    real = pipeline.train_cycle
+
+    def recording(backbone, aux, *args, **kwargs):
+        started_from.append(({k: v.clone() for k, v in backbone.state_dict().items()},
+                             {k: v.clone() for k, v in aux.state_dict().items()}))
+        return real(backbone, aux, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_cycle", recording)
+    pipeline.train_step(params, 1)
+    cycle0 = torch.load(pipeline.workspace(params).cycle_dir(0) / "model.pt", weights_only=True)
+    backbone, td_module = started_from[0]
+    same = all(torch.equal(backbone[k], cycle0["backbone"][k]) for k in backbone)
+    same_module = all(torch.equal(td_module[k], cycle0["td_module"][k]) for k in td_module)
+    assert same is warm and same_module is warm
+    if not warm:
+        torch.manual_seed(pipeline._cycle_seed(params["seed"], 1))
+        fresh, _ = pipeline.build_models(params, pipeline.dataset_for(params))
+        assert all(torch.equal(backbone[k], v) for k, v in fresh.state_dict().items())
