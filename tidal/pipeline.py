@@ -23,10 +23,10 @@ from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
-from tidal.models import LossPredictor, TDPredictor, build_backbone
+from tidal.models import build_backbone
 from tidal.scoring import merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
-from tidal.train import DistributedContext, TrainConfig, train_cycle
+from tidal.train import AUX_MODULES, DistributedContext, TrainConfig, aux_kind, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
                              write_csv, write_json)
 
@@ -221,12 +221,8 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
 def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None."""
     backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
-    strategy = build_strategy(params["strategy"], params=params)
-    aux = None
-    if strategy.uses_td_module:
-        aux = TDPredictor(backbone.stage_channels, data.num_classes)
-    elif strategy.uses_loss_module:
-        aux = LossPredictor(backbone.stage_channels)
+    kind = build_strategy(params["strategy"], params=params).aux
+    aux = AUX_MODULES[kind].build(backbone.stage_channels, data.num_classes) if kind else None
     return backbone, aux
 
 
@@ -234,14 +230,6 @@ def model_spec(params: dict[str, Any], data: Dataset) -> dict[str, Any]:
     """What rebuilds the backbone from a checkpoint without the data set (kept in the checkpoint)."""
     return {"backbone": params["backbone"], "dropout": params["dropout"], "num_classes": data.num_classes,
             "in_shape": list(data.pool_images.shape[1:])}
-
-
-# Checkpoint key of each auxiliary module kind (a checkpoint holds both keys, None when unused).
-_AUX_KEYS = ((LossPredictor, "lloss_module"), (torch.nn.Module, "td_module"))
-
-
-def _aux_key(aux: torch.nn.Module) -> str:
-    return next(key for kind, key in _AUX_KEYS if isinstance(aux, kind))
 
 
 def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = None
@@ -256,7 +244,7 @@ def _load_weights(backbone: torch.nn.Module, aux: torch.nn.Module | None, checkp
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     backbone.load_state_dict(saved["backbone"])
     if aux is not None:
-        aux.load_state_dict(saved[_aux_key(aux)])
+        aux.load_state_dict(saved[aux_kind(aux).checkpoint_key])
 
 
 def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], None] | None = None,
@@ -307,10 +295,10 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
                           seed, on_epoch=epoch_done, desc=f"cycle {cycle} train", dist=distributed)
     if distributed is not None and distributed.rank != 0:
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}  # rank 0 writes
-    saved = {"backbone": backbone.state_dict(), **{key: None for _, key in _AUX_KEYS},
+    saved = {"backbone": backbone.state_dict(), **{kind.checkpoint_key: None for kind in AUX_MODULES.values()},
              "spec": model_spec(params, data)}
     if aux is not None:
-        saved[_aux_key(aux)] = aux.state_dict()
+        saved[aux_kind(aux).checkpoint_key] = aux.state_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(saved, buffer)

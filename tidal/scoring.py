@@ -21,15 +21,14 @@ from torch import nn
 from tidal.models.backbones import penultimate
 from tidal.progress import progress
 from tidal.strategies.base import Embeddings, ModelOutput, QueryStrategy, SetStrategy, Strategy
-from tidal.train import normalize, precision_context, prepare_input, prepare_model, to_float
+from tidal.train import AUX_MODULES, normalize, precision_context, prepare_input, prepare_model, to_float
 
 
-def _check_td(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
+def _check_aux(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
     """A strategy that reads an auxiliary module (the TD module, the loss predictor) gets one."""
-    if strategy.uses_td_module and aux_module is None:
-        raise ValueError(f"strategy '{strategy.name}' needs the TD module, but none was trained")
-    if strategy.uses_loss_module and aux_module is None:
-        raise ValueError(f"strategy '{strategy.name}' needs the loss prediction module, but none was trained")
+    if strategy.aux and aux_module is None:
+        raise ValueError(f"strategy '{strategy.name}' needs the {AUX_MODULES[strategy.aux].title}, "
+                         f"but none was trained")
 
 
 def _check_pointwise(strategy: QueryStrategy) -> None:
@@ -75,7 +74,7 @@ def top_k_uncertain(
     `images_u8` is read one batch slice at a time, so it may be a lazy `Rows`.
     """
     _check_pointwise(strategy)
-    _check_td(strategy, aux_module)
+    _check_aux(strategy, aux_module)
     head = getattr(backbone, "head", None) if strategy.uses_head else None
     if strategy.uses_head and head is None:
         raise ValueError(f"strategy '{strategy.name}' needs a backbone with a `head` module")
@@ -89,9 +88,8 @@ def top_k_uncertain(
         x = prepare_input(normalize(to_float(images_u8[start:start + batch_size].to(device))), device)
         with precision_context(device):
             logits, features = net(x)
-            td_logits = aux_module(features).float() if strategy.uses_td_module else None
-            pred_loss = aux_module(features).float() if strategy.uses_loss_module else None
-        out = ModelOutput(logits=logits.float(), td_logits=td_logits, pred_loss=pred_loss,
+            aux_out = {AUX_MODULES[strategy.aux].output: aux_module(features).float()} if strategy.aux else {}
+        out = ModelOutput(logits=logits.float(), **aux_out,
                           embedding=penultimate(features).float() if head is not None else None, head=head)
         scores = strategy.score(out).float().cpu()
         pos = torch.arange(start, start + len(scores))
@@ -153,7 +151,7 @@ def select_candidates(
 
     `labeled_u8` (the labeled images) is read only by set strategies that ask for it (CoreSet).
     """
-    _check_td(strategy, aux_module)
+    _check_aux(strategy, aux_module)
     if isinstance(strategy, SetStrategy):
         return select_set(backbone, images_u8, strategy, k, device, batch_size, labeled_u8)
     return top_k_uncertain(backbone, aux_module, images_u8, strategy, k, device, batch_size)

@@ -29,6 +29,7 @@ from torch import nn
 
 from tidal.dynamics import TDRecorder
 from tidal.models.loss_module import LossPredictor, loss_ranking_loss
+from tidal.models.td_module import TDPredictor
 from tidal.progress import progress
 
 
@@ -242,13 +243,41 @@ class LossPredTask(AuxTask):
         return loss_ranking_loss(out, F.cross_entropy(logits, y, reduction="none"), self.margin)
 
 
+@dataclass(frozen=True)
+class AuxModule:
+    """One kind of auxiliary module a strategy trains beside the backbone (its `aux` names it)."""
+
+    module: type[nn.Module]  # its class
+    build: Callable[[list[int], int], nn.Module]  # (the backbone's stage channels, classes) -> module
+    task: Callable[[nn.Module, "TrainConfig"], AuxTask]  # how the trainer trains it
+    checkpoint_key: str  # its weights' key in cycles/<k>/model.pt (the other kinds' keys hold None)
+    output: str  # the ModelOutput field its scoring pass fills
+    title: str  # what messages call it
+
+
+# The one table of auxiliary modules: building, training, checkpointing and scoring read it.
+AUX_MODULES: dict[str, AuxModule] = {
+    "td": AuxModule(TDPredictor, lambda stages, classes: TDPredictor(stages, classes),
+                    lambda m, cfg: TDTask(m, cfg.td_weight), "td_module", "td_logits", "TD module"),
+    "loss": AuxModule(LossPredictor, lambda stages, classes: LossPredictor(stages),
+                      lambda m, cfg: LossPredTask(m, cfg.lloss_weight, cfg.lloss_detach_epoch), "lloss_module",
+                      "pred_loss", "loss prediction module"),
+}
+
+
+def aux_kind(module: nn.Module) -> AuxModule:
+    """The table's entry for an auxiliary module."""
+    for kind in AUX_MODULES.values():
+        if isinstance(module, kind.module):
+            return kind
+    raise TypeError(f"{type(module).__name__} is not an auxiliary module kind ({sorted(AUX_MODULES)})")
+
+
 def aux_task(module: nn.Module | AuxTask | None, cfg: "TrainConfig") -> AuxTask | None:
-    """The task for a module: a LossPredictor is Learning Loss, any other module the TD predictor."""
+    """The task that trains an auxiliary module (an AuxTask is used as it is)."""
     if module is None or isinstance(module, AuxTask):
         return module
-    if isinstance(module, LossPredictor):
-        return LossPredTask(module, cfg.lloss_weight, cfg.lloss_detach_epoch)
-    return TDTask(module, cfg.td_weight)
+    return aux_kind(module).task(module, cfg)
 
 
 # --- the device's training path: GPU speed-ups, the CPU path unchanged ------------------------

@@ -117,7 +117,7 @@ class MeanLoss(nn.Module):
 
 
 def test_lloss_picks_the_highest_predicted_losses():
-    assert STRATEGIES["lloss"].uses_loss_module
+    assert STRATEGIES["lloss"].aux == "loss"
     strategy = build_strategy("lloss")
     torch.testing.assert_close(strategy.score(ModelOutput(logits=torch.zeros(3, 2),
                                                           pred_loss=torch.tensor([0.1, 2.0, -1.0]))),

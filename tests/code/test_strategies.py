@@ -52,7 +52,7 @@ class FakeLossModule(nn.Module):
 
 def _select(name: str, images, k: int, batch_size: int = 512, seed: int = 0):
     strategy = build_strategy(name, seed=seed)
-    aux = FakeLossModule() if strategy.uses_loss_module else FakeTD()
+    aux = FakeLossModule() if strategy.aux == "loss" else FakeTD()
     pos, scores = top_k_uncertain(FakeBackbone(), aux, images, strategy, k, CPU, batch_size)
     return pos.tolist(), scores
 

@@ -20,7 +20,7 @@ class ModelOutput:
 
     logits: torch.Tensor  # backbone class logits, B×C
     td_logits: torch.Tensor | None = None  # TD module logits, B×C (TiDAL strategies only)
-    pred_loss: torch.Tensor | None = None  # loss prediction module's output, B (uses_loss_module only)
+    pred_loss: torch.Tensor | None = None  # loss prediction module's output, B (aux "loss" only)
     embedding: torch.Tensor | None = None  # penultimate features (the head's input), B×D (uses_head only)
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # backbone head: B×D -> B×C (uses_head only)
 
@@ -37,8 +37,7 @@ class QueryStrategy:
     """What both kinds share: a registry name, a seed, and how params configure them."""
 
     name: str = ""
-    uses_td_module: bool = False
-    uses_loss_module: bool = False  # needs the Learning Loss module (ModelOutput.pred_loss)
+    aux: str | None = None  # the auxiliary module it trains and scores with: a key of tidal.train.AUX_MODULES
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

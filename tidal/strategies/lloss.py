@@ -14,7 +14,7 @@ class LearningLoss(Strategy):
     """
 
     name = "lloss"
-    uses_loss_module = True
+    aux = "loss"
 
     def score(self, out: ModelOutput) -> torch.Tensor:
         return out.pred_loss.float()

@@ -9,7 +9,7 @@ class TiDALEntropy(Strategy):
     """Entropy of the TD module's predicted cumulative softmax p̃."""
 
     name = "tidal-entropy"
-    uses_td_module = True
+    aux = "td"
 
     def score(self, out: ModelOutput) -> torch.Tensor:
         return entropy(torch.softmax(out.td_logits.float(), dim=1))

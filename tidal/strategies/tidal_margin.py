@@ -13,7 +13,7 @@ class TiDALMargin(Strategy):
     """
 
     name = "tidal-margin"
-    uses_td_module = True
+    aux = "td"
 
     def score(self, out: ModelOutput) -> torch.Tensor:
         p = torch.softmax(out.td_logits.float(), dim=1)
