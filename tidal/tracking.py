@@ -11,6 +11,7 @@ thread-local and Prefect runs tasks in worker threads.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -100,10 +101,12 @@ class MlflowTracker:
         self._log(run_id, metrics=self._not_logged(run_id, metrics))
 
     def log_cycle_result(self, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
-                         test_accuracy: float, query_path: str) -> None:
-        """Idempotent: a cycle redone after a crash logs no metric step a second time."""
+                         test_accuracy: float, query_path: str, model_id: str | None = None) -> None:
+        """The cycle run's test_accuracy and n_labeled (linked to its LoggedModel `model_id`, so the
+        Models view shows them), the query, and the parent's curve point. Idempotent: a cycle
+        redone after a crash logs no metric step a second time."""
         self._log(run_id, metrics=self._not_logged(
-            run_id, [("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)]))
+            run_id, [("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)]), model_id=model_id)
         self.client.log_artifact(run_id, query_path, artifact_path="query")
         self._log(parent_run_id, metrics=self._not_logged(
             parent_run_id, [("test_accuracy", test_accuracy, n_labeled), ("test_accuracy_by_cycle", test_accuracy, cycle)]))
@@ -115,23 +118,54 @@ class MlflowTracker:
         return [(key, value, step) for key, value, step in metrics if int(step) not in logged[key]]
 
     def log_checkpoint(self, run_id: str, checkpoint: str | Path, spec: dict[str, Any]) -> None:
-        """The cycle's checkpoint as an artifact, and the spec that rebuilds its classifier.
-
-        A file copy: logging every cycle's MLflow model (torch.export) cost ~1 s a cycle, 15 % of
-        the default experiment (the profile in benchmarks/README.md, overhead section).
-        `register_cycle_model` logs the MLflow model of the one cycle that is registered, from
-        this checkpoint.
-        """
+        """The cycle's checkpoint as an artifact (backbone and auxiliary module: what resumes or
+        re-scores the cycle elsewhere), and the spec that rebuilds its classifier."""
         self.client.log_artifact(run_id, str(checkpoint), artifact_path=CHECKPOINT_DIR)
         self.client.set_tag(run_id, MODEL_SPEC_TAG, json.dumps(spec))
 
+    def log_cycle_model(self, run_id: str, checkpoint: str | Path, spec: dict[str, Any], cycle: int) -> str:
+        """The cycle's classifier as the run's MLflow LoggedModel `cycle-<k>`; returns its model id.
+
+        Pickle format: 1.2 % of the default experiment's time for its 5 cycles, against 4.6 % for
+        pt2 (torch.export), once MLflow's imports are paid (benchmarks/model_logging.py,
+        results/model_logging); it loads with `mlflow.pytorch.load_model` wherever `tidal` is
+        installed. A model the run already has (a cycle redone after a crash) is returned.
+        """
+        import torch
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        found = self._cycle_models(run_id)
+        if found and found[0].status == LoggedModelStatus.READY:
+            return found[0].model_id
+        if found:  # created, but the process died before its files were uploaded
+            model = found[0]
+        else:
+            # Created here, not by log_model inside the run: log_model would also link every metric
+            # the run has at the model's step (a training epoch's, a system sample's) to the model.
+            model = self.client.create_logged_model(
+                self.client.get_run(run_id).info.experiment_id, name=f"cycle-{cycle}", source_run_id=run_id,
+                tags={"cycle": str(cycle), "tidal.kind": "cycle-model"},
+                params={"backbone": spec["backbone"], "cycle": str(cycle)})
+            from tidal.faults import failpoint
+
+            failpoint("tracking:model-created")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        self.log_model(None, _backbone(spec, saved), _example(spec), serialization_format="pickle",
+                       model_id=model.model_id)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=cycle)])
+        return model.model_id
+
+    def _cycle_models(self, run_id: str) -> list[Any]:
+        run = self.client.get_run(run_id)
+        return list(self.client.search_logged_models([run.info.experiment_id],
+                                                     filter_string=f"source_run_id = '{run_id}'"))
+
     def _log_model_from_checkpoint(self, run: Any) -> str:
-        """Rebuild a cycle's classifier from its logged checkpoint and log it as an MLflow model."""
+        """Rebuild a cycle's classifier from its logged checkpoint and log it as an MLflow model
+        (pt2): for cycle runs logged without a model of their own."""
         import tempfile
 
         import torch
-
-        from tidal.models import build_backbone
 
         spec_text = run.data.tags.get(MODEL_SPEC_TAG)
         if spec_text is None:
@@ -141,43 +175,45 @@ class MlflowTracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run.info.run_id, f"{CHECKPOINT_DIR}/model.pt", tmp)
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        backbone = build_backbone(spec["backbone"], spec["in_shape"][0], spec["num_classes"], dropout=spec["dropout"])
-        backbone.load_state_dict(saved["backbone"])
-        example = torch.rand(2, *spec["in_shape"], generator=torch.Generator().manual_seed(0))
-        return self.log_model(run.info.run_id, backbone, example)
+        return self.log_model(run.info.run_id, _backbone(spec, saved), _example(spec)).model_uri
 
-    def log_model(self, run_id: str, backbone: Any, example_input: Any) -> str:
-        """Log a classifier as an MLflow PyTorch model (pt2, with signature); return its URI."""
+    def log_model(self, run_id: str | None, backbone: Any, example_input: Any, serialization_format: str = "pt2",
+                  model_id: str | None = None) -> Any:
+        """Log a classifier (`tidal.models.classifier.Classifier`) as an MLflow PyTorch model with
+        its signature, in run `run_id` or into the LoggedModel `model_id`; returns MLflow's
+        ModelInfo (model_uri, model_id)."""
+        import logging
+
         import numpy as np
         import torch
         from mlflow.models import infer_signature
 
-        from tidal.train import normalize
-
-        class Classifier(torch.nn.Module):
-            """Float images in [0, 1] (N×C×H×W) -> class logits."""
-
-            def __init__(self, net: torch.nn.Module) -> None:
-                super().__init__()
-                self.net = net
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.net(normalize(x))[0]
+        from tidal.models.classifier import Classifier
 
         model = Classifier(backbone.cpu().eval())
         with torch.inference_mode():
             out = model(example_input)
         signature = infer_signature(np.asarray(example_input), out.numpy())
-        with self._mlflow.start_run(run_id=run_id):
-            info = self._mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=np.asarray(example_input),
-                # Explicit requirements: inferring them spawns a slow subprocess per model.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                # MLflow would reload the saved model and run the example through it: 0.2 s a
-                # cycle plus ~5 s of imports on the first (benchmarks/overhead.py). The signature
-                # stays; tests/integration/test_flow.py loads a logged model and predicts instead.
-                validate_serving_input=False)
-        return info.model_uri
+        pt2 = serialization_format == "pt2"
+        quiet = logging.getLogger("mlflow.pytorch")
+        level = quiet.level
+        if not pt2:
+            quiet.setLevel(logging.ERROR)  # its warning on pickle, once per cycle; the docstring says why
+        run = self._mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext()
+        try:
+            with run:
+                return self._mlflow.pytorch.log_model(
+                    model, name="model", signature=signature, model_id=model_id,
+                    serialization_format=serialization_format,
+                    # Explicit requirements: inferring them spawns a slow subprocess per model.
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                    # pt2 traces the model on the example; MLflow would then reload the saved model
+                    # and run the example through it: 0.2 s a cycle plus ~5 s of imports on the
+                    # first (benchmarks/overhead.py). The signature stays; tests/integration/
+                    # test_flow.py loads logged models and predicts instead.
+                    **({"input_example": np.asarray(example_input), "validate_serving_input": False} if pt2 else {}))
+        finally:
+            quiet.setLevel(level)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
@@ -260,12 +296,13 @@ class MlflowTracker:
         self.client.set_registered_model_alias(registered_name, alias, version.version)
         return f"models:/{registered_name}@{alias}"
 
-    def _log(self, run_id: str, params: dict | None = None, metrics: list[tuple] | None = None) -> None:
+    def _log(self, run_id: str, params: dict | None = None, metrics: list[tuple] | None = None,
+             model_id: str | None = None) -> None:
         from mlflow.entities import Metric, Param
 
         now = int(time.time() * 1000)
         p = [Param(k, str(v)) for k, v in (params or {}).items()]
-        m = [Metric(k, float(v), now, int(step)) for k, v, step in (metrics or [])]
+        m = [Metric(k, float(v), now, int(step), model_id=model_id) for k, v, step in (metrics or [])]
         # MLflow accepts at most 100 params and 1000 metrics per batch.
         for i in range(0, len(p), 100):
             self.client.log_batch(run_id, params=p[i:i + 100])
@@ -360,11 +397,14 @@ def cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, pr
 
 def log_cycle(tracker: Tracker, params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
               test_accuracy: float, query_path: str, checkpoint: str) -> None:
-    """The cycle's results, query and checkpoint on its run, which then ends; safe to repeat."""
+    """The cycle's model, results (linked to the model), query and checkpoint on its run, which
+    then ends; safe to repeat."""
     if not tracker.enabled:
         return
-    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path)
-    log_cycle_checkpoint(tracker, run_id, params, checkpoint)
+    spec = checkpoint_spec(params, checkpoint)
+    model_id = tracker.log_cycle_model(run_id, checkpoint, spec, cycle)
+    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path, model_id=model_id)
+    tracker.log_checkpoint(run_id, checkpoint, spec)
     tracker.end_run(run_id)
     from tidal.faults import failpoint
 
@@ -384,12 +424,9 @@ def data_version_recorder(params: dict) -> Callable[[str], None]:
     return record
 
 
-def log_cycle_checkpoint(tracker: Tracker, run_id: str, params: dict,
-                         checkpoint: str | Path) -> None:
-    """The cycle's weights and model spec on its run; `register` makes the MLflow model.
-
-    The spec comes from the checkpoint, so logging does not load the data set each cycle.
-    """
+def checkpoint_spec(params: dict, checkpoint: str | Path) -> dict[str, Any]:
+    """What rebuilds the checkpoint's classifier, read from the checkpoint itself (so logging does
+    not load the data set each cycle); from the data set for a checkpoint saved without it."""
     import torch
 
     spec = torch.load(checkpoint, map_location="cpu", weights_only=True).get("spec")
@@ -397,4 +434,18 @@ def log_cycle_checkpoint(tracker: Tracker, run_id: str, params: dict,
         from tidal.pipeline import dataset_for, model_spec
 
         spec = model_spec(params, dataset_for(params))
-    tracker.log_checkpoint(run_id, checkpoint, spec)
+    return spec
+
+
+def _backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:
+    from tidal.models import build_backbone
+
+    backbone = build_backbone(spec["backbone"], spec["in_shape"][0], spec["num_classes"], dropout=spec["dropout"])
+    backbone.load_state_dict(saved["backbone"])
+    return backbone
+
+
+def _example(spec: dict[str, Any]) -> Any:
+    import torch
+
+    return torch.rand(2, *spec["in_shape"], generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""tidal.tracking without an MLflow store: what the log-cycle step hands the tracker."""
+"""tidal.tracking without an MLflow store: the model spec the log-cycle step hands the tracker."""
 from __future__ import annotations
 
 import pytest
@@ -6,15 +6,7 @@ import torch
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.tracking import log_cycle_checkpoint
-
-
-class RecordingTracker:
-    def __init__(self) -> None:
-        self.logged: list[tuple] = []
-
-    def log_checkpoint(self, run_id, checkpoint, spec) -> None:
-        self.logged.append((run_id, str(checkpoint), spec))
+from tidal.tracking import checkpoint_spec
 
 
 @pytest.fixture
@@ -34,17 +26,13 @@ def test_the_spec_comes_from_the_checkpoint_not_the_data(trained, monkeypatch):
         raise AssertionError("the data set was loaded to log a checkpoint")
 
     monkeypatch.setattr(pipeline, "dataset_for", no_data)
-    tracker = RecordingTracker()
-    log_cycle_checkpoint(tracker, "run-1", params, checkpoint)
-    assert tracker.logged == [("run-1", checkpoint, expected)]
+    assert checkpoint_spec(params, checkpoint) == expected
 
 
 def test_a_checkpoint_from_before_the_spec_gets_it_from_the_data(trained):
     params, checkpoint = trained
     saved = torch.load(checkpoint, weights_only=True)
     spec = saved.pop("spec")
-    torch.save(saved, checkpoint)  # as written before checkpoints kept their spec
-    tracker = RecordingTracker()
-    log_cycle_checkpoint(tracker, "run-1", params, checkpoint)
-    assert tracker.logged[0][2] == spec
+    torch.save(saved, checkpoint)  # a checkpoint without its spec
+    assert checkpoint_spec(params, checkpoint) == spec
     pipeline.load_models(params, checkpoint)  # and such a checkpoint still loads

@@ -92,8 +92,30 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
         assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/model.pt"]
         assert json.loads(child.data.tags["tidal.model_spec"]) == {
             "backbone": "small-cnn", "dropout": 0.0, "num_classes": 10, "in_shape": [1, 8, 8]}
-    # MLflow models are made for registered cycles only (test_register_last_cycle_model_under_alias).
-    assert client.search_logged_models(experiment_ids=[exp.experiment_id]) == []
+    # One LoggedModel per cycle, named for it, with the cycle's test accuracy and labels linked to it,
+    # predicting what the cycle's checkpoint predicts.
+    import mlflow
+    import torch
+
+    from tidal import pipeline
+    from tidal.config import load_params
+    from tidal.train import normalize, to_float
+
+    models = {m.source_run_id: m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])}
+    assert set(models) == {c.info.run_id for c in children}
+    params = load_params(None, _overrides(finished_experiment["tmp"]))
+    data = pipeline.dataset_for(params)
+    x = to_float(data.test_images[:16])
+    for cycle, child in enumerate(children):
+        model = models[child.info.run_id]
+        assert model.name == f"cycle-{cycle}"
+        linked = {m.key: m.value for m in model.metrics}
+        assert linked == {"test_accuracy": child.data.metrics["test_accuracy"], "n_labeled": child.data.metrics["n_labeled"]}
+        loaded = mlflow.pytorch.load_model(model.model_uri)
+        ckpt = finished_experiment["tmp"] / f"runs/it-digits/cycles/{cycle}/model.pt"
+        backbone, _ = pipeline.load_models(params, ckpt)
+        with torch.inference_mode():
+            torch.testing.assert_close(loaded.eval()(x), backbone.eval()(normalize(x))[0])
 
 
 def test_rerun_resumes_and_extends(finished_experiment):
@@ -185,16 +207,17 @@ def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
     x = to_float(data.test_images[:16])
     with torch.inference_mode():
         expected = backbone.eval()(normalize(x))[0]
-        got = model(x)  # an exported (pt2) program, already in eval mode
+        got = model.eval()(x)
     torch.testing.assert_close(got, expected)
-    # The model was made from the cycle's checkpoint at registration, once: a second alias reuses it.
+    # The registered model is the last cycle's own LoggedModel; a second alias registers it again.
     assert tidal_main(["register", "--experiment", "it-digits", "--alias", "again", "--pick", "last"]) == 0
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("it-digits")
     models = client.search_logged_models(experiment_ids=[exp.experiment_id])
     last = client.search_runs([exp.experiment_id], filter_string="tags.cycle = '1'")[0]
-    assert [m.source_run_id for m in models] == [last.info.run_id]
-    assert int(client.get_model_version_by_alias("it-digits", "again").version) == 2
+    assert sorted(m.name for m in models) == ["cycle-0", "cycle-1"]  # none made at registration
+    version = client.get_model_version_by_alias("it-digits", "again")
+    assert int(version.version) == 2 and version.run_id == last.info.run_id
 
 
 def test_register_refuses_a_cycle_without_model_or_checkpoint(mlflow_uri):

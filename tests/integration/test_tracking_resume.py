@@ -1,4 +1,5 @@
-"""SIGKILL around the MLflow calls, rerun: one parent run, one run per cycle, every step once.
+"""SIGKILL around the MLflow calls, rerun: one parent run, one run and one model per cycle,
+every metric step once.
 
 A run created by a process killed before the workspace saved its id is found again (not left
 behind as a second, forever-RUNNING run), and a cycle redone after its results were logged does
@@ -21,7 +22,8 @@ def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("point", ["tracking:parent-created", "tracking:cycle-created", "tracking:cycle-logged"])
+@pytest.mark.parametrize("point", ["tracking:parent-created", "tracking:cycle-created", "tracking:model-created",
+                                   "tracking:cycle-logged"])
 def test_a_run_killed_around_tracking_leaves_one_run_per_cycle(prefect_harness, tmp_path, point):
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
@@ -53,6 +55,9 @@ def test_a_run_killed_around_tracking_leaves_one_run_per_cycle(prefect_harness, 
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert len(steps) == len(set(steps)), (run.info.run_name, key, steps)
     assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "test_accuracy")) == [40, 60]
+    models = client.search_logged_models([experiment.experiment_id])
+    assert sorted((m.source_run_id, m.name, str(m.status)) for m in models) == sorted(
+        (r.info.run_id, f"cycle-{r.data.tags['cycle']}", "READY") for r in cycles)
     for run in cycles:
         assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == 1
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3  # debug: 3 epochs
