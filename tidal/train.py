@@ -158,8 +158,13 @@ class DistributedContext:
         return torch.cat(parts)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        """Sum `tensor` over all ranks, in place."""
-        torch.distributed.all_reduce(tensor, group=self.group)
+        """Sum `tensor` over all ranks, in place (nothing to do in a run of one process)."""
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor, group=self.group)
+
+
+# One process trains as a data-parallel run of one rank: its shard is the whole batch, in order.
+ONE_PROCESS = DistributedContext(rank=0, world_size=1)
 
 
 def td_kl_loss(td_logits: torch.Tensor, td_target: torch.Tensor) -> torch.Tensor:
@@ -273,9 +278,26 @@ def aux_kind(module: nn.Module) -> AuxModule:
     raise TypeError(f"{type(module).__name__} is not an auxiliary module kind ({sorted(AUX_MODULES)})")
 
 
-def aux_task(module: nn.Module | AuxTask | None, cfg: "TrainConfig") -> AuxTask | None:
-    """The task that trains an auxiliary module (an AuxTask is used as it is)."""
-    if module is None or isinstance(module, AuxTask):
+class NoAuxTask(AuxTask):
+    """No auxiliary module: no parameters, no forward, a loss of zero (so CE + 0 is CE, exactly)."""
+
+    metric = "td_kl"
+
+    def __init__(self) -> None:
+        super().__init__(nn.Module(), 0.0)
+
+    def forward(self, features, epoch):
+        return None
+
+    def loss(self, out, idx, logits, y):
+        return torch.zeros((), device=logits.device)
+
+
+def aux_task(module: nn.Module | AuxTask | None, cfg: "TrainConfig") -> AuxTask:
+    """The task that trains an auxiliary module (an AuxTask is used as it is; None: NoAuxTask)."""
+    if module is None:
+        return NoAuxTask()
+    if isinstance(module, AuxTask):
         return module
     return aux_kind(module).task(module, cfg)
 
@@ -425,8 +447,9 @@ def train_cycle(
     """
     cfg = cfg.for_labeled(len(labels))  # at least cfg.min_steps steps; the schedule scaled to match
     task = aux_task(aux, cfg)
+    dist = dist or ONE_PROCESS
     wrap = None
-    if dist is not None:
+    if dist.world_size > 1:
         wrap = _ddp(dist, device)
         if device.type == "cuda":
             backbone = nn.SyncBatchNorm.convert_sync_batchnorm(backbone, process_group=dist.group)
@@ -434,78 +457,57 @@ def train_cycle(
             global_batchnorm(backbone, dist.group)
     backbone.train()
     net = prepare_model(backbone, device, cfg.compile, wrap=wrap)
-    factor = lr_factor(cfg, steps_per_epoch(len(labels), cfg.batch_size))  # per optimizer step
-    opt = torch.optim.SGD(backbone.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    if task is not None:
-        task.module.to(device).train()
-        # The module has its own optimizer with the backbone's hyperparameters (as in the papers).
-        aux_opt = torch.optim.SGD(task.module.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                  weight_decay=cfg.weight_decay)
-        aux_sched = torch.optim.lr_scheduler.LambdaLR(aux_opt, factor)
-        task.start(len(labels), device)
-        if dist is not None:
-            task.net = wrap(task.module)
+    task.module.to(device).train()
+    if wrap is not None and any(True for _ in task.module.parameters()):
+        task.net = wrap(task.module)  # DDP averages the module's gradients too
+    task.start(len(labels), device)
+    # The module is a second parameter group: the backbone's hyperparameters and schedule (as in
+    # both papers, where it has its own optimizer with the same settings: the same updates).
+    opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": task.module.parameters()}], lr=cfg.lr,
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch(len(labels), cfg.batch_size)))
     images = to_float(images_u8.to(device))
     labels = labels.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
     history = []
     epochs: Iterable[int] = range(1, cfg.epochs + 1)
-    if dist is None or dist.rank == 0:  # one progress bar per run, not one per rank
+    if dist.rank == 0:  # one progress bar per run, not one per rank
         epochs = progress(epochs, desc=desc, total=cfg.epochs)
     for epoch in epochs:
         sums = torch.zeros(3, device=device)  # loss, correct, aux loss; summed over samples
         seen = 0  # on the host: no copy to the device per batch
         for idx in _batches(torch.randperm(len(labels), generator=order_gen).to(device), cfg.batch_size):
-            n = len(idx)  # the (global) batch
+            n = len(idx)  # the global batch
+            # Every rank draws the global batch's order and augmentation (the same draws as one
+            # process); each keeps its own part.
             x = augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen)
-            if dist is not None:
-                # Every rank drew the global batch's order and augmentation (same generators, same
-                # draws as one process); each keeps its own part.
-                local = dist.shard(n).to(device)
-                x, idx = x[local], idx[local]
-            x = prepare_input(normalize(x), device)
+            local = dist.shard(n).to(device)
+            x, idx = prepare_input(normalize(x[local]), device), idx[local]
             y = labels[idx]
             with precision_context(device):
                 logits, features = net(x)
-                aux_out = task.forward(features, epoch) if task is not None else None
+                aux_out = task.forward(features, epoch)
             logits = logits.float()  # losses in fp32 (a no-op on the CPU's fp32 path)
-            loss = F.cross_entropy(logits, y)
-            aux_loss = torch.zeros((), device=device)
-            if task is not None:
-                aux_loss = task.loss(aux_out.float(), idx, logits, y)
-            if dist is not None:
-                # Each rank's part of the global batch's mean losses (shards may be uneven) ...
-                loss = _share(loss, logits, len(idx), n)
-                if task is not None:
-                    aux_loss = _share(aux_loss, aux_out, task.terms(len(idx)), task.terms(n))
-            if task is not None:
-                loss = loss + task.weight * aux_loss
-                aux_opt.zero_grad(set_to_none=True)
+            aux_loss = task.loss(aux_out.float() if aux_out is not None else None, idx, logits, y)
+            # This rank's part of the global batch's mean losses (shards may be uneven), times
+            # world_size, since DDP averages the ranks' gradients: their mean is then the gradient
+            # of the global batch's mean loss, as in one process (where both factors are 1).
+            loss = _share(F.cross_entropy(logits, y), logits, len(idx), n)
+            aux_loss = _share(aux_loss, aux_out if aux_out is not None else logits, task.terms(len(idx)), task.terms(n))
+            loss = loss + task.weight * aux_loss
             opt.zero_grad(set_to_none=True)
-            if dist is not None:
-                # ... times world_size, since DDP averages the ranks' gradients: their mean is then
-                # the gradient of the global batch's mean loss, as in one process.
-                (loss * dist.world_size).backward()
-            else:
-                loss.backward()
+            (loss * dist.world_size).backward()
             lr = opt.param_groups[0]["lr"]  # this step's rate (the epoch's record keeps the last)
             opt.step()
             sched.step()
-            if task is not None:
-                aux_opt.step()
-                aux_sched.step()
             seen += n
             sums += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum().float(), aux_loss.detach() * n])
-        if dist is not None:
-            dist.all_reduce(sums)  # each rank summed its parts: the global epoch's sums
-            if task is not None:
-                task.end_epoch(dist)
+        dist.all_reduce(sums)  # each rank summed its parts: the global epoch's sums
+        task.end_epoch(dist)
         loss_sum, correct, aux_sum = sums.tolist()
-        metric = task.metric if task is not None else "td_kl"
         record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen, "td_kl": 0.0,
-                  metric: aux_sum / seen, "lr": lr}
+                  task.metric: aux_sum / seen, "lr": lr}
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"training loss became {record['loss']} at epoch {epoch}; "
                                    f"lower train.lr (now {cfg.lr}) or check the labels")
