@@ -51,8 +51,9 @@ def train(params: dict, cycle: int, run_id: str) -> dict:
     tracker = tracking.make_tracker(params["tracking"])
     with tracker.system_metrics(run_id):
         result = pipeline.train_step(params, cycle)
-    if not result["resumed"]:
-        tracker.log_training(run_id, read_json(result["history"]))
+    # Also when resumed: a run killed between the checkpoint and this call logs them now (it
+    # skips the epochs already logged).
+    tracker.log_training(run_id, read_json(result["history"]))
     return result
 
 

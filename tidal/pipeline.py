@@ -304,6 +304,7 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     torch.save(saved, buffer)
     atomic_write_bytes(ckpt, buffer.getvalue())
     write_json(hist_path, history)
+    failpoint("train:saved")
     return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}
 
 

@@ -1,8 +1,8 @@
 """The only module that talks to MLflow.
 
 One parent run per experiment (params, data version), one child run per cycle (per-epoch
-train metrics, test accuracy, n_labeled, the query and the checkpoint as artifacts; the cycle
-that is registered also becomes an MLflow model). The
+train metrics, test accuracy, n_labeled, the query and the checkpoint as artifacts, and the
+cycle's model as a LoggedModel `cycle-<k>` with the cycle's metrics linked to it). The
 parent also gets test_accuracy with step = n_labeled, so the MLflow UI's chart compares
 strategies on the budget axis. Every call names its run id explicitly: MLflow's active run is
 thread-local and Prefect runs tasks in worker threads.

@@ -22,8 +22,8 @@ def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("point", ["tracking:parent-created", "tracking:cycle-created", "tracking:model-created",
-                                   "tracking:cycle-logged"])
+@pytest.mark.parametrize("point", ["tracking:parent-created", "tracking:cycle-created", "train:saved",
+                                   "tracking:model-created", "tracking:cycle-logged"])
 def test_a_run_killed_around_tracking_leaves_one_run_per_cycle(prefect_harness, tmp_path, point):
     from mlflow import MlflowClient
     from prefect.settings import PREFECT_API_URL
