@@ -232,9 +232,9 @@ def _csv_value(draw, column: str, clean: bool) -> str:
 @st.composite
 def csv_files(draw):
     """(bytes, ids written, clean)."""
-    clean = draw(st.booleans())
-    if not clean and draw(st.integers(0, 4)) == 0:
-        return draw(JUNK), set(), False
+    clean, junk = _clean_or_junk(draw)
+    if junk is not None:
+        return junk, set(), False
     columns = draw(st.lists(st.sampled_from(CSV_COLUMNS), max_size=10, unique=clean))
     if clean or draw(st.integers(0, 3)):
         columns = [c for c in columns if c not in ("id", "label")]
@@ -294,11 +294,17 @@ def json_object(draw, keys: dict, required: tuple[str, ...], clean: bool):
     return pairs
 
 
+def _clean_or_junk(draw) -> tuple[bool, bytes | None]:
+    """Whether a file is drawn clean, and for one in five unclean files the junk bytes it is."""
+    clean = draw(st.booleans())
+    return clean, draw(JUNK) if not clean and draw(st.integers(0, 4)) == 0 else None
+
+
 @st.composite
 def jsonl_files(draw):
-    clean = draw(st.booleans())
-    if not clean and draw(st.integers(0, 4)) == 0:
-        return draw(JUNK), set(), False
+    clean, junk = _clean_or_junk(draw)
+    if junk is not None:
+        return junk, set(), False
     ensure_ascii = draw(st.booleans())
     ids: set[str] = set()
     lines = []
@@ -375,9 +381,9 @@ def ls_task(draw, ids: set[str], clean: bool):
 
 @st.composite
 def labelstudio_files(draw):
-    clean = draw(st.booleans())
-    if not clean and draw(st.integers(0, 4)) == 0:
-        return draw(JUNK), set(), False
+    clean, junk = _clean_or_junk(draw)
+    if junk is not None:
+        return junk, set(), False
     ids: set[str] = set()
     shape = draw(st.sampled_from(["list"] * 8 + ["single"] + ([] if clean else ["other"])))
     if shape == "list":
