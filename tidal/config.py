@@ -1,160 +1,38 @@
-"""The one configuration: params.yaml, presets, and `--set key=value` overrides.
+"""The one configuration: the packaged defaults, a params file, a preset, `--set key=value` overrides.
 
-Every key is declared in DEFAULTS with its type; an unknown key or a value of the wrong
-type is an error that names the key, so a typo never silently falls back to a default.
+Every key is declared in tidal/params/default.yaml (DEFAULTS) with its type; an unknown key or a
+value of the wrong type is an error that names the key, so a typo never silently falls back to a
+default. The presets are the files of tidal/params/presets/.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-DEFAULTS: dict[str, Any] = {
-    "experiment": "digits-tidal",
-    "dataset": "digits",
-    "data_root": "data",
-    "runs_dir": "runs",
-    "strategy": "tidal-entropy",
-    "seed": 0,
-    "cycles": 5,
-    "initial_size": 100,
-    "budget": 100,
-    "subset_size": 500,
-    "label_mode": "oracle",
-    # Annotators who disagree on one id (import-labels): "refuse" (the id is not imported and stays
-    # pending), "newest" (the newest answer wins) or "majority" (a tie is refused). See tidal/labels.py.
-    "label_conflicts": "refuse",
-    "imbalance_ratio": 1.0,
-    "backbone": "small-cnn",
-    "dropout": 0.0,  # dropout before the backbone's head while training (small-cnn, cifar-cnn); 0 = none
-    "bald_passes": 10,  # bald: MC dropout passes T
-    "bald_dropout": 0.5,  # bald: dropout rate on the head's input at scoring time
-    "preset": None,
-    "device": "auto",
-    "tracking": True,
-    "train": {
-        "epochs": 40,
-        "batch_size": 64,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "milestones": [30],
-        "td_weight": 1.0,
-        "crop_pad": 1,
-        "hflip": False,
-        "lloss_weight": 1.0,  # lloss: λ of the loss prediction module's margin ranking loss
-        # lloss: the module's gradient stops reaching the backbone after this epoch (1-based,
-        # literal: epochs > this are detached). The paper detaches after 120 of 200 epochs; every
-        # preset keeps that ratio (0.6 × train.epochs), and min_steps scales it with the epochs.
-        "lloss_detach_epoch": 24,
-        # CUDA only: false, "default" or "reduce-overhead" (torch.compile of the backbone for
-        # training). On CPU it is refused with an error: the CPU path stays deterministic fp32.
-        "compile": False,
-        # A cycle trains for at least this many optimizer steps: epochs are raised to reach it and
-        # the milestones (and lloss_detach_epoch) scale with them, so 100 labels are trained as
-        # long, in steps, as 10,000 (benchmarks/learner.py chose it on a validation split).
-        "min_steps": 300,
-        "schedule": "multistep",  # "multistep" (lr ×0.1 at each milestone) or "onecycle" (rise, then to 0)
-        # Cycle k > 0 starts from cycle k-1's backbone and auxiliary module (new optimizer, schedule
-        # from the start), as the TiDAL reference code trains; false trains fresh seeded models
-        # every cycle (docs/architecture.md, "Models across cycles"). The committed results use false.
-        "warm_start": False,
-    },
-    "score_batch_size": 512,
-    # Training on several processes (torchrun + DistributedDataParallel, tidal/train_ddp.py).
-    "distributed": {
-        "nproc_per_node": 1,  # >1: the train step runs `torchrun --nproc-per-node N -m tidal.train_ddp`
-        "backend": "auto",  # gloo on CPU, nccl on CUDA
-        "timeout_s": 300,  # a rank that stops answering fails the whole run after this many seconds
-    },
-    # Scoring a large pool in shards, mapped as Prefect tasks (flows/experiment.py).
-    "scoring": {
-        "shards": 1,  # >1: candidates split into this many shards; each returns only its top-k
-        "task_runner": "thread",  # "thread" (Prefect's default runner) or "dask" (prefect-dask)
-        "dask_address": None,  # an existing Dask scheduler, e.g. tcp://10.0.0.5:8786; null = a LocalCluster
-        "dask_workers": 2,  # LocalCluster workers when no address is given
-    },
-}
+# The defaults and the presets are YAML files inside the package, so an installed `tidal` finds
+# them from any directory and a user reads and copies them as they are (comments included).
+PARAMS_DIR = resources.files("tidal") / "params"
 
-_PAPER: dict[str, Any] = {
-    "dataset": "cifar10",
-    "data_root": "datasets/torchvision",
-    "backbone": "resnet18",
-    "imbalance_ratio": 1.0,
-    "cycles": 10,
-    "initial_size": 1000,
-    "budget": 1000,
-    "subset_size": 10000,
-    "train": {"epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-              "milestones": [160], "td_weight": 1.0, "crop_pad": 4, "hflip": True, "lloss_detach_epoch": 120,
-              "min_steps": 0},
-}
+
+def _packaged(file: Traversable) -> dict[str, Any]:
+    return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+
+
+# Every key with its default, whose type is the type a value for that key must have.
+DEFAULTS: dict[str, Any] = _packaged(PARAMS_DIR / "default.yaml")
 
 # A preset is a named set of values applied over the params file (so `--set preset=debug` makes
-# any params.yaml tiny); `--set` overrides are applied last and win over the preset.
+# any params.yaml tiny); `--set` overrides are applied last and win over the preset. One file
+# each, presets/NAME.yaml, written out in full so that it reads on its own.
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tiny settings so CPU tests exercise every step in seconds.
-    "debug": {
-        "cycles": 2,
-        "initial_size": 40,
-        "budget": 20,
-        "subset_size": 200,
-        "train": {"epochs": 3, "batch_size": 32, "milestones": [2], "min_steps": 0, "lloss_detach_epoch": 2},
-    },
-    # The paper's protocol (DESIGN.md "Paper protocol"; hyperconnect/TiDAL main.py + config.py):
-    # initial set = per-cycle budget (1,000 on CIFAR-10, 2,000 on CIFAR-100; half that on the
-    # imbalanced variants), 10 cycles, a random subset of 10,000 unlabeled samples scored per
-    # cycle, CIFAR ResNet-18, SGD 0.1 / 0.9 / 5e-4, batch 128, 200 epochs, lr x0.1 at 160
-    # (the reference's second milestone, 260, is never reached), crop 32 pad 4 + flip.
-    # Needs torchvision's files under datasets/torchvision/cifar10 (or cifar100); GPU-sized.
-    # data_root is not `data/`: that directory is pinned by data.dvc (digits only), and any
-    # extra file under it would break that pin.
-    "paper-cifar10": {**_PAPER, "experiment": "paper-cifar10"},
-    "paper-cifar100": {**_PAPER, "experiment": "paper-cifar100", "dataset": "cifar100",
-                       "initial_size": 2000, "budget": 2000},
-    "paper-cifar10-imb100": {**_PAPER, "experiment": "paper-cifar10-imb100", "imbalance_ratio": 100.0,
-                             "initial_size": 500, "budget": 500},
-    "paper-cifar100-imb100": {**_PAPER, "experiment": "paper-cifar100-imb100", "dataset": "cifar100",
-                              "imbalance_ratio": 100.0, "initial_size": 1000, "budget": 1000},
-    # CIFAR-10 on 2 CPU cores, from the JPEG image folder (the CIFAR-10 JPEG tarball cifar10-jpg.tar.gz
-    # unpacked with `mkdir -p datasets/cifar10-jpg && tar xzf cifar10-jpg.tar.gz -C
-    # datasets/cifar10-jpg --strip-components=1`, giving datasets/cifar10-jpg/{train,test}).
-    # Cost per strategy and seed, measured: 310-398 s wall on the idle 2-core machine (the first
-    # cell also decodes the 60k JPEGs into the tensor cache once), see benchmarks/README.md:
-    #   python benchmarks/al_curves.py --name cifar10-cpu --strategies ... --seeds 0 --set preset=cpu-cifar10
-    # Batch 64 so even 200 labels give 3+ steps per epoch.
-    "cpu-cifar10": {
-        "experiment": "cpu-cifar10",
-        "dataset": "imagefolder",
-        "data_root": "datasets/cifar10-jpg",
-        "backbone": "small-cnn",
-        "cycles": 4,
-        "initial_size": 200,
-        "budget": 200,
-        "subset_size": 2000,
-        "train": {"epochs": 15, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                  "milestones": [12], "crop_pad": 4, "hflip": True, "lloss_detach_epoch": 9, "min_steps": 0},
-    },
-    # CIFAR-10 on 2 CPU cores at 500 to 3,000 labels, where the learner reaches 45-65 % and
-    # strategies can separate (cpu-cifar10's 200-800 labels stay at 21-36 %). Data as for
-    # cpu-cifar10. cifar-cnn, one-cycle SGD to 0.05, batch 64, 30 epochs but at least 800 steps:
-    # chosen on a validation split of the pool, never the test split (benchmarks/results/learner/).
-    "cpu-cifar10-500": {
-        "experiment": "cpu-cifar10-500",
-        "dataset": "imagefolder",
-        "data_root": "datasets/cifar10-jpg",
-        "backbone": "cifar-cnn",
-        "cycles": 6,
-        "initial_size": 500,
-        "budget": 500,
-        "subset_size": 5000,
-        "train": {"epochs": 30, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
-                  "milestones": [], "schedule": "onecycle", "min_steps": 800, "crop_pad": 4, "hflip": True,
-                  "lloss_detach_epoch": 18},
-    },
+    file.name.removesuffix(".yaml"): _packaged(file)
+    for file in sorted((PARAMS_DIR / "presets").iterdir(), key=lambda f: f.name) if file.name.endswith(".yaml")
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -300,7 +178,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"params key 'preset': unknown preset '{preset}'; "
-                              f"choose one of {sorted(PRESETS)} or null")
+                              f"choose one of {sorted(PRESETS)} or null (the files of {PARAMS_DIR / 'presets'})")
         params = _merge(params, PRESETS[preset])
     params = _merge(params, override_values)
     validate(params)
@@ -333,6 +211,7 @@ def validate(params: dict[str, Any]) -> None:
          f"must be null (score every unlabeled sample) or at least budget={params['budget']}, "
          f"got {params['subset_size']}")
     need(params["imbalance_ratio"] >= 1, "imbalance_ratio", f"must be >= 1, got {params['imbalance_ratio']}")
+    need(params["validation_size"] >= 0, "validation_size", f"must be >= 0 (0: report on the test split), got {params['validation_size']}")
     need(0 <= params["dropout"] < 1, "dropout", f"must be in [0, 1), got {params['dropout']}")
     need(params["dropout"] == 0 or params["backbone"] in ("small-cnn", "cifar-cnn"), "dropout",
          f"is only supported by backbones small-cnn and cifar-cnn, got backbone {params['backbone']!r}")

@@ -17,7 +17,7 @@ import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
-from tidal.data.sources import DataError, Dataset, load_dataset, materialize
+from tidal.data.sources import DataError, Dataset, hold_out_validation, load_dataset, materialize
 from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
                                 pin_file, pin_lock, pinned_md5, verify_data_version)
 from tidal.device import resolve_device, set_deterministic
@@ -115,7 +115,12 @@ def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None =
 
 
 def dataset_for(params: dict[str, Any]) -> Dataset:
-    return load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
+    """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
+    of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
+    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
+    if params["validation_size"]:
+        return hold_out_validation(data, params["validation_size"], params["seed"])
+    return data
 
 
 def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None,

@@ -1,11 +1,23 @@
-"""tidal.config: unknown keys, types, overrides, presets, YAML number quirks."""
+"""tidal.config: unknown keys, types, overrides, presets, YAML number quirks, the packaged YAML files."""
 from __future__ import annotations
 
-import pytest
-
+import tomllib
+from importlib import resources
 from pathlib import Path
 
+import pytest
+import yaml
+
 from tidal.config import DEFAULTS, PRESETS, ConfigError, flatten, load_params, parse_override
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS_DIR = REPO / "tidal" / "params"
+PRESET_FILES = sorted((PARAMS_DIR / "presets").glob("*.yaml"))
+
+
+def _typed(params: dict) -> list[tuple]:
+    """Flattened (key, type, value) in order: 1, 1.0 and True compare equal, their types do not."""
+    return [(k, type(v).__name__, v) for k, v in flatten(params).items()]
 
 
 def _write(tmp_path, text: str):
@@ -137,10 +149,80 @@ def test_preset_from_override_and_explicit_override_wins():
     assert params["cycles"] == PRESETS["debug"]["cycles"]
 
 
-def test_unknown_preset_is_an_error():
+def test_unknown_preset_is_an_error_that_names_the_presets():
     with pytest.raises(ConfigError) as err:
         load_params(None, ["preset=nope"])
-    assert "preset" in str(err.value)
+    msg = str(err.value)
+    assert "params key 'preset'" in msg and "'nope'" in msg
+    assert all(f"'{f.stem}'" in msg for f in PRESET_FILES) and len(PRESET_FILES) >= 7
+    assert str(PARAMS_DIR / "presets") in msg  # where to read them
+
+
+def test_preset_debug_shrinks_the_repositorys_experiment():
+    full = load_params(REPO / "params.yaml", [])
+    tiny = load_params(REPO / "params.yaml", ["preset=debug"])
+    assert (tiny["cycles"], tiny["initial_size"], tiny["budget"], tiny["subset_size"]) == (2, 40, 20, 200)
+    assert (tiny["train"]["epochs"], tiny["train"]["min_steps"], tiny["train"]["milestones"]) == (3, 0, [2])
+    assert tiny["cycles"] < full["cycles"] and tiny["train"]["epochs"] < full["train"]["epochs"]
+    assert tiny["strategy"] == full["strategy"] and tiny["dataset"] == full["dataset"]
+
+
+@pytest.mark.parametrize("file", PRESET_FILES, ids=lambda f: f.stem)
+def test_every_preset_file_loads_validates_and_says_what_it_is(file):
+    params = load_params(None, [f"preset={file.stem}"])  # validate() runs inside
+    assert params["preset"] == file.stem
+    text = file.read_text(encoding="utf-8")
+    assert text.startswith("# "), f"{file.name} does not start with a comment saying what it is for"
+    values = flatten(yaml.safe_load(text))
+    assert "preset" not in values
+    got = flatten(params)
+    assert {k: got[k] for k in values} == values
+    assert all(type(got[k]) is type(v) for k, v in values.items()), "a value typed unlike its default"
+
+
+def test_presets_are_exactly_the_files():
+    assert sorted(PRESETS) == sorted(f.stem for f in PRESET_FILES)
+
+
+def test_packaged_defaults_are_what_load_params_returns():
+    packaged = resources.files("tidal") / "params" / "default.yaml"
+    assert packaged.is_file()
+    defaults = yaml.safe_load(packaged.read_text(encoding="utf-8"))
+    assert _typed(load_params(None, [])) == _typed(defaults) == _typed(DEFAULTS)
+
+
+def test_default_numbers_are_not_read_as_strings():
+    # YAML 1.1 reads 5e-4 as a string; in the defaults that would make the key a string key.
+    for key, value in flatten(DEFAULTS).items():
+        if isinstance(value, str):
+            with pytest.raises(ValueError):
+                float(value)
+
+
+def test_the_repositorys_params_yaml_is_the_default_experiment():
+    # `tidal run` here, `tidal run` anywhere else and `python -m tidal.bench` run one experiment.
+    assert _typed(load_params(REPO / "params.yaml", [])) == _typed(load_params(None, []))
+
+
+def test_params_yaml_names_only_the_keys_dvc_reads_from_it():
+    """The defaults live once, in tidal/params/default.yaml: params.yaml writes only the keys that
+    DVC needs in it (the ones dvc.yaml's stage names), not a second copy of the defaults."""
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["experiment"]
+    file = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    assert sorted(file) == sorted(stage["params"])
+
+
+def test_wheels_and_sdists_carry_every_params_file():
+    """pyproject's package-data globs must match every file under tidal/params: without them
+    an installed `tidal` has no defaults and no presets."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = config["package-data"]["tidal"]
+    shipped = {p for g in globs for p in (REPO / "tidal").glob(g)}
+    present = {p for p in PARAMS_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert present and shipped == present
+    packaged = resources.files("tidal") / "params"
+    assert sorted(f.name for f in (packaged / "presets").iterdir() if f.name.endswith(".yaml")) == \
+        [f.name for f in PRESET_FILES]
 
 
 def test_yaml_scientific_notation_read_as_float(tmp_path):
@@ -193,17 +275,22 @@ def test_load_params_does_not_mutate_defaults():
 def test_dvc_stage_names_every_params_key_that_changes_a_result():
     """`dvc repro` must rerun when any key of the experiment's fingerprint changes, and DVC
     needs every key the stage names to be present in params.yaml."""
-    import yaml
-
     from tidal.pipeline import RESUMABLE_KEYS
 
-    repo = Path(__file__).resolve().parents[2]
-    stage = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["experiment"]
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["experiment"]
     named = set(stage["params"])
-    file_keys = set(flatten(yaml.safe_load((repo / "params.yaml").read_text())))
+    file = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     fingerprint = [k for k in flatten(DEFAULTS)
                    if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS]
     missing = [k for k in fingerprint if k not in named and k.split(".")[0] not in named]
     assert not missing, f"dvc.yaml's experiment stage does not name {missing}"
-    absent = [k for k in named if k not in file_keys and not any(f.startswith(k + ".") for f in file_keys)]
+    def present(key: str) -> bool:  # DVC's lookup: `train` is present as `train: {}`
+        node = file
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    absent = [k for k in named if not present(k)]
     assert not absent, f"params.yaml lacks {absent}, which dvc.yaml names"

@@ -21,6 +21,16 @@ def test_bad_value_in_params_file_is_named(tmp_path: Path, capsys):
     assert "'train.epochs' must be an integer" in capsys.readouterr().err
 
 
+def test_without_a_params_file_the_packaged_defaults_and_presets_apply(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no ./params.yaml here: the defaults and presets come from the package
+    assert tidal_main(["run", "--set", "preset=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown preset 'nope'" in err and "'debug'" in err and "'paper-cifar10'" in err
+    assert tidal_main(["status", "--experiment", "nope", "--set", "preset=debug"]) == 1
+    assert "no experiment 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_status_of_missing_experiment(tmp_path: Path, capsys):
     code = tidal_main(["status", "--experiment", "nope", "--set", f"runs_dir={tmp_path}"])
     assert code == 1

@@ -79,7 +79,7 @@ def test_dvc_repro_on_a_fresh_clone(project_copy):
     assert second_run == first_run
     # A params key the stage does not name leaves it up to date; one it names invalidates it.
     params = repo / "params.yaml"
-    params.write_text(params.read_text().replace("score_batch_size: 512", "score_batch_size: 256"))
+    params.write_text(params.read_text() + "score_batch_size: 256\n")
     assert "Data and pipelines are up to date" in _run([str(BIN / "dvc"), "status"], repo, env).stdout
     params.write_text(params.read_text().replace("seed: 0", "seed: 1"))
     changed = _run([str(BIN / "dvc"), "status"], repo, env).stdout

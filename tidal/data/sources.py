@@ -574,6 +574,25 @@ def materialize(data_root: str | Path, dataset: str) -> Path:
     return dest
 
 
+def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
+    """The data set with `size` seeded random labeled pool samples as its test split, the rest as
+    its pool: what settings are chosen on, so that choosing never reads the real test split.
+
+    The draw depends on the seed and the pool only (numpy stream [seed, 1]; the initial set and
+    candidates use other streams), so every strategy of one seed sees the same validation split.
+    """
+    known = (data.pool_labels >= 0).nonzero().flatten().numpy()
+    if size >= len(known):
+        raise DataError(f"validation_size={size} leaves no pool: '{data.name}' has {len(known)} labeled pool "
+                        f"samples; choose fewer")
+    held = np.sort(np.random.default_rng([seed, 1]).choice(known, size=size, replace=False))
+    keep = np.setdiff1d(np.arange(len(data.pool_labels)), held)
+    held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
+    return Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep], data.pool_images[keep_t],
+                   data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
+                   [data.pool_files[i] for i in keep] if data.pool_files else ())
+
+
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
                  seed: int = 0, cache_dir: str | Path | None = None) -> Dataset:
     """Read a materialized dataset; imbalance (if any) is applied to the pool only.

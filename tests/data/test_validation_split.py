@@ -1,0 +1,50 @@
+"""validation_size: a seeded split of the labeled pool stands in for the test split, so settings are
+chosen without reading the real test split."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tidal import pipeline
+from tidal.config import load_params
+from tidal.data.sources import DataError, hold_out_validation, load_dataset
+
+
+def test_the_held_out_split_is_disjoint_seeded_and_keeps_labels(data_root):
+    data = load_dataset(data_root, "digits")
+    a = hold_out_validation(data, 200, seed=0)
+    assert len(a.test_labels) == 200 and len(a.pool_ids) == len(data.pool_ids) - 200
+    truth = {i: (img, y) for i, img, y in zip(data.pool_ids, data.pool_images, data.pool_labels.tolist())}
+    held = [i for i in data.pool_ids if i not in set(a.pool_ids)]
+    assert len(held) == 200
+    # each held-out image is a pool image with its own label, in pool order
+    for img, y, i in zip(a.test_images, a.test_labels.tolist(), held):
+        assert torch.equal(img, truth[i][0]) and y == truth[i][1]
+    assert all(torch.equal(a.pool_images[k], truth[i][0]) for k, i in enumerate(a.pool_ids[:50]))
+    again = hold_out_validation(data, 200, seed=0)
+    assert list(again.pool_ids) == list(a.pool_ids)
+    assert list(hold_out_validation(data, 200, seed=1).pool_ids) != list(a.pool_ids)
+
+
+def test_a_split_as_big_as_the_pool_is_a_clear_error(data_root):
+    data = load_dataset(data_root, "digits")
+    with pytest.raises(DataError, match="validation_size=1438 leaves no pool"):
+        hold_out_validation(data, len(data.pool_ids), seed=0)
+
+
+def test_an_experiment_on_the_validation_split_never_labels_or_reads_the_test_split(tmp_path, data_root,
+                                                                                      monkeypatch):
+    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
+                                "validation_size=300", "cycles=2"])
+    full = load_dataset(data_root, "digits")
+    held = set(full.pool_ids) - set(hold_out_validation(full, 300, params["seed"]).pool_ids)
+    prepared = pipeline.prepare_data(params)
+    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    for cycle in range(2):
+        pipeline.run_cycle(params, cycle)
+    state = pipeline.load_state(params)
+    assert len(state["labeled"]) == 40 + 2 * 20 and not set(state["labeled"]) & held
+    evaluated = json.loads((pipeline.workspace(params).cycle_dir(1) / "eval.json").read_text())
+    assert evaluated["n_test"] == 300  # the validation split, not the 359 test images
