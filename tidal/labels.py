@@ -185,6 +185,35 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
     return {fmt: str(p) for fmt, p in paths.items()}
 
 
+QUERY_IMAGES_DIR = "images"  # in the cycle's folder: one PNG per queried sample of an array pool
+
+
+def write_query_images(out_dir: Path, images_u8: Any) -> list[str]:
+    """Each queried sample of a pool that has no image files (digits, npy, torchvision sets) as
+    `images/<rank>.png` under the cycle's folder, so annotators and Label Studio can see it.
+
+    `images_u8`: the queried samples in rank order, uint8 N×C×H×W (C = 1 or 3), written pixel for
+    pixel; the bytes depend only on the pixels (no time or metadata in the file), so a rerun
+    writes the same files. Returns the absolute paths, in rank order.
+    """
+    import io
+
+    from PIL import Image
+
+    folder = Path(out_dir) / QUERY_IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rank, image in enumerate(images_u8, start=1):
+        pixels = image.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", compress_level=9)
+        path = folder / f"{rank:05d}.png"
+        atomic_write_bytes(path, buffer.getvalue())
+        paths.append(str(path.resolve()))
+    return paths
+
+
 def labelstudio_config(classes: list[str]) -> str:
     """Label Studio labeling config: one image, one single-choice question over the classes."""
     choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)

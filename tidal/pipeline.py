@@ -454,7 +454,7 @@ def query_id(params: dict[str, Any], cycle: int) -> str:
 def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list[str]) -> str:
     """Write the query for annotators in cycles/<k>/: query.csv (id, path, score, rank,
     suggested_label), query.jsonl and Label Studio tasks; return the path of query.csv."""
-    from tidal.labels import export_query_files
+    from tidal.labels import export_query_files, write_query_images
 
     scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
     out_dir = workspace(params).cycle_dir(cycle)
@@ -463,8 +463,11 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     positions = data.index_of(ids)
     logits = predict_logits(backbone, data.pool_images[positions], resolve_device(params["device"]),
                             params["score_batch_size"])
-    # The image file each annotator opens; "" where the pool is not image files (e.g. digits).
-    paths = [data.pool_files[p] for p in positions.tolist()] if data.pool_files else [""] * len(ids)
+    # The image file each annotator opens: the pool's own, or a PNG written here for array pools.
+    if data.pool_files:
+        paths = [data.pool_files[p] for p in positions.tolist()]
+    else:
+        paths = write_query_images(out_dir, data.pool_images[positions])
     rows = [{"id": i, "path": path, "score": scores[i], "rank": r, "suggested_label": int(y)}
             for r, (i, path, y) in enumerate(zip(ids, paths, logits.argmax(1).tolist()), start=1)]
     files = export_query_files(out_dir, params["experiment"], cycle, query_id(params, cycle), rows, data.classes)
