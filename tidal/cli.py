@@ -263,6 +263,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stack(args: argparse.Namespace) -> int:
+    """Start, inspect or stop the team stack (tidal/stack.py)."""
+    from tidal import stack
+
+    if args.action == "up":
+        state = stack.up(args.dir, args.prefect_port, args.mlflow_port)
+        print(f"team stack up from {state['dir']}: PostgreSQL, Prefect server, MLflow server (logs in "
+              f"{state['dir']}/logs). Point clients at it:")
+        for key, value in state["env"].items():
+            print(f"export {key}={value}")
+    elif args.action == "status":
+        found = stack.status(args.dir)
+        if not found["parts"]:
+            print(f"no team stack in {args.dir}")
+            return 1
+        for name, alive in found["parts"].items():
+            print(f"{name:9s} {'running' if alive else 'STOPPED'}")
+        for key, value in found["env"].items():
+            print(f"export {key}={value}")
+        return 0 if found["running"] else 1
+    else:
+        stack.down(args.dir)
+        print(f"team stack in {args.dir} stopped")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description="TiDAL active learning pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="the cycle with the best test accuracy, or the last one")
     p_register.add_argument("--name", default=None, help="registered model name (default: the experiment)")
     p_register.set_defaults(func=cmd_register)
+    p_stack = sub.add_parser("stack", help="start, inspect or stop PostgreSQL + Prefect + MLflow servers")
+    p_stack.add_argument("action", choices=["up", "status", "down"])
+    p_stack.add_argument("--dir", default=".stack", help="the stack's data, logs and state (default: .stack)")
+    p_stack.add_argument("--prefect-port", type=int, default=4200)
+    p_stack.add_argument("--mlflow-port", type=int, default=5000)
+    p_stack.set_defaults(func=cmd_stack)
     return parser
 
 
@@ -334,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.pipeline import ExperimentMismatch
     from tidal.train import TrainingDiverged
     from tidal.launch import DistributedTrainingFailed
+    from tidal.stack import StackError
     from tidal.workspace import ExperimentLocked, WorkspaceWriteError
 
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
                                            DistributedTrainingFailed, ExperimentLocked, WorkspaceWriteError,
-                                           FileNotFoundError)
+                                           StackError, FileNotFoundError)
     from tidal.labels import LabelImportError
 
     errors += (LabelImportError,)

@@ -1,0 +1,220 @@
+"""A team's stack on this machine: PostgreSQL, a Prefect server and an MLflow server on it.
+
+    tidal stack up [--dir .stack] [--prefect-port 4200] [--mlflow-port 5000]
+    tidal stack status [--dir .stack]
+    tidal stack down [--dir .stack]
+
+PostgreSQL is the machine's own server (Debian's `postgresql` package: `initdb` and `postgres` under
+/usr/lib/postgresql/<version>/bin), a cluster of its own in DIR/pg listening only on a unix socket
+there. Not the `pgserver` wheel: its bundled server has no contrib extensions, and Prefect's
+PostgreSQL schema needs `pg_trgm`. PostgreSQL refuses to run as root, so as root the cluster runs
+as the `postgres` user (every parent of DIR must then be enterable by it). Prefect's
+server stores its state in the database `prefect`, MLflow's tracking server in `mlflow` with its
+artifacts in DIR/artifacts; both bind to 127.0.0.1. The servers run in the background, their
+output in DIR/logs/, their process ids in DIR/stack.json, so `down` and `status` find them from any
+shell. `up` prints the two variables that point clients (`tidal run`, workers, `prefect deploy`)
+at the stack. Prefect and MLflow are started as their own command-line servers, never imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "stack.json"
+DATABASES = ("prefect", "mlflow")
+
+
+class StackError(RuntimeError):
+    """The stack cannot be started, or a part of it did not come up."""
+
+
+def _bin(name: str) -> str:
+    """The console script installed beside the running Python (the venv need not be active)."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.is_file() else name
+
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's programs (Debian layout), or the ones on PATH."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    if found:
+        return found[-1].parent
+    on_path = shutil.which("postgres")
+    if on_path is None:
+        raise StackError("no PostgreSQL server found: install Debian's `postgresql` package "
+                         "(apt-get install postgresql)")
+    return Path(on_path).parent
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses root: as root, run its programs as the `postgres` user."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+def _start_postgres(dir_: Path, log: Path) -> subprocess.Popen:
+    pg = dir_ / "pg"
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        pg.mkdir(mode=0o700, exist_ok=True)
+        os.chown(pg, user.pw_uid, user.pw_gid)
+        blocked = [str(p) for p in [dir_, *dir_.parents] if not os.stat(p).st_mode & 0o001]
+        if blocked:
+            raise StackError(f"PostgreSQL runs as the `postgres` user, who cannot enter {blocked[0]}; "
+                             f"choose a --dir whose parents everyone may enter (e.g. under /srv or /tmp)")
+    if not (pg / "PG_VERSION").is_file():
+        subprocess.run(_as_postgres([str(_pg_bin() / "initdb"), "-D", str(pg), "-A", "trust", "-U", "postgres",
+                                     "--no-instructions"]), check=True, capture_output=True, text=True)
+    return _start(_as_postgres([str(_pg_bin() / "postgres"), "-D", str(pg), "-k", str(pg),
+                                "-c", "listen_addresses="]), dict(os.environ), log)
+
+
+def _wait_postgres(dir_: Path, proc: subprocess.Popen, log: Path, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"PostgreSQL exited with code {proc.returncode}; see {log}")
+        if subprocess.run([str(_pg_bin() / "pg_isready"), "-h", str(dir_ / "pg"), "-U", "postgres"],
+                          capture_output=True).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise StackError(f"PostgreSQL did not accept connections within {seconds:.0f} s; see {log}")
+
+
+def _psql(dir_: Path, sql: str) -> str:
+    return subprocess.run([str(_pg_bin() / "psql"), "-h", str(dir_ / "pg"), "-U", "postgres", "-At", "-c", sql],
+                          check=True, capture_output=True, text=True).stdout
+
+
+def urls(prefect_port: int, mlflow_port: int) -> dict[str, str]:
+    return {"PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
+
+
+def _wait(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{url} did not come up: its server exited with code {proc.returncode}; "
+                             f"see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise StackError(f"{url} did not answer within {seconds:.0f} s; see {log}")
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        # A session of its own: `down` stops the server and everything it started.
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie (exited, not reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_state(dir_: str | Path) -> dict[str, Any] | None:
+    path = Path(dir_) / STATE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def up(dir_: str | Path = ".stack", prefect_port: int = 4200, mlflow_port: int = 5000,
+       timeout_s: float = 180) -> dict[str, Any]:
+    """Start PostgreSQL, the Prefect server and the MLflow server; return the stack's state."""
+    dir_ = Path(dir_).resolve()
+    state = read_state(dir_)
+    if state and any(_alive(pid) for pid in state["pids"].values()):
+        raise StackError(f"a stack is already running from {dir_} (see `tidal stack status --dir {dir_}`); "
+                         f"stop it with `tidal stack down --dir {dir_}`")
+    dir_.mkdir(parents=True, exist_ok=True)
+    logs = dir_ / "logs"
+    state = {"dir": str(dir_), "pids": {}, "env": urls(prefect_port, mlflow_port)}
+
+    def started(name: str, proc: subprocess.Popen) -> None:
+        state["pids"][name] = proc.pid  # saved at once: `down` stops whatever has started
+        (dir_ / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    try:
+        postgres = _start_postgres(dir_, logs / "postgres.log")
+        started("postgres", postgres)
+        _wait_postgres(dir_, postgres, logs / "postgres.log", timeout_s)
+        existing = _psql(dir_, "select datname from pg_database;").split()
+        for name in DATABASES:
+            if name not in existing:
+                _psql(dir_, f"create database {name};")
+        socket_dir = str(dir_ / "pg")
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+               "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(dir_ / "prefect-home"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@/prefect?host={socket_dir}"}
+        env.pop("PREFECT_API_URL", None)
+        prefect = _start([_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
+                         env, logs / "prefect.log")
+        started("prefect", prefect)
+        mlflow = _start([_bin("mlflow"), "server", "--backend-store-uri",
+                         f"postgresql+psycopg2://postgres@/mlflow?host={socket_dir}",
+                         "--artifacts-destination", str(dir_ / "artifacts"), "--host", "127.0.0.1",
+                         "--port", str(mlflow_port), "--workers", "1"], env, logs / "mlflow.log")
+        started("mlflow", mlflow)
+        _wait(f"http://127.0.0.1:{prefect_port}/api/health", timeout_s, prefect, logs / "prefect.log")
+        _wait(f"http://127.0.0.1:{mlflow_port}/health", timeout_s, mlflow, logs / "mlflow.log")
+    except BaseException:
+        down(dir_)
+        raise
+    return state
+
+
+def status(dir_: str | Path = ".stack") -> dict[str, Any]:
+    """Which parts of the stack run (by process id and by answering their health check)."""
+    state = read_state(dir_)
+    if state is None:
+        return {"running": False, "parts": {}}
+    parts = {name: _alive(pid) for name, pid in state["pids"].items()}
+    return {"running": all(parts.values()), "parts": parts, "env": state["env"], "dir": state["dir"]}
+
+
+def _stop(pids: list[int], timeout_s: float) -> None:
+    """SIGTERM to each process's session, SIGKILL to those still alive after timeout_s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.killpg(pid, sig)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout_s
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def down(dir_: str | Path = ".stack", timeout_s: float = 30) -> None:
+    """Stop the servers (SIGTERM to their sessions, SIGKILL after timeout_s) and PostgreSQL."""
+    dir_ = Path(dir_).resolve()
+    state = read_state(dir_)
+    if state is None:
+        return
+    servers = [pid for name, pid in state["pids"].items() if name != "postgres"]
+    _stop(servers, timeout_s)
+    if "postgres" in state["pids"]:
+        _stop([state["pids"]["postgres"]], timeout_s)  # after its clients: a clean shutdown
+    (dir_ / STATE_FILE).unlink(missing_ok=True)
