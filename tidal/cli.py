@@ -268,9 +268,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from tidal import stack
 
     if args.action == "up":
-        state = stack.up(args.dir, args.prefect_port, args.mlflow_port)
-        print(f"team stack up from {state['dir']}: PostgreSQL, Prefect server, MLflow server (logs in "
-              f"{state['dir']}/logs). Point clients at it:")
+        state = stack.up(args.dir, args.prefect_port, args.mlflow_port, project=args.project)
+        parts = "PostgreSQL, Prefect server, MLflow server" + (", work pool, deployments, worker" if args.project
+                                                                else "")
+        print(f"team stack up from {state['dir']}: {parts} (logs in {state['dir']}/logs). Point clients at it:")
         for key, value in state["env"].items():
             print(f"export {key}={value}")
     elif args.action == "status":
@@ -340,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_stack.add_argument("--dir", default=".stack", help="the stack's data, logs and state (default: .stack)")
     p_stack.add_argument("--prefect-port", type=int, default=4200)
     p_stack.add_argument("--mlflow-port", type=int, default=5000)
+    p_stack.add_argument("--project", default=None,
+                         help="a folder with prefect.yaml: also its work pool, deployments and a worker")
     p_stack.set_defaults(func=cmd_stack)
     return parser
 

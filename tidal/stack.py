@@ -13,7 +13,9 @@ server stores its state in the database `prefect`, MLflow's tracking server in `
 artifacts in DIR/artifacts; both bind to 127.0.0.1. The servers run in the background, their
 output in DIR/logs/, their process ids in DIR/stack.json, so `down` and `status` find them from any
 shell. `up` prints the two variables that point clients (`tidal run`, workers, `prefect deploy`)
-at the stack. Prefect and MLflow are started as their own command-line servers, never imported.
+at the stack. With `--project DIR` (a folder with prefect.yaml) it also creates the work pool,
+deploys prefect.yaml's deployments and starts a worker. Prefect and MLflow run as their own
+command-line programs, never imported.
 """
 from __future__ import annotations
 
@@ -140,8 +142,9 @@ def read_state(dir_: str | Path) -> dict[str, Any] | None:
 
 
 def up(dir_: str | Path = ".stack", prefect_port: int = 4200, mlflow_port: int = 5000,
-       timeout_s: float = 180) -> dict[str, Any]:
-    """Start PostgreSQL, the Prefect server and the MLflow server; return the stack's state."""
+       timeout_s: float = 180, project: str | Path | None = None) -> dict[str, Any]:
+    """Start PostgreSQL, the Prefect server and the MLflow server; with `project` (a folder with
+    prefect.yaml), also its work pool, its deployments and a worker. Returns the stack's state."""
     dir_ = Path(dir_).resolve()
     state = read_state(dir_)
     if state and any(_alive(pid) for pid in state["pids"].values()):
@@ -178,10 +181,31 @@ def up(dir_: str | Path = ".stack", prefect_port: int = 4200, mlflow_port: int =
         started("mlflow", mlflow)
         _wait(f"http://127.0.0.1:{prefect_port}/api/health", timeout_s, prefect, logs / "prefect.log")
         _wait(f"http://127.0.0.1:{mlflow_port}/health", timeout_s, mlflow, logs / "mlflow.log")
+        if project is not None:
+            client_env = {**env, **state["env"]}
+            client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
+            started("worker", _deploy_and_work(Path(project), client_env, logs))
     except BaseException:
         down(dir_)
         raise
     return state
+
+
+WORK_POOL = "tidal-pool"  # the pool prefect.yaml's deployments name
+
+
+def _deploy_and_work(project: Path, env: dict[str, str], logs: Path) -> subprocess.Popen:
+    """The work pool, prefect.yaml's deployments (from `project`) and a worker on the pool."""
+    if not (project / "prefect.yaml").is_file():
+        raise StackError(f"no prefect.yaml in {project}: pass the project folder (--project)")
+    pool = subprocess.run([_bin("prefect"), "work-pool", "create", WORK_POOL, "--type", "process",
+                           "--overwrite"], env=env, cwd=project, capture_output=True, text=True)
+    deploy = subprocess.run([_bin("prefect"), "--no-prompt", "deploy", "--all"], env=env, cwd=project,
+                            capture_output=True, text=True)
+    for step, done in (("work-pool create", pool), ("deploy --all", deploy)):
+        if done.returncode != 0:
+            raise StackError(f"`prefect {step}` failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-2000:]}")
+    return _start([_bin("prefect"), "worker", "start", "--pool", WORK_POOL], env, logs / "worker.log")
 
 
 def status(dir_: str | Path = ".stack") -> dict[str, Any]:
@@ -213,7 +237,7 @@ def down(dir_: str | Path = ".stack", timeout_s: float = 30) -> None:
     state = read_state(dir_)
     if state is None:
         return
-    servers = [pid for name, pid in state["pids"].items() if name != "postgres"]
+    servers = [pid for name, pid in state["pids"].items() if name != "postgres"]  # the worker too
     _stop(servers, timeout_s)
     if "postgres" in state["pids"]:
         _stop([state["pids"]["postgres"]], timeout_s)  # after its clients: a clean shutdown

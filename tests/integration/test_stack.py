@@ -1,5 +1,6 @@
-"""`tidal stack`: a real PostgreSQL, a Prefect server and an MLflow server on it, on 127.0.0.1; an
-experiment run against them is recorded in both, and `down` leaves no process behind."""
+"""`tidal stack`: a real PostgreSQL, a Prefect server and an MLflow server on it, on 127.0.0.1, with
+prefect.yaml's deployments and a worker; the experiment deployment run by that worker is recorded
+in both servers' PostgreSQL databases, and `down` leaves no process behind."""
 from __future__ import annotations
 
 import json
@@ -9,12 +10,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not Path("/usr/lib/postgresql").is_dir() and shutil.which("postgres") is None,
                                 reason="needs Debian's postgresql package (the machine and CI have it)")
@@ -45,7 +48,7 @@ def test_an_experiment_against_the_stack_is_in_postgres_backed_prefect_and_mlflo
     env.pop("MLFLOW_TRACKING_URI", None)
     try:
         up = _tidal(["stack", "up", "--dir", str(stack_dir), "--prefect-port", str(prefect_port),
-                     "--mlflow-port", str(mlflow_port)], env, tmp_path)
+                     "--mlflow-port", str(mlflow_port), "--project", str(REPO)], env, tmp_path)
         assert up.returncode == 0, up.stdout + up.stderr
         exports = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines()
                        if line.startswith("export "))
@@ -54,21 +57,27 @@ def test_an_experiment_against_the_stack_is_in_postgres_backed_prefect_and_mlflo
         again = _tidal(["stack", "up", "--dir", str(stack_dir)], env, tmp_path)
         assert again.returncode == 2 and "already running" in again.stderr
         status = _tidal(["stack", "status", "--dir", str(stack_dir)], env, tmp_path)
-        assert status.returncode == 0 and status.stdout.count("running") == 3, status.stdout
+        assert status.returncode == 0 and status.stdout.count("running") == 4, status.stdout  # and the worker
 
-        run = _tidal(["run", "--set", "preset=debug", "--set", "experiment=on-stack", "--set", "cycles=1",
-                      "--set", f"runs_dir={tmp_path}/runs", "--set", f"data_root={tmp_path}/data"],
-                     {**env, **exports}, tmp_path)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        # The experiment deployment, run by the stack's worker.
+        api = exports["PREFECT_API_URL"]
+        deployment = _http(f"{api}/deployments/name/tidal-experiment/nightly-experiment")
+        overrides = ["preset=debug", "experiment=on-stack", "cycles=1", f"runs_dir={tmp_path}/runs",
+                     f"data_root={tmp_path}/data"]
+        flow_run = _http(f"{api}/deployments/{deployment['id']}/create_flow_run",
+                         {"parameters": {"params_path": "params.yaml", "overrides": overrides}})
+        deadline = time.monotonic() + 300
+        while (state := _http(f"{api}/flow_runs/{flow_run['id']}")["state"]["type"]) not in (
+                "COMPLETED", "FAILED", "CRASHED") and time.monotonic() < deadline:
+            time.sleep(2)
+        assert state == "COMPLETED", (stack_dir / "logs/worker.log").read_text()[-4000:]
         client = MlflowClient(tracking_uri=exports["MLFLOW_TRACKING_URI"])
         runs = client.search_runs([client.get_experiment_by_name("on-stack").experiment_id])
         assert sorted(r.data.tags["tidal.kind"] for r in runs) == ["cycle", "experiment"]
         assert {r.info.status for r in runs} == {"FINISHED"}
-        request = urllib.request.Request(f"{exports['PREFECT_API_URL']}/flow_runs/filter", data=b"{}",
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            flow_runs = json.loads(answer.read())
-        assert [(r["name"] != "", r["state_type"]) for r in flow_runs] == [(True, "COMPLETED")]
+        # The schedules of prefect.yaml queued their next runs; the one that ran is ours.
+        flow_runs = _http(f"{api}/flow_runs/filter", {})
+        assert [r["id"] for r in flow_runs if r["state_type"] != "SCHEDULED"] == [flow_run["id"]]
         # Both servers keep their state in PostgreSQL: its two databases exist and hold tables.
         psql = subprocess.run([shutil.which("psql") or "psql", "-h", str(stack_dir / "pg"), "-U", "postgres",
                                "-At", "-d", "mlflow", "-c", "select count(*) from runs;"],
@@ -79,11 +88,20 @@ def test_an_experiment_against_the_stack_is_in_postgres_backed_prefect_and_mlflo
     assert down.returncode == 0, down.stdout + down.stderr
     status = _tidal(["stack", "status", "--dir", str(stack_dir)], env, tmp_path)
     assert status.returncode == 1 and "no team stack" in status.stdout
-    # No PostgreSQL or MLflow (their command lines name the folder) and no Prefect server (its port).
+    # No PostgreSQL or MLflow (their command lines name the folder), no Prefect server (its port),
+    # no worker (the pool).
     leftovers = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
-                 and (str(stack_dir).encode() in _cmdline(p) or b"--port\x00%d" % prefect_port in _cmdline(p))]
+                 and (str(stack_dir).encode() in _cmdline(p) or b"--port\x00%d" % prefect_port in _cmdline(p)
+                      or b"worker\x00start" in _cmdline(p) and b"tidal-pool" in _cmdline(p))]
     assert leftovers == []
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _http(url: str, body: dict | None = None) -> dict | list:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())
 
 
 def _cmdline(proc: Path) -> bytes:
