@@ -22,7 +22,9 @@ def _final(runs: Path) -> dict:
         "labeled": state["labeled"],
         "cycle": state["cycle"],
         "curve": [(h["cycle"], h["n_labeled"], h["test_accuracy"]) for h in state["history"]],
-        "queries": [(ws / f"cycles/{k}/query.csv").read_text() for k in range(state["cycle"])],
+        # with the workspace's own folder written as RUNS: query.csv names the PNGs written under it
+        "queries": [(ws / f"cycles/{k}/query.csv").read_text().replace(str(runs), "RUNS")
+                    for k in range(state["cycle"])],
     }
 
 
