@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test repro install bench-deps
+.PHONY: run test repro install labelstudio bench-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,12 +18,24 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Label Studio for tests/integration/test_labelstudio.py, in a virtualenv of its own: its Django
+# stack is not ours, so it stays out of pyproject.toml's pins (~130 s to install, once).
+LABEL_STUDIO := label-studio==1.23.2
+LS_VENV := .venv-labelstudio
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q "$(LABEL_STUDIO)" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(LS_VENV)/bin/label-studio --help > /dev/null
+	touch $@
+
+labelstudio: $(LS_VENV)/.installed
+
 # The main job: a TiDAL experiment on the embedded digits data, tracked in ./mlflow.db.
 run: install
 	$(BIN)/tidal run
 
 # The whole test suite (CI runs exactly this through .ci/run).
-test: install
+test: install labelstudio
 	$(BIN)/python -m pytest
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.

@@ -140,6 +140,11 @@ def export_query(params: dict, cycle: int, scores_path: str, ids: list[str]) -> 
     return pipeline.export_query(params, cycle, scores_path, ids)
 
 
+@task(name="push-query", task_run_name="push-query-cycle-{cycle}", **OUTSIDE)
+def push_query(params: dict, cycle: int) -> dict | None:
+    return pipeline.push_query(params, cycle)
+
+
 @task(name="reveal-oracle-labels", **COMPUTE)
 def reveal_oracle_labels(params: dict, ids: list[str]) -> dict[str, int]:
     return pipeline.reveal_oracle_labels(params, ids)
@@ -196,6 +201,8 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
         scores = score_in_shards(params, cycle, trained["checkpoint"])["scores"]
     ids = select_top_k(scores, params["budget"])
     query = export_query(params, cycle, scores, ids)
+    if params["label_mode"] == "human":
+        push_query(params, cycle)  # to Label Studio, when one is connected
     # Oracle: the data set's own labels now. Human: the query waits for annotators.
     labels = reveal_oracle_labels(params, ids) if params["label_mode"] == "oracle" else None
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])

@@ -198,6 +198,54 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labelstudio(args: argparse.Namespace) -> int:
+    """connect: check and save the connection; push: (re)push the pending query; pull: import the
+    annotations made there (see tidal/labelstudio.py)."""
+    from tidal import labelstudio
+    from tidal.pipeline import pull_labels, push_query
+    from tidal.tracking import data_version_recorder
+    from tidal.workspace import ExperimentLock
+
+    params = _experiment_params(args) if args.action != "connect" else load_params(_params_path(args.params), args.set)
+    if args.action == "connect":
+        if not args.url:
+            raise labelstudio.LabelStudioError("connect needs --url, e.g. --url http://127.0.0.1:8080")
+        saved = labelstudio.connect(params, args.url, args.token_env, args.document_root)
+        print(f"connected to Label Studio at {saved['url']} as {saved['user']} (token from ${saved['token_env']}); "
+              f"saved in {labelstudio.connection_path(params)}")
+        if not saved["document_root"]:
+            print("note: without --document-root the query images cannot be served; give Label Studio's "
+                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+        return 0
+    from tidal.pipeline import workspace
+
+    with ExperimentLock(workspace(params).root):
+        if args.action == "push":
+            ws = workspace(params)
+            pending = ws.load_state().get("pending", {}) if ws.exists() else {}
+            if not pending:
+                print("no query has pending ids: nothing to push")
+                return 0
+            pushed = push_query(params, max(q["cycle"] for q in pending.values()))
+            if pushed is None:
+                raise labelstudio.LabelStudioError("push needs label_mode=human and a Label Studio connected "
+                                                   "(`tidal labelstudio connect --url URL`)")
+            print(f"pushed {pushed['pushed']} task(s) ({pushed['already_there']} already there) to {pushed['url']}")
+            return 0
+        result = pull_labels(params, args.min_new, data_version_recorder(params))
+    if not result["imported"]:
+        print(f"{result['answered']} of {result['pending']} pending id(s) answered in Label Studio; "
+              f"{result['needed']} needed to import (--min-new / labelstudio.min_new): nothing imported")
+        return 0
+    for summary in result["imports"]:
+        print(f"imported {summary['new']} new label(s), {summary['relabeled']} relabeled, {summary['unchanged']} "
+              f"unchanged, {summary['skipped']} skipped; {summary['still_pending']} still pending")
+        if summary["conflict_report"]:
+            print(summary["conflict_report"])
+    print(f"next: {next_command(params, 'run')}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     params = load_params(_params_path(args.params), args.set)
     from tidal.pipeline import prepare_data
@@ -317,6 +365,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_import.add_argument("--relabel", action="store_true",
                           help="let a new label supersede an earlier one (the old one stays in the history)")
     p_import.set_defaults(func=cmd_import_labels)
+    p_ls = sub.add_parser("labelstudio", help="connect Label Studio, push the pending query, pull its labels")
+    common(p_ls)
+    p_ls.add_argument("action", choices=["connect", "push", "pull"])
+    p_ls.add_argument("--experiment", default=None, help="experiment name (default: from params)")
+    p_ls.add_argument("--url", default=None, help="connect: Label Studio's address, e.g. http://127.0.0.1:8080")
+    p_ls.add_argument("--token-env", default="LABEL_STUDIO_TOKEN",
+                      help="connect: environment variable holding the API token (default: LABEL_STUDIO_TOKEN)")
+    p_ls.add_argument("--document-root", default=None,
+                      help="connect: Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (images are served from it)")
+    p_ls.add_argument("--min-new", type=int, default=None,
+                      help="pull: import only once this many pending ids are answered (default: labelstudio.min_new)")
+    p_ls.set_defaults(func=cmd_labelstudio)
     p_data = sub.add_parser("data", help="write the dataset if missing and check it against data.dvc")
     common(p_data)
     p_data.set_defaults(func=cmd_data)
@@ -376,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                                            DistributedTrainingFailed, ExperimentLocked, WorkspaceWriteError,
                                            StackError, FileNotFoundError)
     from tidal.labels import LabelImportError
+    from tidal.labelstudio import LabelStudioError
 
-    errors += (LabelImportError,)
+    errors += (LabelImportError, LabelStudioError)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, so a closed pipe is a BrokenPipeError this handler sees

@@ -177,7 +177,7 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
                                      "value": {"choices": [rec["suggested_label"]]}}]
         tasks.append({
             "data": {"image": rec["path"], "sample_id": rec["id"], "experiment": experiment,
-                     "cycle": rec["cycle"], "query_id": query_id, "rank": rec["rank"]},
+                     "cycle": rec["cycle"], "query_id": query_id, "rank": rec["rank"], "score": rec["score"]},
             "predictions": [prediction],
         })
     atomic_write_text(paths["label-studio"], json.dumps(tasks, indent=2) + "\n")

@@ -34,7 +34,7 @@ log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
 RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking",
-                  "train.compile", "distributed", "scoring", "label_conflicts"}
+                  "train.compile", "distributed", "scoring", "label_conflicts", "labelstudio"}
 
 
 class ExperimentMismatch(ValueError):
@@ -475,6 +475,49 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     return files["csv"]
 
 
+def push_query(params: dict[str, Any], cycle: int) -> dict[str, Any] | None:
+    """Human mode with Label Studio connected: the cycle's query goes to the experiment's
+    project as tasks (idempotent: a task already there is not pushed again). None otherwise."""
+    from tidal import labelstudio
+
+    if params["label_mode"] != "human" or labelstudio.settings(params) is None:
+        return None
+    ws = workspace(params)
+    pushed = labelstudio.push_query(params, ws.root, ws.cycle_dir(cycle))
+    failpoint("labelstudio:pushed")
+    return pushed
+
+
+def pull_labels(params: dict[str, Any], min_new: int | None = None,
+                on_version: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Import what annotators answered in Label Studio for the pending queries, through
+    `import_labels` (the rules of `tidal import-labels`; one file per query, saved in its cycle's
+    folder). Every answer is checked first, whatever the count; with fewer than `min_new` new
+    labels (default: the `labelstudio.min_new` key; 0 = every pending id) nothing is imported.
+    Returns answered/pending/needed counts, `imported` and the import summaries."""
+    from tidal import labelstudio
+
+    ws = workspace(params)
+    if not ws.exists():
+        raise labelstudio.LabelStudioError(f"no experiment '{params['experiment']}' under {ws.root.parent}/")
+    finish_import(params, on_version)  # an import a crash left open commits first
+    pending = ws.load_state().get("pending", {})
+    cycle_of = {q["query_id"]: q["cycle"] for q in pending.values()}
+    files = {q: ws.cycle_dir(c) / labelstudio.EXPORT_FILE for q, c in sorted(cycle_of.items(), key=lambda x: x[1])}
+    found = labelstudio.pull_export(params, ws.root, files) if files else {}
+    answered = [q for q, n in found.items() if n]
+    n_new = sum(import_labels(params, files[q], "label-studio", dry_run=True)["new"] for q in answered)
+    need = params["labelstudio"]["min_new"] if min_new is None else min_new
+    need = len(pending) if need <= 0 else min(need, len(pending))
+    result: dict[str, Any] = {"answered": n_new, "pending": len(pending), "needed": need,
+                              "imported": False, "imports": []}
+    if not pending or n_new < need:
+        return result
+    result["imports"] = [import_labels(params, files[q], "label-studio", on_version=on_version) for q in answered]
+    result["imported"] = True
+    return result
+
+
 def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, int]:
     """Simulation: the dataset's own labels for the queried ids."""
     data = dataset_for(params)
@@ -551,6 +594,7 @@ def run_cycle(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], Non
     lap("score")
     ids = select_step(scores, params["budget"])
     query = export_query(params, cycle, scores, ids)
+    push_query(params, cycle)
     labels = reveal_oracle_labels(params, ids) if params["label_mode"] == "oracle" else None
     record = commit_cycle(params, cycle, acc, query, labels, queried_ids=ids)
     lap("commit")
@@ -578,7 +622,8 @@ IMPORT_JOURNAL = "import.json"  # in the workspace while an import is being comm
 
 
 def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = None, force: bool = False,
-                  relabel: bool = False, on_version: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  relabel: bool = False, on_version: Callable[[str], None] | None = None,
+                  dry_run: bool = False) -> dict[str, Any]:
     """Validate annotations against the experiment and merge them, all or nothing.
 
     Everything that can fail is checked before anything is written: the experiment, the file,
@@ -587,7 +632,8 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     the provenance log (the truth about who labelled what), then `finish_import` (state.json, the
     DVC pin, `on_version` with the new data version, e.g. the MLflow tag; the journal last). A
     crash anywhere leaves the journal, and the next import or run of the experiment finishes it.
-    Returns the summary: counts, data version, whether DVC pinned it.
+    Returns the summary: counts, data version, whether DVC pinned it. `dry_run`: every check,
+    nothing written; the summary's counts say what the import would do.
     """
     import time
 
@@ -616,6 +662,8 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
                "label_conflicts": ann.policy, "conflicts": len(ann.conflicts),
                "conflicts_refused": ann.refused(), "conflict_report": ann.conflict_report(data.classes),
                "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if dry_run:
+        return summary
     known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
                            for i in changed if i not in pending}}
     log_rows = dict(plan=plan, cycle_of={i: known[i]["cycle"] for i in changed},

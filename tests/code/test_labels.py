@@ -69,7 +69,7 @@ def test_export_writes_three_formats_and_config(exported, tmp_path):
 
     tasks = json.loads(open(exported["label-studio"]).read())
     assert tasks[1]["data"] == {"image": "img/s1.png", "sample_id": "s1", "experiment": EXP, "cycle": 2,
-                                "query_id": "q-2", "rank": 2}
+                                "query_id": "q-2", "rank": 2, "score": 0.6}
     pred = tasks[1]["predictions"][0]
     assert pred["model_version"] == "exp1-cycle2" and pred["score"] == 0.6
     assert pred["result"] == [{"from_name": "label", "to_name": "image", "type": "choices",

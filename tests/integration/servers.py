@@ -79,3 +79,34 @@ def group_alive(pgid: int) -> bool:
         if group == pgid and state != "Z":
             return True
     return False
+
+
+LABEL_STUDIO_VENV = Path(__file__).resolve().parents[2] / ".venv-labelstudio"  # `make test` installs it
+
+
+@contextmanager
+def label_studio(data_dir: Path, document_root: Path, token: str, port: int | None = None) -> Iterator[dict]:
+    """A real Label Studio (its own virtualenv, see the Makefile) on 127.0.0.1, serving local files
+    under `document_root`, with an admin whose legacy API token is `token`; yields url, token,
+    port, log and the process."""
+    exe = LABEL_STUDIO_VENV / "bin" / "label-studio"
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} is missing: `make test` installs Label Studio into {LABEL_STUDIO_VENV} "
+                           "(the Makefile's labelstudio target)")
+    port = port or free_port()
+    env = {**os.environ, "LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": "tidal-test-pw",
+           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+           "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
+           "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+           "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+           "SSRF_PROTECTION_ENABLED": "false"}  # webhooks to 127.0.0.1 are refused otherwise
+    url = f"http://127.0.0.1:{port}"
+    log = data_dir.parent / f"label-studio-{port}.log"
+    with background([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                     "--data-dir", str(data_dir)], log, env) as proc:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"Label Studio exited ({proc.returncode}); see {log}")
+            return http_json(f"{url}/health", timeout=5).get("status") == "UP"
+        wait_until(up, 300, f"Label Studio on {url}", interval=1)
+        yield {"url": url, "token": token, "port": port, "log": log, "proc": proc}

@@ -1,0 +1,241 @@
+"""Label Studio as the annotators' tool: push each query as tasks, pull the annotations back.
+
+Plain HTTP (urllib) against Label Studio's REST API, no orchestration imports. The connection
+is the `labelstudio.*` params keys, or, when `labelstudio.url` is null, the file
+`<runs_dir>/labelstudio.json` that `tidal labelstudio connect` writes. The experiment's project
+id lives in its workspace (`runs/<experiment>/labelstudio.json`).
+
+- `push_query`: the cycle's `query_labelstudio.json` tasks go to the experiment's project
+  (created once, titled after the experiment, found again by that title after a crash), each
+  with the model's guess as a pre-annotation and its score and rank in the task data. Images are
+  served by Label Studio from a local-files storage: Label Studio runs on this machine with
+  `LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true` and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`
+  a folder above the workspace and the pool's images (`labelstudio.document_root`), so no image
+  is copied. A task already in the project (same query, same sample) is never pushed again, so
+  pushing after a crash is idempotent.
+- `pull_labels`: the project's export (tasks with their annotations) is saved in the cycle's
+  folder and imported by `tidal.pipeline.import_labels`, the same validation and provenance
+  path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending, disagreeing
+  annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the provenance).
+
+Every failure is a `LabelStudioError` naming what to do; nothing is written before the server
+has answered, so a rerun after any failure resumes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tidal.workspace import atomic_write_text, read_json, write_json
+
+CONNECTION_FILE = "labelstudio.json"  # in runs_dir (the connection) and in a workspace (the project)
+EXPORT_FILE = "labelstudio_export.json"  # in the cycle's folder: what pull_labels imported
+TIMEOUT_S = 30.0
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio unreachable, a refused token, a deleted project, a task that does not belong."""
+
+
+def connection_path(params: dict[str, Any]) -> Path:
+    return Path(params["runs_dir"]) / CONNECTION_FILE
+
+
+def settings(params: dict[str, Any]) -> dict[str, Any] | None:
+    """url, token_env, document_root of the Label Studio to use; None when there is none."""
+    keys = params["labelstudio"]
+    if keys["url"]:
+        return {"url": keys["url"], "token_env": keys["token_env"], "document_root": keys["document_root"]}
+    saved = connection_path(params)
+    return read_json(saved) if saved.is_file() else None
+
+
+class Client:
+    """The few Label Studio API calls the loop needs; errors say what to fix."""
+
+    def __init__(self, url: str, token_env: str, timeout: float = TIMEOUT_S) -> None:
+        self.url = url.rstrip("/")
+        self.token_env = token_env
+        token = os.environ.get(token_env, "")
+        if not token:
+            raise LabelStudioError(f"environment variable {token_env} is empty: set it to your Label Studio API "
+                                   "token (Account & Settings > Access Token in Label Studio)")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        url = self.url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Token {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode(errors="replace")[:300]
+            if err.code in (401, 403):
+                raise LabelStudioError(f"Label Studio at {self.url} refused the token in {self.token_env} "
+                                       f"({err.code}): set it to a valid API token") from None
+            raise LabelStudioError(f"Label Studio at {self.url}: {method} {path} answered {err.code}: "
+                                   f"{detail}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise LabelStudioError(f"Label Studio at {self.url} is not reachable ({reason}): start it, or "
+                                   "point labelstudio.url (or `tidal labelstudio connect --url`) at it; "
+                                   "then run the same command again") from None
+        return json.loads(raw) if raw else None
+
+    def whoami(self) -> dict[str, Any]:
+        return self.call("GET", "/api/current-user/whoami")
+
+    def projects(self) -> list[dict[str, Any]]:
+        found = self.call("GET", "/api/projects", query={"page_size": 10000})
+        return found["results"] if isinstance(found, dict) else found
+
+    def export(self, project_id: int) -> list[dict[str, Any]]:
+        """Every task of the project with its annotations (Label Studio's JSON export)."""
+        return self.call("GET", f"/api/projects/{project_id}/export",
+                         query={"exportType": "JSON", "download_all_tasks": "true"})
+
+    def users(self) -> dict[int, str]:
+        found = self.call("GET", "/api/users")
+        found = found["results"] if isinstance(found, dict) else found
+        return {u["id"]: u.get("email") or u.get("username") or str(u["id"]) for u in found}
+
+
+def connect(params: dict[str, Any], url: str, token_env: str, document_root: str | None) -> dict[str, Any]:
+    """Check the server and the token, then remember the connection in `<runs_dir>/labelstudio.json`."""
+    who = Client(url, token_env).whoami()
+    if document_root is not None and not Path(document_root).is_dir():
+        raise LabelStudioError(f"--document-root {document_root} is not a folder: give Label Studio's "
+                               "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    saved = {"url": url.rstrip("/"), "token_env": token_env,
+             "document_root": str(Path(document_root).resolve()) if document_root else None}
+    connection_path(params).parent.mkdir(parents=True, exist_ok=True)
+    write_json(connection_path(params), saved)
+    return {**saved, "user": who.get("email") or who.get("username")}
+
+
+def project_title(experiment: str) -> str:
+    """Label Studio wants 3 to 50 characters."""
+    return f"tidal {experiment}"[:50]
+
+
+def _project(client: Client, params: dict[str, Any], workspace_root: Path, label_config: str) -> int:
+    """The experiment's project: the one recorded in the workspace, else the one with its title
+    (a crash after creating it), else a new one."""
+    recorded = workspace_root / CONNECTION_FILE
+    if recorded.is_file():
+        project_id = read_json(recorded)["project_id"]
+        try:
+            client.call("GET", f"/api/projects/{project_id}")
+        except LabelStudioError as err:
+            if "answered 404" not in str(err):
+                raise
+            raise LabelStudioError(
+                f"Label Studio project {project_id} of experiment {params['experiment']!r} is gone (deleted "
+                f"in Label Studio?): delete {recorded} to push the pending query to a new project, then run "
+                "the same command again") from None
+        return project_id
+    title = project_title(params["experiment"])
+    same = [p for p in client.projects() if p.get("title") == title]
+    project = same[0] if same else client.call("POST", "/api/projects", {"title": title, "label_config": label_config})
+    write_json(recorded, {"url": client.url, "project_id": project["id"]})
+    return project["id"]
+
+
+def _storage_for(client: Client, project_id: int, folder: Path) -> None:
+    """A local-files storage of the project covering `folder` (never synced: tasks come from
+    push_query, the storage only lets Label Studio serve the files)."""
+    storages = client.call("GET", "/api/storages/localfiles", query={"project": project_id})
+    if any(folder.is_relative_to(s["path"]) for s in storages):
+        return
+    client.call("POST", "/api/storages/localfiles", {
+        "project": project_id, "path": str(folder), "title": f"tidal images {folder.name}"[:50],
+        "use_blob_urls": False, "regex_filter": ""})
+
+
+def image_url(path: str, document_root: Path) -> str:
+    """The URL Label Studio serves a file under its LOCAL_FILES_DOCUMENT_ROOT at."""
+    relative = Path(path).resolve().relative_to(document_root)
+    return "/data/local-files/?" + urllib.parse.urlencode({"d": relative.as_posix()})
+
+
+def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) -> dict[str, Any]:
+    """Push the cycle's query to the experiment's Label Studio project; returns counts."""
+    from tidal.labels import EXPORT_FILES, LABELSTUDIO_CONFIG
+
+    conn = settings(params)
+    if conn is None:
+        raise LabelStudioError("no Label Studio connected: run `tidal labelstudio connect --url URL` or set "
+                               "labelstudio.url")
+    if not conn.get("document_root"):
+        raise LabelStudioError("labelstudio.document_root is not set: give the folder Label Studio serves "
+                               "local files from (its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT), above the "
+                               "workspace and the pool's images")
+    root = Path(conn["document_root"]).resolve()
+    tasks = json.loads((cycle_dir / EXPORT_FILES["label-studio"]).read_text())
+    files = [Path(t["data"]["image"]).resolve() for t in tasks]
+    outside = [str(f) for f in files if not f.is_relative_to(root)]
+    if outside:
+        raise LabelStudioError(f"{len(outside)} query image(s) lie outside labelstudio.document_root {root} "
+                               f"(e.g. {outside[0]}): start Label Studio with a LABEL_STUDIO_LOCAL_FILES_"
+                               "DOCUMENT_ROOT above them and set labelstudio.document_root to it")
+    client = Client(conn["url"], conn["token_env"])
+    project_id = _project(client, params, workspace_root, (cycle_dir / LABELSTUDIO_CONFIG).read_text())
+    if files:  # the workspace for array pools' PNGs (one storage for every cycle), else the files' folder
+        common = Path(os.path.commonpath([f.parent for f in files]))
+        ws = workspace_root.resolve()
+        _storage_for(client, project_id, ws if common.is_relative_to(ws) else common)
+    there = {(t["data"].get("query_id"), str(t["data"].get("sample_id"))) for t in client.export(project_id)}
+    new = []
+    for task in tasks:
+        data = task["data"]
+        if (data["query_id"], data["sample_id"]) in there:
+            continue
+        new.append({**task, "data": {**data, "image": image_url(data["image"], root), "path": data["image"]}})
+    if new:
+        client.call("POST", f"/api/projects/{project_id}/import", new)
+    return {"project_id": project_id, "pushed": len(new), "already_there": len(tasks) - len(new),
+            "url": f"{client.url}/projects/{project_id}"}
+
+
+def pull_export(params: dict[str, Any], workspace_root: Path, out_paths: dict[str, Path]) -> dict[str, Any]:
+    """Save the project's annotated tasks of each query in `out_paths` ({query_id: file}), with
+    annotators by e-mail: the files `tidal.pipeline.import_labels` then reads as Label Studio JSON.
+    Tasks of other queries are left alone; an annotated task that tidal did not push (no sample
+    id or query id in its data) is an error. Returns {query_id: annotated tasks written}."""
+    conn = settings(params)
+    recorded = workspace_root / CONNECTION_FILE
+    if conn is None or not recorded.is_file():
+        raise LabelStudioError(f"experiment {params['experiment']!r} has no Label Studio project yet: run it in "
+                               "human mode with Label Studio connected first (`tidal run --set label_mode=human`)")
+    client = Client(conn["url"], conn["token_env"])
+    project_id = read_json(recorded)["project_id"]
+    tasks = client.export(project_id)
+    users = client.users()
+    by_query: dict[str, list[dict[str, Any]]] = {q: [] for q in out_paths}
+    for task in tasks:
+        annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+        if not annotations:
+            continue
+        data = task.get("data") or {}
+        if "sample_id" not in data or "query_id" not in data:
+            raise LabelStudioError(f"task {task.get('id')} of Label Studio project {project_id} is annotated but "
+                                   "was not pushed by tidal (its data has no sample_id/query_id): delete it "
+                                   "from the project, then pull again")
+        if data["query_id"] not in by_query:
+            continue
+        for a in annotations:
+            who = a.get("completed_by")
+            if isinstance(who, int):
+                a["completed_by"] = {"id": who, "email": users.get(who, str(who))}
+        by_query[data["query_id"]].append({"id": task.get("id"), "data": data, "annotations": annotations})
+    for query, out_path in out_paths.items():
+        atomic_write_text(out_path, json.dumps(by_query[query], indent=1) + "\n")
+    return {q: len(found) for q, found in by_query.items()}
