@@ -270,3 +270,57 @@ def import_labels(path: str, params_path: str | None = "params.yaml", overrides:
     params, _ = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
         return merge_labels(params, path, fmt, force, relabel)
+
+
+LABELS_ARRIVED = "tidal.labels.arrived"  # the event flows/listener.py emits; prefect.yaml's trigger expects it
+
+
+@task(name="pull-labels", **OUTSIDE)
+def pull_labels(params: dict, file: str | None) -> dict:
+    """Label Studio's answers (or a labels file from the inbox), through import-labels' rules."""
+    if file:
+        return {"imported": True, "imports": [pipeline.import_labels(
+            params, file, on_version=tracking.data_version_recorder(params))]}
+    return pipeline.pull_labels(params, on_version=tracking.data_version_recorder(params))
+
+
+@flow(name="labels-arrived")
+def labels_arrived(experiment: str, params_path: str | None = "params.yaml", overrides: list[str] | None = None,
+                   file: str | None = None, wait_s: float = 3600) -> dict:
+    """Labels came back (a Label Studio webhook, or a file dropped in the inbox): import them and,
+    when `labelstudio.min_new` are in (default: the whole query), run the next cycle.
+
+    Exactly once: every delivery of the event starts this flow, but the experiment lock lets one
+    run at a time (a later one waits up to `wait_s` for it), and the state decides: once a cycle
+    has run on the labels, its new query is pending and a second delivery finds nothing to import.
+    A delivery that finds too few answers leaves them in Label Studio for the next one."""
+    import time
+
+    from tidal.workspace import ExperimentLocked
+
+    params, overrides = pipeline.experiment_params(params_path, list(overrides or []) + [f"experiment={experiment}"])
+    logger = get_run_logger()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock = ExperimentLock(pipeline.workspace(params).root).__enter__()
+            break
+        except ExperimentLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+    try:
+        pulled = pull_labels(params, file)
+        if not pulled["imported"]:
+            logger.info("%d of %d pending id(s) answered, %d needed: no cycle yet", pulled["answered"],
+                        pulled["pending"], pulled["needed"])
+            return {"cycle": None, **pulled}
+        pipeline.finish_import(params, tracking.data_version_recorder(params))
+        version = verify_data_version(params)
+        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
+        if _waiting(params):
+            return {"cycle": None, **pulled}
+        record = run_cycle(params, started["cycle"], started["parent_run_id"])
+        return {"cycle": record["cycle"], **pulled}
+    finally:
+        lock.__exit__(None, None, None)

@@ -1,7 +1,7 @@
 """`tidal serve`: the deployments of prefect.yaml, served from one process with `flow.serve`.
 
 prefect.yaml stays the one description of the deployments (names, entrypoints, parameters,
-schedules); this module only turns it into runner deployments for users without a work pool.
+schedules, event triggers); this module only turns it into runner deployments for users without a work pool.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 from prefect.deployments.runner import RunnerDeployment
+from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
 from prefect.schedules import Cron
 
@@ -24,8 +25,10 @@ def deployments_from_prefect_yaml(path: str | Path = "prefect.yaml",
             parameters["overrides"] = list(parameters.get("overrides") or []) + list(overrides)
         schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in dep.get("schedules") or []
                      if "cron" in s]
+        triggers = [DeploymentEventTrigger(**t) for t in dep.get("triggers") or []]
         out.append(flow.to_deployment(name=dep["name"], description=dep.get("description"),
-                                      parameters=parameters, schedules=schedules or None))
+                                      parameters=parameters, schedules=schedules or None,
+                                      triggers=triggers or None))
     return out
 
 

@@ -200,17 +200,31 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
 
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     """connect: check and save the connection; push: (re)push the pending query; pull: import the
-    annotations made there (see tidal/labelstudio.py)."""
+    annotations made there (see tidal/labelstudio.py); listen: webhook and inbox to Prefect events
+    (flows/listener.py)."""
     from tidal import labelstudio
     from tidal.pipeline import pull_labels, push_query
     from tidal.tracking import data_version_recorder
     from tidal.workspace import ExperimentLock
 
-    params = _experiment_params(args) if args.action != "connect" else load_params(_params_path(args.params), args.set)
+    params = (load_params(_params_path(args.params), args.set) if args.action in ("connect", "listen")
+              else _experiment_params(args))
+    if args.action == "listen":
+        _offline_defaults()
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from flows.listener import Listener
+
+        listener = Listener(args.host, args.port, Path(args.inbox) if args.inbox else None)
+        print(f"listening for Label Studio webhooks on http://{args.host}:{args.port}/webhook"
+              + (f" and labels files in {args.inbox}/<experiment>/" if args.inbox else ""), flush=True)
+        listener.serve_forever()
+        return 0
     if args.action == "connect":
         if not args.url:
             raise labelstudio.LabelStudioError("connect needs --url, e.g. --url http://127.0.0.1:8080")
-        saved = labelstudio.connect(params, args.url, args.token_env, args.document_root)
+        saved = labelstudio.connect(params, args.url, args.token_env, args.document_root, args.webhook_url)
         print(f"connected to Label Studio at {saved['url']} as {saved['user']} (token from ${saved['token_env']}); "
               f"saved in {labelstudio.connection_path(params)}")
         if not saved["document_root"]:
@@ -365,15 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
     p_import.add_argument("--relabel", action="store_true",
                           help="let a new label supersede an earlier one (the old one stays in the history)")
     p_import.set_defaults(func=cmd_import_labels)
-    p_ls = sub.add_parser("labelstudio", help="connect Label Studio, push the pending query, pull its labels")
+    p_ls = sub.add_parser("labelstudio", help="connect Label Studio, push the pending query, pull its labels, "
+                                               "listen for its webhook")
     common(p_ls)
-    p_ls.add_argument("action", choices=["connect", "push", "pull"])
+    p_ls.add_argument("action", choices=["connect", "push", "pull", "listen"])
     p_ls.add_argument("--experiment", default=None, help="experiment name (default: from params)")
     p_ls.add_argument("--url", default=None, help="connect: Label Studio's address, e.g. http://127.0.0.1:8080")
     p_ls.add_argument("--token-env", default="LABEL_STUDIO_TOKEN",
                       help="connect: environment variable holding the API token (default: LABEL_STUDIO_TOKEN)")
     p_ls.add_argument("--document-root", default=None,
                       help="connect: Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT (images are served from it)")
+    p_ls.add_argument("--webhook-url", default=None,
+                      help="connect: where Label Studio's webhook reaches `tidal labelstudio listen`")
+    p_ls.add_argument("--host", default="127.0.0.1", help="listen: address to bind (default 127.0.0.1)")
+    p_ls.add_argument("--port", type=int, default=8765, help="listen: port (default 8765)")
+    p_ls.add_argument("--inbox", default=None,
+                      help="listen: also watch INBOX/<experiment>/ for dropped labels files")
     p_ls.add_argument("--min-new", type=int, default=None,
                       help="pull: import only once this many pending ids are answered (default: labelstudio.min_new)")
     p_ls.set_defaults(func=cmd_labelstudio)

@@ -151,7 +151,8 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
                        classes: list[str]) -> dict[str, str]:
     """Write the query for annotators in three formats; returns {"csv", "jsonl", "label-studio"} paths.
 
-    rows: dicts with id, path ("" without a file), score, rank (1-based), suggested_label (class index).
+    rows: dicts with id, path ("" without a file), score, rank (1-based), suggested_label (class index)
+    and optionally confidence (the model's probability of its suggested label).
     """
     out_dir = Path(out_dir)
     records = []
@@ -170,8 +171,12 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
 
     model_version = f"{experiment}-cycle{cycle}"
     tasks = []
-    for rec in records:
-        prediction: dict[str, Any] = {"model_version": model_version, "score": rec["score"], "result": []}
+    for rec, row in zip(records, rows):
+        # Label Studio reads a prediction's score as the model's confidence in [0, 1]; the
+        # acquisition score (entropy, TiDAL's, ...) is in the task data, to sort by.
+        prediction: dict[str, Any] = {"model_version": model_version, "result": []}
+        if row.get("confidence") is not None:
+            prediction["score"] = float(row["confidence"])
         if rec["suggested_label"]:
             prediction["result"] = [{"from_name": "label", "to_name": "image", "type": "choices",
                                      "value": {"choices": [rec["suggested_label"]]}}]

@@ -50,7 +50,8 @@ def settings(params: dict[str, Any]) -> dict[str, Any] | None:
     """url, token_env, document_root of the Label Studio to use; None when there is none."""
     keys = params["labelstudio"]
     if keys["url"]:
-        return {"url": keys["url"], "token_env": keys["token_env"], "document_root": keys["document_root"]}
+        return {"url": keys["url"], "token_env": keys["token_env"], "document_root": keys["document_root"],
+                "webhook_url": keys["webhook_url"]}
     saved = connection_path(params)
     return read_json(saved) if saved.is_file() else None
 
@@ -108,14 +109,16 @@ class Client:
         return {u["id"]: u.get("email") or u.get("username") or str(u["id"]) for u in found}
 
 
-def connect(params: dict[str, Any], url: str, token_env: str, document_root: str | None) -> dict[str, Any]:
+def connect(params: dict[str, Any], url: str, token_env: str, document_root: str | None,
+            webhook_url: str | None = None) -> dict[str, Any]:
     """Check the server and the token, then remember the connection in `<runs_dir>/labelstudio.json`."""
     who = Client(url, token_env).whoami()
     if document_root is not None and not Path(document_root).is_dir():
         raise LabelStudioError(f"--document-root {document_root} is not a folder: give Label Studio's "
                                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
     saved = {"url": url.rstrip("/"), "token_env": token_env,
-             "document_root": str(Path(document_root).resolve()) if document_root else None}
+             "document_root": str(Path(document_root).resolve()) if document_root else None,
+             "webhook_url": webhook_url}
     connection_path(params).parent.mkdir(parents=True, exist_ok=True)
     write_json(connection_path(params), saved)
     return {**saved, "user": who.get("email") or who.get("username")}
@@ -160,6 +163,18 @@ def _storage_for(client: Client, project_id: int, folder: Path) -> None:
         "use_blob_urls": False, "regex_filter": ""})
 
 
+WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
+
+
+def _webhook_for(client: Client, project_id: int, url: str) -> None:
+    """The project's webhook to `tidal labelstudio listen` (registered once)."""
+    hooks = client.call("GET", "/api/webhooks", query={"project": project_id})
+    if any(h.get("url") == url and h.get("project") == project_id for h in hooks):
+        return
+    client.call("POST", "/api/webhooks", {"project": project_id, "url": url, "send_payload": True,
+                                          "send_for_all_actions": False, "actions": WEBHOOK_ACTIONS})
+
+
 def image_url(path: str, document_root: Path) -> str:
     """The URL Label Studio serves a file under its LOCAL_FILES_DOCUMENT_ROOT at."""
     relative = Path(path).resolve().relative_to(document_root)
@@ -192,6 +207,8 @@ def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) ->
         common = Path(os.path.commonpath([f.parent for f in files]))
         ws = workspace_root.resolve()
         _storage_for(client, project_id, ws if common.is_relative_to(ws) else common)
+    if conn.get("webhook_url"):
+        _webhook_for(client, project_id, conn["webhook_url"])
     there = {(t["data"].get("query_id"), str(t["data"].get("sample_id"))) for t in client.export(project_id)}
     new = []
     for task in tasks:

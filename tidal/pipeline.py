@@ -468,8 +468,9 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
         paths = [data.pool_files[p] for p in positions.tolist()]
     else:
         paths = write_query_images(out_dir, data.pool_images[positions])
-    rows = [{"id": i, "path": path, "score": scores[i], "rank": r, "suggested_label": int(y)}
-            for r, (i, path, y) in enumerate(zip(ids, paths, logits.argmax(1).tolist()), start=1)]
+    confidence, guess = logits.softmax(1).max(1)
+    rows = [{"id": i, "path": path, "score": scores[i], "rank": r, "suggested_label": int(y), "confidence": c}
+            for r, (i, path, y, c) in enumerate(zip(ids, paths, guess.tolist(), confidence.tolist()), start=1)]
     files = export_query_files(out_dir, params["experiment"], cycle, query_id(params, cycle), rows, data.classes)
     failpoint("export:after")
     return files["csv"]

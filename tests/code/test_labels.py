@@ -16,7 +16,7 @@ EXP = "exp1"
 
 def _rows(n=4):
     return [{"id": f"s{i}", "path": f"img/s{i}.png" if i % 2 else "", "score": 0.5 + i / 10, "rank": i + 1,
-             "suggested_label": i % 3} for i in range(n)]
+             "suggested_label": i % 3, "confidence": i / 4} for i in range(n)]
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_export_writes_three_formats_and_config(exported, tmp_path):
     assert tasks[1]["data"] == {"image": "img/s1.png", "sample_id": "s1", "experiment": EXP, "cycle": 2,
                                 "query_id": "q-2", "rank": 2, "score": 0.6}
     pred = tasks[1]["predictions"][0]
-    assert pred["model_version"] == "exp1-cycle2" and pred["score"] == 0.6
+    assert pred["model_version"] == "exp1-cycle2" and pred["score"] == 0.25  # the confidence, not the score
     assert pred["result"] == [{"from_name": "label", "to_name": "image", "type": "choices",
                                "value": {"choices": ["dog"]}}]
     xml = (out / "labelstudio_config.xml").read_text()

@@ -85,6 +85,7 @@ def test_queries_go_to_label_studio_and_labels_come_back(studio, prefect_harness
     assert [t["data"]["score"] for t in tasks] == [float(r["score"]) for r in query]
     predictions = api(studio, f"/api/predictions?task={tasks[0]['id']}")
     assert predictions[0]["result"][0]["value"]["choices"] == [query[0]["suggested_label"]]
+    assert 0.0 <= predictions[0]["score"] <= 1.0  # the model's confidence, as Label Studio reads it
     req = urllib.request.Request(studio["url"] + tasks[0]["data"]["image"], headers={"Authorization": f"Token {TOKEN}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         assert resp.read() == Path(query[0]["path"]).read_bytes()
@@ -185,3 +186,99 @@ def test_label_studio_failures_are_named_and_change_nothing(studio, prefect_harn
     assert tidal_main(["labelstudio", "push", *sets(tmp_path, exp)]) == 2
     assert f"project {project_id} of experiment 'ls-errors' is gone" in capsys.readouterr().err
     assert (ws / "state.json").read_bytes() == before
+
+
+def test_labels_arriving_run_the_next_cycle_once(studio, tmp_path):
+    """Label Studio's webhook -> `tidal labelstudio listen` -> a Prefect event -> the
+    `labels-arrived` deployment's trigger -> a worker runs the next cycle, once, on exactly the
+    labels that arrived; a duplicate delivery runs no second cycle."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.integration.servers import background, wait_until
+
+    repo, bin_dir = Path(__file__).resolve().parents[2], Path(sys.executable).parent
+    prefect_port, listen_port = free_port(), free_port()
+    api_url = f"http://127.0.0.1:{prefect_port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update({"PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "CI": "1", "DO_NOT_TRACK": "1",
+                "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api_url,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+                "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true",
+                "DVC_NO_ANALYTICS": "1", "PWD": str(repo), "LABEL_STUDIO_TOKEN": TOKEN})
+    exp = "ls-trigger"
+    overrides = ["preset=debug", "label_mode=human", f"experiment={exp}", f"runs_dir={tmp_path}/runs",
+                 f"data_root={tmp_path}/data", "labelstudio.min_new=2"]
+
+    def tidal(*args: str) -> str:
+        done = subprocess.run([str(bin_dir / "tidal"), *args, *sum((["--set", o] for o in overrides), [])],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    def prefect(*args: str) -> None:
+        done = subprocess.run([str(bin_dir / "prefect"), *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def runs_of(deployment_id: str) -> list[dict]:
+        return http_json(f"{api_url}/flow_runs/filter", "POST",
+                         {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}})
+
+    server = [str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    listener = [str(bin_dir / "tidal"), "labelstudio", "listen", "--port", str(listen_port)]
+    worker = [str(bin_dir / "prefect"), "worker", "start", "--pool", "tidal-pool", "--type", "process",
+              "--prefetch-seconds", "5"]
+    with background(server, tmp_path / "prefect-server.log", env):
+        wait_until(lambda: http_json(f"{api_url}/health"), 180, "Prefect server")
+        prefect("work-pool", "create", "tidal-pool", "--type", "process")
+        prefect("--no-prompt", "deploy", "--name", "labels-arrived")
+        deployment = http_json(f"{api_url}/deployments/name/labels-arrived/labels-arrived")
+        http_json(f"{api_url}/deployments/{deployment['id']}", "PATCH",
+                  {"parameters": {"params_path": "params.yaml", "overrides": overrides}})
+        automations = http_json(f"{api_url}/automations/related-to/prefect.deployment.{deployment['id']}")
+        assert len(automations) == 1 and automations[0]["trigger"]["expect"] == ["tidal.labels.arrived"]
+
+        with background(listener, tmp_path / "listener.log", env, cwd=tmp_path), \
+                background(worker, tmp_path / "worker.log", env, cwd=repo):
+            tidal("labelstudio", "connect", "--url", studio["url"], "--document-root", str(studio["document_root"]),
+                  "--webhook-url", f"http://127.0.0.1:{listen_port}/webhook")
+            tidal("run")
+            ws = tmp_path / "runs" / exp
+            project_id = json.loads((ws / "labelstudio.json").read_text())["project_id"]
+            tasks = sorted(tasks_of(studio, project_id), key=lambda t: t["data"]["rank"])
+            data = load_dataset(tmp_path / "data", "digits")
+            names = dict(zip(data.pool_ids, (data.classes[y] for y in data.pool_labels.tolist())))
+            labeled = [t["data"]["sample_id"] for t in tasks[:2]]
+            annotate(studio, tasks[0]["id"], names[labeled[0]])  # 1 of min_new=2: no cycle yet
+            wait_until(lambda: len(runs_of(deployment["id"])) >= 1, 120, "the first triggered run")
+            annotate(studio, tasks[1]["id"], names[labeled[1]])  # 2: the next cycle runs
+            # The same webhook delivered again, as Label Studio does after a timeout.
+            body = {"action": "ANNOTATION_CREATED", "task": {"id": tasks[1]["id"], "data": tasks[1]["data"]}}
+            http_json(f"http://127.0.0.1:{listen_port}/webhook", "POST", body)
+
+            def settled() -> list[dict] | None:
+                runs = runs_of(deployment["id"])
+                done = [r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")]
+                return runs if len(runs) >= 3 and len(done) == len(runs) else None
+
+            runs = wait_until(settled, 480, "three triggered flow runs", interval=3)
+    assert sorted(r["state"]["type"] for r in runs) == ["COMPLETED"] * len(runs), \
+        (tmp_path / "worker.log").read_text()[-4000:]
+    assert len(runs) == 3  # one per delivery: two annotations, one duplicate
+    history = state(tmp_path, exp)["history"]
+    assert [h["n_labeled"] for h in history] == [40, 42]  # one new cycle, on exactly the two labels
+    assert set(labeled) <= set(state(tmp_path, exp)["labeled"])
+    log = list(csv.DictReader(open(tmp_path / "data/labels" / f"{exp}.csv", newline="")))
+    assert sorted(r["id"] for r in log) == sorted(labeled)
+    assert len(tasks_of(studio, project_id)) == 40  # cycle 1's query pushed by the triggered run
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs_ml = client.search_runs([client.get_experiment_by_name(exp).experiment_id])
+    cycles = sorted(int(r.data.tags["cycle"]) for r in runs_ml if r.data.tags.get("tidal.kind") == "cycle")
+    assert cycles == [0, 1]
+    assert all(r.info.status == "FINISHED" for r in runs_ml if r.data.tags.get("tidal.kind") == "cycle")
