@@ -85,12 +85,19 @@ class Listener:
             except Exception as err:  # the server may be restarting: the next delivery retries
                 log.error("could not emit the event for %s: %s", experiment, err)
 
+    def scan_inbox(self) -> int:
+        """Queue one event per labels file new in `<inbox>/<experiment>/`; returns how many."""
+        found = 0
+        for path in sorted(self.inbox.glob("*/*")) if self.inbox else []:
+            if path.suffix.lower() in INBOX_SUFFIXES and path not in self.seen and path.is_file():
+                self.seen.add(path)
+                self.events.put((path.parent.name, {"source": "inbox", "file": str(path.resolve())}))
+                found += 1
+        return found
+
     def _watch(self) -> None:
         while True:
-            for path in sorted(self.inbox.glob("*/*")) if self.inbox else []:
-                if path.suffix.lower() in INBOX_SUFFIXES and path not in self.seen and path.is_file():
-                    self.seen.add(path)
-                    self.events.put((path.parent.name, {"source": "inbox", "file": str(path.resolve())}))
+            self.scan_inbox()
             time.sleep(self.poll_s)
 
     def serve_forever(self) -> None:
