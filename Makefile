@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test repro install labelstudio bench-deps
+.PHONY: run test repro install labelstudio browser bench-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,20 @@ $(LS_VENV)/.installed:
 
 labelstudio: $(LS_VENV)/.installed
 
+# Headless Chromium for tests/integration/test_ui.py: Debian's package through apt (a browser
+# download at run time does not work here); as root, or through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium > /dev/null || $(SUDO) apt-get install -y --no-install-recommends chromium \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
+	@chromium --version
+
 # The main job: a TiDAL experiment on the embedded digits data, tracked in ./mlflow.db.
 run: install
 	$(BIN)/tidal run
 
 # The whole test suite (CI runs exactly this through .ci/run).
-test: install labelstudio
+test: install labelstudio browser
 	$(BIN)/python -m pytest
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.

@@ -271,8 +271,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV."""
-    from tidal.report import CURVE_COLUMNS, markdown_table, plot_curves, summarize
+    """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV, an HTML report."""
+    from tidal.report import CURVE_COLUMNS, html_report, markdown_table, plot_curves, summarize
     from tidal.tracking import MlflowTracker
     from tidal.workspace import atomic_write_text, write_csv
 
@@ -293,10 +293,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     md = out / "learning_curves.md"
     atomic_write_text(md, markdown_table(summary))
     csv_path = out / "learning_curves.csv"
-    write_csv(csv_path, CURVE_COLUMNS, sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["n_labeled"])))
-    run_id = tracker.log_report([png, md, csv_path])
+    write_csv(csv_path, CURVE_COLUMNS, [{k: r[k] for k in CURVE_COLUMNS} for r in
+                                        sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["n_labeled"]))])
+    # Links to the runs in the MLflow UI: the tracking server itself, or `mlflow ui`'s default
+    # address for a sqlite store.
+    ui = tracker.uri.rstrip("/") if tracker.uri.startswith("http") else "http://127.0.0.1:5000"
+    runs = {r["run_id"]: {"experiment": r["experiment"], "strategy": r["strategy"], "seed": r["seed"],
+                          "url": f"{ui}/#/experiments/{r['experiment_id']}/runs/{r['run_id']}"} for r in rows}
+    html_path = html_report(summary, png, list(runs.values()), out / "report.html")
+    run_id = tracker.log_report([png, md, csv_path, html_path])
     print(md.read_text())
-    print(f"plot: {png}\ntable: {md}\ncurves: {csv_path}\nlogged to MLflow run {run_id} "
+    print(f"plot: {png}\ntable: {md}\ncurves: {csv_path}\nreport: {html_path}\nlogged to MLflow run {run_id} "
           f"(experiment 'tidal-comparisons')")
     return 0
 

@@ -149,3 +149,51 @@ def plot_curves(summary: dict, path: str | Path, title: str = "Learning curves")
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def html_report(summary: dict, png: str | Path, runs: list[dict], path: str | Path) -> Path:
+    """One self-contained HTML file (opens from disk): the plot embedded, the AUBC table with
+    intervals and paired gains, and a link to each experiment's MLflow run.
+
+    runs: dicts with experiment, strategy, seed, url (the run's page in the MLflow UI)."""
+    import base64
+    import html
+
+    from tidal.workspace import atomic_write_text
+
+    image = base64.b64encode(Path(png).read_bytes()).decode()
+    head = "".join(f"<th>{n}</th>" for n in summary["budgets"])
+    body = []
+    for s in summary["strategies"]:
+        cells = "".join(f"<td>{np.mean(v):.4f}</td>" if (v := summary["curves"][s][n]) else "<td>–</td>"
+                        for n in summary["budgets"])
+        mean, half = mean_ci(list(summary["aubc"][s].values()))
+        gain = summary["gains"].get(s)
+        gain_text = "–"
+        if gain and s != "random":
+            g_mean, g_half = mean_ci(list(gain.values()))
+            gain_text = f"{g_mean:+.4f}" + ("" if math.isnan(g_half) else f" ± {g_half:.4f}")
+        ci = "" if math.isnan(half) else f" ± {half:.4f}"
+        body.append(f"<tr><td>{html.escape(s)}</td><td>{len(summary['aubc'][s])}</td>{cells}"
+                    f"<td class=\"aubc\">{mean:.4f}{ci}</td><td>{gain_text}</td></tr>")
+    links = "".join(f"<li><a href=\"{html.escape(r['url'])}\">{html.escape(r['experiment'])}: "
+                    f"{html.escape(r['strategy'])}, seed {r['seed']}</a></li>"
+                    for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"], r["experiment"])))
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>TiDAL learning curves</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}}</style></head>
+<body><h1>Learning curves</h1>
+<img id="curves" alt="learning curves" src="data:image/png;base64,{image}">
+<h2>Accuracy by number of labels, AUBC</h2>
+<table id="aubc"><tr><th>strategy</th><th>seeds</th>{head}<th>AUBC (mean ± 95 % CI)</th>
+<th>paired AUBC gain over random</th></tr>
+{"".join(body)}
+</table>
+<p>Budgets: mean test accuracy over seeds at that number of labels. AUBC: mean test accuracy over the
+cycles. Intervals: 95 % Student t over seeds (none with one seed).</p>
+<h2>MLflow runs</h2><ul id="runs">{links}</ul>
+</body></html>
+"""
+    atomic_write_text(path, page)
+    return Path(path)

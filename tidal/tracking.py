@@ -260,7 +260,8 @@ class MlflowTracker:
             for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
                 rows.append({"experiment": exp_name, "strategy": run.data.params.get("strategy", "?"),
                              "seed": int(run.data.params.get("seed", 0)), "n_labeled": m.step,
-                             "test_accuracy": m.value})
+                             "test_accuracy": m.value, "run_id": run.info.run_id,
+                             "experiment_id": run.info.experiment_id})
         return rows
 
     def log_report(self, files: list[str | Path], experiment: str = "tidal-comparisons") -> str:

@@ -89,10 +89,13 @@ def test_an_experiment_against_the_stack_is_in_postgres_backed_prefect_and_mlflo
     status = _tidal(["stack", "status", "--dir", str(stack_dir)], env, tmp_path)
     assert status.returncode == 1 and "no team stack" in status.stdout
     # No PostgreSQL or MLflow (their command lines name the folder), no Prefect server (its port),
-    # no worker (the pool).
+    # no worker of this stack (the pool, and this stack's Prefect API in its environment: other
+    # tests' workers may run beside this one).
+    api = b"127.0.0.1:%d" % prefect_port
     leftovers = [p.name for p in Path("/proc").iterdir() if p.name.isdigit()
                  and (str(stack_dir).encode() in _cmdline(p) or b"--port\x00%d" % prefect_port in _cmdline(p)
-                      or b"worker\x00start" in _cmdline(p) and b"tidal-pool" in _cmdline(p))]
+                      or b"worker\x00start" in _cmdline(p) and b"tidal-pool" in _cmdline(p)
+                      and api in _environ(p))]
     assert leftovers == []
     shutil.rmtree(root, ignore_errors=True)
 
@@ -107,5 +110,12 @@ def _http(url: str, body: dict | None = None) -> dict | list:
 def _cmdline(proc: Path) -> bytes:
     try:
         return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _environ(proc: Path) -> bytes:
+    try:
+        return (proc / "environ").read_bytes()
     except OSError:
         return b""
