@@ -44,7 +44,7 @@ run: install
 
 # The whole test suite (CI runs exactly this through .ci/run).
 test: install labelstudio browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
 repro: install
