@@ -287,3 +287,24 @@ def test_disagreeing_annotators_are_refused_by_name_and_stay_pending(waiting_exp
     log = _rows(tmp / "data/labels/human-digits.csv")
     assert [r["id"] for r in log] == [agreed] and log[0]["decided_by"] == "unanimous"
     assert state["imports"][-1]["conflicts_refused"] == [disputed]
+
+
+def test_a_labels_file_from_the_inbox_runs_the_next_cycle_once(waiting_experiment):
+    """The labels-arrived flow as the inbox event starts it (`file` set): the file is imported
+    through import-labels' rules and the next cycle runs; the same event again runs none."""
+    from flows.experiment import labels_arrived
+
+    tmp, ws, truth = waiting_experiment["tmp"], waiting_experiment["ws"], waiting_experiment["truth"]
+    query = [r["id"] for r in _rows(ws / "cycles/0/query.csv")]
+    (tmp / "inbox/human-digits").mkdir(parents=True)
+    dropped = _write_annotated(ws / "cycles/0/query.csv", tmp / "inbox/human-digits/back.csv",
+                               {i: truth[i] for i in query[:5]})
+    overrides = _overrides(tmp)
+    first = labels_arrived("human-digits", None, overrides, file=str(dropped))
+    assert first["cycle"] == 1
+    state = json.loads((ws / "state.json").read_text())
+    assert [h["n_labeled"] for h in state["history"]] == [40, 45]
+    assert set(query[:5]) <= set(state["labeled"])
+    again = labels_arrived("human-digits", None, overrides, file=str(dropped))
+    assert again["cycle"] is None  # nothing new: the new query waits, no second cycle
+    assert len(json.loads((ws / "state.json").read_text())["history"]) == 2
