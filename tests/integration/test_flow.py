@@ -186,7 +186,7 @@ def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
     comp = client.get_experiment_by_name("tidal-comparisons")
     run = client.search_runs([comp.experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "learning_curves.png", "learning_curves.md", "learning_curves.csv"}
+        "learning_curves.png", "learning_curves.md", "learning_curves.csv", "report.html"}
 
 
 def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
