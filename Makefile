@@ -44,7 +44,7 @@ run: install
 
 # The whole test suite (CI runs exactly this through .ci/run).
 test: install labelstudio browser
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
 repro: install

@@ -106,6 +106,13 @@ def test_mlflow_compares_the_strategies_runs(grid):
                                       "experiments": json.dumps([e.experiment_id for e in grid["experiments"].values()])})
     dom = render(f"{grid['mlflow']}/#/compare-runs?{compare}", shot)
     expect(dom, ["test_accuracy", "random-seed0", "entropy-seed0"], "MLflow run comparison", shot)
+    # Both experiments' runs in the chart view: test_accuracy plotted against the step, which is
+    # the number of labels (40 and 60 in the debug preset).
+    ids = json.dumps([e.experiment_id for e in grid["experiments"].values()]).replace(" ", "")
+    shot = grid["tmp"] / "mlflow-charts.png"
+    dom = render(f"{grid['mlflow']}/#/compare-experiments/s?experiments={ids}&compareRunsMode=CHART", shot)
+    expect(dom, ["Displaying Runs from 2 Experiments", "random-seed0", "entropy-seed0", "test_accuracy",
+                 "main-svg", ">Step<", ">60<"], "MLflow chart view of both strategies", shot)
 
 
 def test_mlflow_models_view_lists_one_model_per_cycle(grid):
