@@ -42,8 +42,11 @@ browser:
 run: install
 	$(BIN)/tidal run
 
-# The whole test suite (CI runs exactly this through .ci/run).
-test: install labelstudio browser
+# The whole test suite (CI runs exactly this through .ci/run): the three installs side by side,
+# then pytest on 3 workers (the integration tests spend much of their time waiting on the
+# servers they start; tests/conftest.py keeps a module's own module-scoped fixture on one worker).
+test:
+	$(MAKE) -j3 install labelstudio browser
 	$(BIN)/python -m pytest -n 3 --dist loadgroup
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.

@@ -46,6 +46,7 @@ def benchmark_script():
     return load
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`make test` runs on several pytest-xdist workers with `--dist loadgroup`: the tests of a
     module that defines its own module-scoped fixture (a Label Studio, a grid for the browser
