@@ -43,11 +43,11 @@ run: install
 	$(BIN)/tidal run
 
 # The whole test suite (CI runs exactly this through .ci/run): the three installs side by side,
-# then pytest on 3 workers (the integration tests spend much of their time waiting on the
-# servers they start; tests/conftest.py keeps a module's own module-scoped fixture on one worker).
+# then pytest on 2 workers, a test file to one worker (the integration tests spend much of their
+# time waiting on the servers they start).
 test:
 	$(MAKE) -j3 install labelstudio browser
-	$(BIN)/python -m pytest -n 3 --dist loadgroup
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
 repro: install

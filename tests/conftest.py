@@ -45,18 +45,3 @@ def benchmark_script():
 
     return load
 
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs on several pytest-xdist workers with `--dist loadgroup`: the tests of a
-    module that defines its own module-scoped fixture (a Label Studio, a grid for the browser
-    tests, a kill-points run) go to one worker, so that fixture is built once; every other test
-    is handed to whichever worker is free."""
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        defs = getattr(item, "_fixtureinfo", None)
-        if defs is None:
-            continue
-        if any(d.scope == "module" and d.baseid == module
-               for name in item.fixturenames for d in defs.name2fixturedefs.get(name, ())):
-            item.add_marker(pytest.mark.xdist_group(module))
