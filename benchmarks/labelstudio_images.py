@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 project = _call(f"{url}/api/projects", "POST", {"title": f"bench {way} {r}", "label_config": config})
                 if way == "local-files":
-                    _call(f"{url}/api/storages/localfiles", "POST", {"project": project["id"], "path": str(root),
+                    _call(f"{url}/api/storages/localfiles", "POST", {"project": project["id"], "path": str(root / "cycles"),
                                                                     "title": "images", "use_blob_urls": False})
                     image = [f"/data/local-files/?d={p.relative_to(root).as_posix()}" for p in images]
                 else:
