@@ -52,6 +52,18 @@ def summarize(rows: list[dict]) -> dict:
             "runs": dict(by_run)}
 
 
+def _aubc_texts(summary: dict, strategy: str) -> tuple[str, str]:
+    """AUBC "mean ± CI" and the paired gain over random ("–" for random itself), as both the
+    markdown table and the HTML report print them."""
+    mean, half = mean_ci(list(summary["aubc"][strategy].values()))
+    aubc_text = f"{mean:.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}")
+    gain = summary["gains"].get(strategy)
+    if not gain or strategy == "random":
+        return aubc_text, "–"
+    g_mean, g_half = mean_ci(list(gain.values()))
+    return aubc_text, f"{g_mean:+.4f}" + ("" if math.isnan(g_half) else f" ± {g_half:.4f}")
+
+
 def markdown_table(summary: dict) -> str:
     budgets, lines = summary["budgets"], []
     lines.append("| strategy | seeds | " + " | ".join(f"{n}" for n in budgets)
@@ -62,15 +74,8 @@ def markdown_table(summary: dict) -> str:
         for n in budgets:
             vals = summary["curves"][s][n]
             cells.append(f"{np.mean(vals):.4f}" if vals else "–")
-        mean, half = mean_ci(list(summary["aubc"][s].values()))
-        gain = summary["gains"].get(s)
-        if gain and s != "random":
-            g_mean, g_half = mean_ci(list(gain.values()))
-            gain_text = f"{g_mean:+.4f} ± {g_half:.4f}" if not math.isnan(g_half) else f"{g_mean:+.4f}"
-        else:
-            gain_text = "–"
-        ci = f" ± {half:.4f}" if not math.isnan(half) else ""
-        lines.append(f"| {s} | {len(summary['aubc'][s])} | " + " | ".join(cells) + f" | {mean:.4f}{ci} | {gain_text} |")
+        aubc_text, gain_text = _aubc_texts(summary, s)
+        lines.append(f"| {s} | {len(summary['aubc'][s])} | " + " | ".join(cells) + f" | {aubc_text} | {gain_text} |")
     lines.append("")
     lines.append("Columns under the budgets are mean test accuracy over seeds at that number of labels. "
                  "AUBC: mean test accuracy over the cycles. Intervals: 95 % Student t over seeds "
@@ -167,15 +172,9 @@ def html_report(summary: dict, png: str | Path, runs: list[dict], path: str | Pa
     for s in summary["strategies"]:
         cells = "".join(f"<td>{np.mean(v):.4f}</td>" if (v := summary["curves"][s][n]) else "<td>–</td>"
                         for n in summary["budgets"])
-        mean, half = mean_ci(list(summary["aubc"][s].values()))
-        gain = summary["gains"].get(s)
-        gain_text = "–"
-        if gain and s != "random":
-            g_mean, g_half = mean_ci(list(gain.values()))
-            gain_text = f"{g_mean:+.4f}" + ("" if math.isnan(g_half) else f" ± {g_half:.4f}")
-        ci = "" if math.isnan(half) else f" ± {half:.4f}"
+        aubc_text, gain_text = _aubc_texts(summary, s)
         body.append(f"<tr><td>{html.escape(s)}</td><td>{len(summary['aubc'][s])}</td>{cells}"
-                    f"<td class=\"aubc\">{mean:.4f}{ci}</td><td>{gain_text}</td></tr>")
+                    f"<td class=\"aubc\">{aubc_text}</td><td>{gain_text}</td></tr>")
     links = "".join(f"<li><a href=\"{html.escape(r['url'])}\">{html.escape(r['experiment'])}: "
                     f"{html.escape(r['strategy'])}, seed {r['seed']}</a></li>"
                     for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"], r["experiment"])))

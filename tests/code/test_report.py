@@ -63,3 +63,19 @@ def test_labels_to_reach_table_shows_the_saving_against_random_on_shared_seeds()
     assert "| good | 1 | 0.7000 at 300 | 200 | -33.3% labels |" in table
     assert "| bad | 1 | 0.7000 at 300 | not reached | – |" in table
     assert "| random | 2 | 0.8000 at 300 | 300 | – |" in table
+
+
+def test_html_report_holds_the_markdown_tables_numbers_and_run_links(tmp_path):
+    from tidal.report import html_report, markdown_table, plot_curves, summarize
+
+    rows = [{"strategy": s, "seed": seed, "n_labeled": n, "test_accuracy": acc + 0.01 * seed}
+            for s, acc in (("random", 0.5), ("entropy", 0.55)) for seed in (0, 1) for n in (100, 200)]
+    summary = summarize(rows)
+    png = plot_curves(summary, tmp_path / "c.png")
+    runs = [{"experiment": "e", "strategy": "entropy", "seed": 0, "url": "http://127.0.0.1:5000/#/x"}]
+    page = html_report(summary, png, runs, tmp_path / "r.html").read_text()
+    md = markdown_table(summary)
+    for line in md.splitlines()[2:4]:  # the strategies' rows: AUBC and gain texts appear verbatim
+        aubc, gain = [c.strip() for c in line.split("|")][-3:-1]
+        assert f">{aubc}<" in page and f">{gain}<" in page
+    assert 'href="http://127.0.0.1:5000/#/x"' in page and "data:image/png;base64," in page
