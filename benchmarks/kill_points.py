@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -547,8 +547,7 @@ def _experiment_name(work: Work, point: int) -> str:
     return name
 
 
-def run_point(work: Work, ref: dict, seed: int, point: int,
-              before_checks: Callable[[Work, str], None] | None = None) -> dict:
+def run_point(work: Work, ref: dict, seed: int, point: int) -> dict:
     steps = sequence(work.cycles)
     index, fraction = draw(seed, point, len(steps))
     delay = fraction * ref["durations"][index]
@@ -557,8 +556,6 @@ def run_point(work: Work, ref: dict, seed: int, point: int,
           f"{delay:.2f} s of its {ref['durations'][index]:.1f} s ...", flush=True)
     began = time.perf_counter()
     run = run_sequence(work, exp, kill={"index": index, "delay_s": delay})
-    if before_checks is not None:
-        before_checks(work, exp)
     checks = check_point(work, exp, ref["snapshot"], run)
     killed = next((c for c in run["commands"] if c["index"] == index), None)
     record = {
@@ -660,13 +657,8 @@ def rebuild_report(out: Path, command: str, ref: dict | None) -> None:
     _atomic_write(out / "README.md", "\n".join(lines))
 
 
-def main(argv: list[str] | None = None,
-         before_checks: Callable[[Work, str], None] | None = None) -> dict[str, Any]:
-    """Run the kill points not run yet; return {ran, skipped, passed, failed, out, work}.
-
-    `before_checks(work, experiment)` runs after a point's sequence, before its checks (a test's
-    hook to break a point on purpose).
-    """
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the kill points not run yet; return {ran, skipped, passed, failed, out, work}."""
     args = parse_args(argv)
     out = Path(args.out).resolve()
     (out / "points").mkdir(parents=True, exist_ok=True)
@@ -710,7 +702,7 @@ def main(argv: list[str] | None = None,
         ref = reference(work)
         _atomic_write(saved_ref, json.dumps({k: ref[k] for k in ("durations", "snapshot", "wall_s")}, indent=1) + "\n")
         for k in todo:
-            record = run_point(work, ref, args.seed, k, before_checks)
+            record = run_point(work, ref, args.seed, k)
             _atomic_write(out / "points" / f"{k}.json", json.dumps(record, indent=1) + "\n")
             ran.append(k)
             rebuild_report(out, command, ref)

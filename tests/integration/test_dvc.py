@@ -47,6 +47,16 @@ def project_copy(tmp_path: Path, migrated_mlflow_db: Path) -> tuple[Path, dict]:
     return repo, env
 
 
+@pytest.fixture
+def on_harness(project_copy, prefect_harness) -> tuple[Path, dict]:
+    """The project copy with its commands on the session's Prefect test server: a temporary
+    server per command (what `test_dvc_repro_on_a_fresh_clone` keeps) costs 8-16 s each here."""
+    from prefect.settings import PREFECT_API_URL
+
+    repo, env = project_copy
+    return repo, {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def _run(cmd: list[str], repo: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
 
@@ -88,18 +98,10 @@ def test_dvc_repro_on_a_fresh_clone(project_copy):
     assert "params.yaml" in changed and "modified:" in changed and "seed" in changed
 
 
-def test_label_import_repins_the_data(project_copy, prefect_harness):
+def test_label_import_repins_the_data(on_harness):
     """Human mode in a real DVC repo: importing labels appends them under data/ and `dvc add`
     re-pins it, so data.dvc names the labeled version and `dvc status` is clean."""
-    import csv
-
-    import yaml
-    from prefect.settings import PREFECT_API_URL
-
-    from tidal.data.version import dvc_dir_md5
-
-    repo, env = project_copy
-    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value(), "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}
+    repo, env = on_harness
     assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
     pinned_before = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
     sets = ["--set", "label_mode=human", "--set", "experiment=h"]
@@ -179,10 +181,10 @@ def _human_experiment(repo: Path, env: dict, name: str) -> tuple[list[str], Path
     return sets, back
 
 
-def test_import_without_the_venv_on_path_uses_the_packages_dvc(project_copy):
+def test_import_without_the_venv_on_path_uses_the_packages_dvc(on_harness):
     """`.venv/bin/tidal import-labels` with the venv not active: DVC is found beside the Python
     that runs tidal, the pin is renewed, and the import is fast (no Prefect server)."""
-    repo, env = project_copy
+    repo, env = on_harness
     sets, back = _human_experiment(repo, env, "nopath")
     bare = {**env, "PATH": "/usr/bin:/bin"}  # no .venv/bin: `dvc` is not on PATH
     imported = _run([str(BIN / "tidal"), "import-labels", str(back), "--experiment", "nopath",
@@ -194,10 +196,10 @@ def test_import_without_the_venv_on_path_uses_the_packages_dvc(project_copy):
 
 
 @pytest.mark.parametrize("failpoint", ["import:logged", "import:pinned"])
-def test_an_import_killed_part_way_is_finished_by_the_next_run(project_copy, failpoint):
+def test_an_import_killed_part_way_is_finished_by_the_next_run(on_harness, failpoint):
     """SIGKILL after the labels log (before state.json / the pin / the journal's removal): the
     next `tidal run` finishes the import first, so nothing labelled is lost and the pin holds."""
-    repo, env = project_copy
+    repo, env = on_harness
     sets, back = _human_experiment(repo, env, "crash")
     killed = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo,
                   {**env, "TIDAL_FAILPOINT": failpoint})
@@ -218,10 +220,10 @@ def test_an_import_killed_part_way_is_finished_by_the_next_run(project_copy, fai
     assert redo.returncode == 0 and "imported 0 new label(s)" in redo.stdout, redo.stdout + redo.stderr
 
 
-def test_an_import_killed_before_its_log_is_written_imports_nothing_until_rerun(project_copy):
+def test_an_import_killed_before_its_log_is_written_imports_nothing_until_rerun(on_harness):
     """SIGKILL after the journal, before the labels log: no label is counted as imported (the
     experiment still waits), and running the same import again imports every label once."""
-    repo, env = project_copy
+    repo, env = on_harness
     sets, back = _human_experiment(repo, env, "early")
     killed = _run([str(BIN / "tidal"), "import-labels", str(back), *sets], repo,
                   {**env, "TIDAL_FAILPOINT": "import:journal"})
@@ -242,8 +244,8 @@ def test_an_import_killed_before_its_log_is_written_imports_nothing_until_rerun(
     assert len((repo / "data/labels/early.csv").read_text().splitlines()) == 1 + 20
 
 
-def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(project_copy):
-    repo, env = project_copy
+def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(on_harness):
+    repo, env = on_harness
     assert _run([str(BIN / "tidal"), "data"], repo, env).returncode == 0
     assert _run([str(BIN / "dvc"), "commit", "-f", "data.dvc"], repo, env).returncode == 0  # the pin's listing in the cache
     (repo / "data/labels").mkdir()
@@ -255,10 +257,10 @@ def test_a_stale_pin_from_labels_is_never_answered_with_dvc_checkout(project_cop
     assert out.stderr.count("\n") <= 3, out.stderr  # one clear message, no traceback
 
 
-def test_an_import_into_one_experiment_leaves_the_others_data_version(project_copy):
+def test_an_import_into_one_experiment_leaves_the_others_data_version(on_harness):
     """Two human experiments on one pinned data/: labels imported into one change its data
     version and the pin, not the other's version, and the other still runs on the new pin."""
-    repo, env = project_copy
+    repo, env = on_harness
     sets_a, back_a = _human_experiment(repo, env, "exp-a")
     sets_b, _ = _human_experiment(repo, env, "exp-b")
     before_a = json.loads((repo / "runs/exp-a/state.json").read_text())["data_version"]

@@ -2,7 +2,7 @@
 one ends, and a point whose end state is broken on purpose is reported as failed.
 
 One cycle (run, import, final run) instead of the benchmark's three keeps this to a few minutes:
-the reference and two kill points, each command a real `tidal` subprocess with MLflow tracking on
+the reference and one kill point, each command a real `tidal` subprocess with MLflow tracking on
 and its own temporary Prefect server.
 """
 from __future__ import annotations
@@ -48,40 +48,42 @@ def test_a_killed_point_ends_as_the_reference(kill_points):
 
 
 def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
-    """The same draw into another results folder and the same work folder (its reference is reused,
-    the point runs as kp-0-try2); its labels log and an MLflow metric are tampered with before the checks."""
+    """Point 0's end state with one label of its labels log changed and one MLflow metric step
+    written twice, checked again against the reference: exactly what was broken fails, the rest
+    passes, and the report lists the failures."""
     from mlflow import MlflowClient
 
     module, tmp = kill_points["module"], kill_points["tmp"]
+    work, exp = module.Work(tmp / "work", cycles=1, timeout=600), "kp-0"
+    log = work.repo / "data/labels" / f"{exp}.csv"
+    with open(log, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    rows[0]["label"] = str((int(rows[0]["label"]) + 1) % 10)  # one label changed
+    with open(log, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    # Two CPU samples at step 0 of cycle 0's run (system metrics are not compared with the
+    # reference's, so only the repeated step shows).
+    cycle_run = json.loads((work.repo / "runs" / exp / "state.json").read_text())["tracking"]["cycle_runs"]["0"]
+    client = MlflowClient(tracking_uri=work.uri)
+    for value, stamp in ((1.0, 1_000), (2.0, 2_000)):
+        client.log_metric(cycle_run, "system/cpu_utilization_percentage", value, timestamp=stamp, step=0)
 
-    def tamper(work, exp):
-        log = work.repo / "data/labels" / f"{exp}.csv"
-        with open(log, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        rows[0]["label"] = str((int(rows[0]["label"]) + 1) % 10)  # one label changed
-        with open(log, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        # Two CPU samples at step 0 of cycle 0's run (system metrics are not compared with the
-        # reference's, so only the repeated step shows).
-        cycle_run = json.loads((work.repo / "runs" / exp / "state.json").read_text())["tracking"]["cycle_runs"]["0"]
-        client = MlflowClient(tracking_uri=work.uri)
-        for value, stamp in ((1.0, 1_000), (2.0, 2_000)):
-            client.log_metric(cycle_run, "system/cpu_utilization_percentage", value, timestamp=stamp, step=0)
-
+    ref = json.loads((tmp / "out/reference.json").read_text())
+    checks = module.check_point(work, exp, ref["snapshot"], {"ok": True, "error": ""})
+    failed = sorted(name for name, check in checks.items() if not check["passed"])
+    assert failed == ["dvc_pin", "dvc_status", "labels_log", "mlflow_steps"], checks
+    assert "[0]" in checks["labels_log"]["detail"]
+    assert "cycle-0" in checks["mlflow_steps"]["detail"]
+    assert "system/cpu_utilization_percentage: step(s) [0]" in checks["mlflow_steps"]["detail"]
+    # The report of a results folder holding that point says it failed and why.
+    record = {**json.loads((tmp / "out/points/0.json").read_text()), "checks": checks, "passed": False,
+              "failed": failed}
     out = tmp / "out-broken"
-    result = module.main(["--points", "1", "--seed", "5", "--cycles", "1", "--out", str(out), "--work",
-                          str(tmp / "work")], before_checks=tamper)
-    assert result["failed"] == [0]
-    point = json.loads((out / "points/0.json").read_text())
-    assert point["experiment"] == "kp-0-try2"
-    # Exactly what was broken fails; the rest, compared with the reference read back from the work
-    # folder, passes.
-    assert set(point["failed"]) == {"labels_log", "dvc_pin", "dvc_status", "mlflow_steps"}, point["checks"]
-    assert "[0]" in point["checks"]["labels_log"]["detail"]
-    assert "cycle-0" in point["checks"]["mlflow_steps"]["detail"]
-    assert "system/cpu_utilization_percentage: step(s) [0]" in point["checks"]["mlflow_steps"]["detail"]
+    (out / "points").mkdir(parents=True)
+    (out / "points/0.json").write_text(json.dumps(record))
+    module.rebuild_report(out, "benchmarks/kill_points.py --points 1 --seed 5 --cycles 1", ref)
     readme = (out / "README.md").read_text()
     assert "passed: **0**; failed: **1**" in readme and "## Failures" in readme
     assert "`labels_log`:" in readme

@@ -9,10 +9,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.integration.servers import free_port, http_json, label_studio
 from tidal.cli import main as tidal_main
 from tidal.data.sources import load_dataset
+from tidal.data.version import dvc_dir_md5
 
 TOKEN = "0123456789abcdef" * 2 + "01234567"  # 40 hex characters, Label Studio's legacy token form
 
@@ -245,6 +247,12 @@ def test_labels_arriving_run_the_next_cycle_once(studio, tmp_path):
                 background(worker, tmp_path / "worker.log", env, cwd=repo):
             tidal("labelstudio", "connect", "--url", studio["url"], "--document-root", str(studio["document_root"]),
                   "--webhook-url", f"http://127.0.0.1:{listen_port}/webhook")
+            # The data folder pinned by DVC, as in a user's repository: labels that arrive re-pin it.
+            tidal("data")
+            for cmd in (["git", "init", "-q"], [str(bin_dir / "dvc"), "init", "-q"],
+                        [str(bin_dir / "dvc"), "add", "-q", "data"]):
+                subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=120)
+            pinned_before = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]["md5"]
             tidal("run")
             ws = tmp_path / "runs" / exp
             project_id = json.loads((ws / "labelstudio.json").read_text())["project_id"]
@@ -274,6 +282,8 @@ def test_labels_arriving_run_the_next_cycle_once(studio, tmp_path):
     log = list(csv.DictReader(open(tmp_path / "data/labels" / f"{exp}.csv", newline="")))
     assert sorted(r["id"] for r in log) == sorted(labeled)
     assert len(tasks_of(studio, project_id)) == 40  # cycle 1's query pushed by the triggered run
+    pinned_after = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]["md5"]
+    assert pinned_after != pinned_before and pinned_after == dvc_dir_md5(tmp_path / "data") + ".dir"
 
     from mlflow import MlflowClient
 
