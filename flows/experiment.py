@@ -208,7 +208,8 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
     record = commit_state(params, cycle, acc, query, labels, run_id, ids)
     publish_learning_curve(params)
-    logger.info("cycle %d: %d labeled, test accuracy %.4f, query %s", cycle, n_labeled, acc, query)
+    split = "validation" if params["validation_size"] else "test"  # the held-out part stands in for test
+    logger.info("cycle %d: %d labeled, %s accuracy %.4f, query %s", cycle, n_labeled, split, acc, query)
     return record
 
 
@@ -277,11 +278,18 @@ LABELS_ARRIVED = "tidal.labels.arrived"  # the event flows/listener.py emits; pr
 
 @task(name="pull-labels", **OUTSIDE)
 def pull_labels(params: dict, file: str | None) -> dict:
-    """Label Studio's answers (or a labels file from the inbox), through import-labels' rules."""
+    """Label Studio's answers (or a labels file from the inbox), through import-labels' rules;
+    `ready` when `labelstudio.min_new` of the last query's ids are answered (or all of them).
+
+    Label Studio keeps answers until enough are in; a file is imported whole at once (what it
+    holds is saved), and the next cycle waits until the files so far answer enough."""
+    on_version = tracking.data_version_recorder(params)
     if file:
-        return {"imported": True, "imports": [pipeline.import_labels(
-            params, file, on_version=tracking.data_version_recorder(params))]}
-    return pipeline.pull_labels(params, on_version=tracking.data_version_recorder(params))
+        imports = [pipeline.import_labels(params, file, on_version=on_version)]
+        progress = pipeline.query_progress(params)
+        return {"ready": progress["answered"] >= progress["needed"], "imports": imports, **progress}
+    pulled = pipeline.pull_labels(params, on_version=on_version)
+    return {"ready": pulled["imported"], **pulled}
 
 
 @flow(name="labels-arrived")
@@ -311,7 +319,7 @@ def labels_arrived(experiment: str, params_path: str | None = "params.yaml", ove
             time.sleep(2)
     try:
         pulled = pull_labels(params, file)
-        if not pulled["imported"]:
+        if not pulled["ready"]:
             logger.info("%d of %d pending id(s) answered, %d needed: no cycle yet", pulled["answered"],
                         pulled["pending"], pulled["needed"])
             return {"cycle": None, **pulled}

@@ -137,7 +137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"cycle:        {state['cycle']} done of {params['cycles']} planned")
     print(f"labeled:      {n_labeled}   unlabeled: {state['pool_size'] - n_labeled}")
     if history:
-        print(f"last test accuracy: {history[-1]['test_accuracy']:.4f} (cycle {history[-1]['cycle']}, "
+        split = "validation" if params["validation_size"] else "test"
+        print(f"last {split} accuracy: {history[-1]['test_accuracy']:.4f} (cycle {history[-1]['cycle']}, "
               f"{history[-1]['n_labeled']} labels)")
         print(f"last query:   {history[-1]['query']}")
         print()
@@ -354,8 +355,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
             print(f"export {key}={value}")
         return 0 if found["running"] else 1
     else:
-        stack.down(args.dir)
-        print(f"team stack in {args.dir} stopped")
+        if stack.down(args.dir):
+            print(f"team stack in {args.dir} stopped")
+        else:
+            print(f"no team stack in {args.dir}: nothing to stop")
     return 0
 
 

@@ -28,7 +28,7 @@ import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tidal.workspace import atomic_write_bytes, atomic_write_text
@@ -739,13 +739,14 @@ def _labels_of(rows: list[tuple[int, dict[str, str]]], labels_csv: Path) -> dict
     return out
 
 
-def _provenance_rows(labels_csv: Path) -> Iterable[dict[str, str]]:
+def provenance_rows(labels_csv: Path) -> list[dict[str, str]]:
+    """Every row of the provenance log, oldest first."""
     return [row for _, row in _log_rows(labels_csv)]
 
 
 def label_history(labels_csv: Path, sample_id: str) -> list[dict]:
     """Every provenance row of one id, oldest first."""
-    return [row for row in _provenance_rows(labels_csv) if row["id"] == sample_id]
+    return [row for row in provenance_rows(labels_csv) if row["id"] == sample_id]
 
 
 def current_labels(labels_csv: Path) -> dict[str, int]:

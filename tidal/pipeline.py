@@ -519,6 +519,22 @@ def pull_labels(params: dict[str, Any], min_new: int | None = None,
     return result
 
 
+def query_progress(params: dict[str, Any]) -> dict[str, int]:
+    """Of the last query: how many of its ids have labels in the labels log (`answered`), how many
+    still wait (`pending`), and how many the next cycle needs (`needed`: `labelstudio.min_new`,
+    0 = the whole query)."""
+    from tidal.labels import provenance_rows
+
+    state = load_state(params)
+    query_id = str(state["history"][-1]["query_id"]) if state["history"] else None
+    pending = sum(1 for q in state.get("pending", {}).values() if str(q["query_id"]) == query_id)
+    log = labels_file(params)
+    answered = len({r["id"] for r in provenance_rows(log) if r["query_id"] == query_id}) if log.is_file() else 0
+    need = params["labelstudio"]["min_new"]
+    need = answered + pending if need <= 0 else min(need, answered + pending)
+    return {"answered": answered, "pending": pending, "needed": need}
+
+
 def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, int]:
     """Simulation: the dataset's own labels for the queried ids."""
     data = dataset_for(params)

@@ -231,14 +231,16 @@ def _stop(pids: list[int], timeout_s: float) -> None:
             time.sleep(0.2)
 
 
-def down(dir_: str | Path = ".stack", timeout_s: float = 30) -> None:
-    """Stop the servers (SIGTERM to their sessions, SIGKILL after timeout_s) and PostgreSQL."""
+def down(dir_: str | Path = ".stack", timeout_s: float = 30) -> bool:
+    """Stop the servers (SIGTERM to their sessions, SIGKILL after timeout_s) and PostgreSQL;
+    return False when dir_ holds no running stack."""
     dir_ = Path(dir_).resolve()
     state = read_state(dir_)
     if state is None:
-        return
+        return False
     servers = [pid for name, pid in state["pids"].items() if name != "postgres"]  # the worker too
     _stop(servers, timeout_s)
     if "postgres" in state["pids"]:
         _stop([state["pids"]["postgres"]], timeout_s)  # after its clients: a clean shutdown
     (dir_ / STATE_FILE).unlink(missing_ok=True)
+    return True

@@ -11,11 +11,10 @@ thread-local and Prefect runs tasks in worker threads.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -199,7 +198,7 @@ class MlflowTracker:
         level = quiet.level
         if not pt2:
             quiet.setLevel(logging.ERROR)  # its warning on pickle, once per cycle; the docstring says why
-        run = self._mlflow.start_run(run_id=run_id) if run_id else contextlib.nullcontext()
+        run = self._mlflow.start_run(run_id=run_id) if run_id else nullcontext()
         try:
             with run:
                 return self._mlflow.pytorch.log_model(

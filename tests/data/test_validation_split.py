@@ -35,9 +35,10 @@ def test_a_split_as_big_as_the_pool_is_a_clear_error(data_root):
 
 
 def test_an_experiment_on_the_validation_split_never_labels_or_reads_the_test_split(tmp_path, data_root,
-                                                                                      monkeypatch):
-    params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
-                                "validation_size=300", "cycles=2"])
+                                                                                      monkeypatch, capsys):
+    overrides = ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
+                 "validation_size=300", "cycles=2"]
+    params = load_params(None, overrides)
     full = load_dataset(data_root, "digits")
     held = set(full.pool_ids) - set(hold_out_validation(full, 300, params["seed"]).pool_ids)
     prepared = pipeline.prepare_data(params)
@@ -48,3 +49,10 @@ def test_an_experiment_on_the_validation_split_never_labels_or_reads_the_test_sp
     assert len(state["labeled"]) == 40 + 2 * 20 and not set(state["labeled"]) & held
     evaluated = json.loads((pipeline.workspace(params).cycle_dir(1) / "eval.json").read_text())
     assert evaluated["n_test"] == 300  # the validation split, not the 359 test images
+    # What `tidal status` prints names the split the accuracy was measured on.
+    from tidal.cli import main as tidal_main
+
+    capsys.readouterr()
+    assert tidal_main(["status", *sum((["--set", o] for o in overrides), [])]) == 0
+    out = capsys.readouterr().out
+    assert "last validation accuracy:" in out and "test accuracy" not in out

@@ -56,3 +56,9 @@ def test_failed_distributed_training_is_one_clear_line(monkeypatch, capsys):
     assert tidal_main(["run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: distributed training of cycle 0 failed: rank 1") and "Traceback" not in err
+
+
+def test_stack_down_where_no_stack_runs_says_so(tmp_path: Path, capsys):
+    code = tidal_main(["stack", "down", "--dir", str(tmp_path / "stack")])
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing to stop" in out and "stopped" not in out

@@ -290,18 +290,25 @@ def test_disagreeing_annotators_are_refused_by_name_and_stay_pending(waiting_exp
 
 
 def test_a_labels_file_from_the_inbox_runs_the_next_cycle_once(waiting_experiment):
-    """The labels-arrived flow as the inbox event starts it (`file` set): the file is imported
-    through import-labels' rules and the next cycle runs; the same event again runs none."""
+    """The labels-arrived flow as the inbox event starts it (`file` set): each file is imported
+    through import-labels' rules; the next cycle runs once the files so far answer
+    `labelstudio.min_new` of the query, and the same event again runs none."""
     from flows.experiment import labels_arrived
 
     tmp, ws, truth = waiting_experiment["tmp"], waiting_experiment["ws"], waiting_experiment["truth"]
     query = [r["id"] for r in _rows(ws / "cycles/0/query.csv")]
     (tmp / "inbox/human-digits").mkdir(parents=True)
+    overrides = _overrides(tmp, "labelstudio.min_new=5")
+    early = _write_annotated(ws / "cycles/0/query.csv", tmp / "inbox/human-digits/first.csv",
+                             {i: truth[i] for i in query[:3]})
+    first = labels_arrived("human-digits", None, overrides, file=str(early))
+    assert first["cycle"] is None and (first["answered"], first["needed"]) == (3, 5)  # saved, no cycle yet
+    state = json.loads((ws / "state.json").read_text())
+    assert set(query[:3]) <= set(state["labeled"]) and len(state["history"]) == 1
     dropped = _write_annotated(ws / "cycles/0/query.csv", tmp / "inbox/human-digits/back.csv",
-                               {i: truth[i] for i in query[:5]})
-    overrides = _overrides(tmp)
-    first = labels_arrived("human-digits", None, overrides, file=str(dropped))
-    assert first["cycle"] == 1
+                               {i: truth[i] for i in query[3:5]})
+    second = labels_arrived("human-digits", None, overrides, file=str(dropped))
+    assert second["cycle"] == 1
     state = json.loads((ws / "state.json").read_text())
     assert [h["n_labeled"] for h in state["history"]] == [40, 45]
     assert set(query[:5]) <= set(state["labeled"])

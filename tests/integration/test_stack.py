@@ -85,7 +85,9 @@ def test_an_experiment_against_the_stack_is_in_postgres_backed_prefect_and_mlflo
         assert psql.returncode == 0 and psql.stdout.strip() == "2", psql.stdout + psql.stderr
     finally:
         down = _tidal(["stack", "down", "--dir", str(stack_dir)], env, tmp_path)
-    assert down.returncode == 0, down.stdout + down.stderr
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    again = _tidal(["stack", "down", "--dir", str(stack_dir)], env, tmp_path)
+    assert again.returncode == 0 and "nothing to stop" in again.stdout, again.stdout + again.stderr
     status = _tidal(["stack", "status", "--dir", str(stack_dir)], env, tmp_path)
     assert status.returncode == 1 and "no team stack" in status.stdout
     # No PostgreSQL or MLflow (their command lines name the folder), no Prefect server (its port),

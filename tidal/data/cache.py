@@ -1,4 +1,4 @@
-"""Decode image files once: a uint8 tensor cache keyed by the data version.
+"""Decode image files once: a uint8 tensor cache keyed by what the source reads (paths, sizes, mtimes).
 
 Image-file sources (imagefolder, manifest) decode every file with PIL on their first load and
 save the result as one `.pt` (plain tensors and lists, so `torch.load(weights_only=True)` reads

@@ -16,7 +16,7 @@ manifests) as uint8 tensors N×C×H×W with a stable string id per pool sample. 
 - `npy`: pre-decoded arrays data_root/{pool_images,pool_labels,test_images,test_labels}.npy,
   memory-mapped (see read_npy): a pool of millions of images is read only where it is used.
 
-Image files are decoded once into a tensor cache keyed by the data version (tidal.data.cache).
+Image files are decoded once into a tensor cache keyed by their paths, sizes and mtimes (tidal.data.cache).
 """
 from __future__ import annotations
 
