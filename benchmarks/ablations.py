@@ -26,8 +26,8 @@ for path in (REPO, REPO / "benchmarks"):
 import al_curves  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "ablations"
-# variant name -> (strategy, its --set values). The TD module's input is never detached and its
-# width is 128 in the reference and here (docs/architecture.md), so neither is a variant.
+# variant name -> (strategy, its --set values). The paper's and the reference's TD module is
+# 128 wide per stage and never detached (docs/architecture.md); the variants try the other ways.
 VARIANTS = {
     "random": ("random", []),
     "entropy": ("entropy", []),
@@ -36,6 +36,9 @@ VARIANTS = {
     "tidal-entropy-lambda0.5": ("tidal-entropy", ["train.td_weight=0.5"]),
     "tidal-entropy-lambda2": ("tidal-entropy", ["train.td_weight=2.0"]),
     "entropy-warm": ("entropy", ["train.warm_start=true"]),
+    "tidal-entropy-detached": ("tidal-entropy", ["train.td_detach=true"]),
+    "tidal-entropy-width32": ("tidal-entropy", ["train.td_hidden=32"]),
+    "tidal-entropy-width512": ("tidal-entropy", ["train.td_hidden=512"]),
 }
 
 
@@ -59,6 +62,13 @@ def aubc_by_seed(root: Path) -> dict[int, float]:
     return out
 
 
+def cycle0_by_seed(root: Path) -> dict[int, float]:
+    """Accuracy of the cycle-0 model (the initial random labels, the same for every variant of a
+    seed) per seed: what joint training with an auxiliary module does to the backbone alone."""
+    return {int(cell["seed"]): float(next(r for r in cell["rows"] if int(r["cycle"]) == 0)["test_accuracy"])
+            for cell in al_curves.load_cells(root / "cells")}
+
+
 def _fmt(values: list[float]) -> str:
     from tidal.report import mean_ci
 
@@ -72,10 +82,11 @@ def write_report(out: Path, name: str, variants: list[str], command: str) -> str
     from tidal.report import mean_ci
 
     aubc = {v: aubc_by_seed(out / "variants" / v) for v in variants}
+    cycle0 = {v: cycle0_by_seed(out / "variants" / v) for v in variants}
     lines = [f"# Ablations `{name}` (validation split)", "", "Produced by (from the repository root):", "",
              "```bash", command, "```", "",
              "| variant | strategy and settings | seeds | AUBC (mean ± 95 % CI) | paired gain over random | "
-             "paired gain over entropy |", "|---|---|---|---|---|---|"]
+             "paired gain over entropy | cycle-0 accuracy, paired vs random |", "|---|---|---|---|---|---|---|"]
     for v in variants:
         strategy, sets = VARIANTS[v]
         seeds = sorted(aubc[v])
@@ -85,12 +96,18 @@ def write_report(out: Path, name: str, variants: list[str], command: str) -> str
         for base in ("random", "entropy"):
             shared = sorted(set(aubc[v]) & set(aubc.get(base, {})))
             gains[base] = "–" if v == base else _fmt([aubc[v][s] - aubc[base][s] for s in shared])
+        shared0 = sorted(set(cycle0[v]) & set(cycle0.get("random", {})))
+        first = "–" if not shared0 else f"{sum(cycle0[v][s] for s in shared0) / len(shared0):.4f}" + (
+            "" if v == "random" else ", " + _fmt([cycle0[v][s] - cycle0["random"][s] for s in shared0]))
         lines.append(f"| {v} | `{strategy}` {' '.join(f'`{s}`' for s in sets)} | {len(seeds)} | {score} | "
-                     f"{gains['random']} | {gains['entropy']} |")
+                     f"{gains['random']} | {gains['entropy']} | {first} |")
     lines += ["", "AUBC: mean accuracy over the cycles on the validation split. Paired gain: per seed, the "
               "variant's AUBC minus the baseline's on that seed (same validation split, initial labels and "
-              "training seed); mean ± 95 % Student t interval over the shared seeds. Each variant's learning "
-              "curves and cell times: `variants/<variant>/README.md`.", ""]
+              "training seed); mean ± 95 % Student t interval over the shared seeds. Cycle-0 accuracy: the model "
+              "trained on the initial random labels, which every variant of a seed shares, so the paired "
+              "difference to random is what training beside the variant's module (and its settings) does to "
+              "the backbone on the same labels. Each variant's learning curves and cell times: "
+              "`variants/<variant>/README.md`.", ""]
     text = "\n".join(lines)
     (out / "README.md").write_text(text)
     return text

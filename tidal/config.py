@@ -223,6 +223,8 @@ def validate(params: dict[str, Any]) -> None:
     need(train["min_steps"] >= 0, "train.min_steps", f"must be >= 0 (0: epochs as given), got {train['min_steps']}")
     need(train["lr"] > 0, "train.lr", f"must be positive, got {train['lr']}")
     need(train["td_weight"] >= 0, "train.td_weight", f"must be >= 0, got {train['td_weight']}")
+    need(isinstance(train["td_hidden"], int) and not isinstance(train["td_hidden"], bool) and train["td_hidden"] >= 1,
+         "train.td_hidden", f"must be a whole number >= 1, got {train['td_hidden']!r}")
     need(train["crop_pad"] >= 0, "train.crop_pad", f"must be >= 0, got {train['crop_pad']}")
     need(train["lloss_weight"] >= 0, "train.lloss_weight", f"must be >= 0, got {train['lloss_weight']}")
     need(train["lloss_detach_epoch"] >= 0, "train.lloss_detach_epoch",

@@ -227,7 +227,8 @@ def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn
     """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None."""
     backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
     kind = build_strategy(params["strategy"], params=params).aux
-    aux = AUX_MODULES[kind].build(backbone.stage_channels, data.num_classes) if kind else None
+    aux = AUX_MODULES[kind].build(backbone.stage_channels, data.num_classes,
+                                  TrainConfig.from_params(params["train"])) if kind else None
     return backbone, aux
 
 

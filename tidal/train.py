@@ -54,6 +54,8 @@ class TrainConfig:
     min_steps: int = 0  # a cycle takes at least this many optimizer steps (epochs are raised to reach it)
     schedule: str = "multistep"  # "multistep" (×0.1 at each milestone) or "onecycle"
     warm_start: bool = False  # read by pipeline.train_step: start from the previous cycle's weights
+    td_hidden: int = 128  # the TD module's width per stage (the reference's interm_dim)
+    td_detach: bool = False  # the TD module reads detached features: its loss never reaches the backbone
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainConfig":
@@ -210,8 +212,17 @@ class TDTask(AuxTask):
 
     metric = "td_kl"
 
+    def __init__(self, module: nn.Module, weight: float, detach: bool = False) -> None:
+        super().__init__(module, weight)
+        self.detach = detach
+
     def start(self, num_samples: int, device: torch.device) -> None:
         self.recorder = TDRecorder(num_samples, self.module.num_classes, device)
+
+    def forward(self, features, epoch):
+        if self.detach:  # the module learns from the features, the backbone only from CE
+            features = [f.detach() for f in features]
+        return self.net(features)
 
     def end_epoch(self, dist):
         # Every rank's updates of this epoch, so the next epoch's targets include them all.
@@ -253,7 +264,7 @@ class AuxModule:
     """One kind of auxiliary module a strategy trains beside the backbone (its `aux` names it)."""
 
     module: type[nn.Module]  # its class
-    build: Callable[[list[int], int], nn.Module]  # (the backbone's stage channels, classes) -> module
+    build: Callable[[list[int], int, "TrainConfig"], nn.Module]  # (backbone's stage channels, classes, config)
     task: Callable[[nn.Module, "TrainConfig"], AuxTask]  # how the trainer trains it
     checkpoint_key: str  # its weights' key in cycles/<k>/model.pt (the other kinds' keys hold None)
     output: str  # the ModelOutput field its scoring pass fills
@@ -262,9 +273,9 @@ class AuxModule:
 
 # The one table of auxiliary modules: building, training, checkpointing and scoring read it.
 AUX_MODULES: dict[str, AuxModule] = {
-    "td": AuxModule(TDPredictor, lambda stages, classes: TDPredictor(stages, classes),
-                    lambda m, cfg: TDTask(m, cfg.td_weight), "td_module", "td_logits", "TD module"),
-    "loss": AuxModule(LossPredictor, lambda stages, classes: LossPredictor(stages),
+    "td": AuxModule(TDPredictor, lambda stages, classes, cfg: TDPredictor(stages, classes, cfg.td_hidden),
+                    lambda m, cfg: TDTask(m, cfg.td_weight, cfg.td_detach), "td_module", "td_logits", "TD module"),
+    "loss": AuxModule(LossPredictor, lambda stages, classes, cfg: LossPredictor(stages),
                       lambda m, cfg: LossPredTask(m, cfg.lloss_weight, cfg.lloss_detach_epoch), "lloss_module",
                       "pred_loss", "loss prediction module"),
 }

@@ -79,6 +79,29 @@ def test_td_loss_trains_the_backbone_too(digits):
     assert not torch.equal(weights[0.0], weights[1.0])
 
 
+def test_a_detached_td_module_learns_without_changing_the_backbone(digits):
+    # train.td_detach: the module reads detached features, so the backbone trains exactly as it
+    # does with no KL term at all, while the module itself still learns the targets.
+    images, labels = digits.pool_images[:64], digits.pool_labels[:64]
+    runs = {}
+    for name, kw in {"no_kl": dict(td_weight=0.0), "detached": dict(td_detach=True)}.items():
+        backbone, td = _models(seed=0)
+        before = [p.detach().clone() for p in td.parameters()]
+        history = train_cycle(backbone, td, images, labels, _cfg(epochs=2, **kw), CPU, seed=0)
+        runs[name] = (backbone.stages[0][0].weight.detach().clone(), history)
+        assert any(not torch.equal(a, b) for a, b in zip(before, td.parameters()))
+    assert torch.equal(runs["no_kl"][0], runs["detached"][0])
+    assert all(r["td_kl"] > 0 for r in runs["detached"][1])
+
+
+def test_td_hidden_sets_the_modules_width(tmp_path, data_root):
+    params = load_params(None, ["preset=debug", "strategy=tidal-entropy", f"data_root={data_root}",
+                                f"runs_dir={tmp_path}", "train.td_hidden=32"])
+    _, td = pipeline.build_models(params, load_dataset(data_root, "digits"))
+    assert [b.out_features for b in td.branches] == [32] * len(td.branches)
+    assert td.out.in_features == 32 * len(td.branches)
+
+
 def test_huge_lr_raises_training_diverged(digits):
     backbone, td = _models()
     with pytest.raises(TrainingDiverged, match=r"epoch 1\b"):
