@@ -4,8 +4,13 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
-import torch
+# One compute thread per process: `make test` runs two xdist workers on two cores, and each
+# starts `tidal` subprocesses and servers; with torch's default of a thread per core they would
+# fight for the same cores. Set before torch is imported, and inherited by every subprocess.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from tidal.data import materialize
 
