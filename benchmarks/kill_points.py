@@ -21,10 +21,19 @@ starting Prefect's own temporary server (PREFECT_HOME in the work folder):
   no process of the point left (its command lines name the point's folder; every process it
   started carries a marker in its environment, found in /proc).
 
+With `--scope command` a point does not replay the experiment: the reference saves its state
+(project copy, MLflow store and artifacts, cache) before every command and what the checks read
+after it; point k restores the state before its drawn command, kills that command, reruns it, and
+compares the state right after it with the reference's at the same place (the end-state checks
+that only hold at the end, one FINISHED child per cycle, become "the runs and their statuses are
+the reference's"). A point then costs one and a half commands instead of the whole sequence: the
+suite's CI-sized subset (tests/integration/test_kill_points.py) runs this way.
+
 One JSON file per point under OUT/points/<k>.json (skipped when present, so an interrupted run
 resumes); OUT/README.md is rebuilt from whatever points exist.
 
     python benchmarks/kill_points.py --points 10 --seed 0
+    python benchmarks/kill_points.py --points 10 --seed 0 --cycles 1 --scope command
 """
 from __future__ import annotations
 
@@ -52,6 +61,8 @@ BIN = Path(sys.executable).parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kill_points"
 WORK_MARKER = ".kill-points-work"
 REFERENCE = "ref"
+SCOPES = ("sequence", "command")
+SAVED_PARTS = ("repo", "mlartifacts", "cache")  # with mlflow.db: what a saved state holds
 MARKER_ENV = "TIDAL_KILL_POINT"  # every process of a sequence inherits it: how leftovers are found
 CHECKS = ["sequence", "curve", "queries", "labels_log", "state", "dvc_pin", "dvc_status", "mlflow_runs",
           "mlflow_steps", "mlflow_metrics", "mlflow_tags", "lock_journal", "processes"]
@@ -63,8 +74,10 @@ CHECK_TEXT = {
     "state": "state.json: cycle, labels, pending ids, history and the imports that changed labels as in the "
              "reference",
     "dvc_pin": "data.dvc pins the md5 of data/ as it is (tidal.data.version.dvc_dir_md5)",
-    "dvc_status": "`dvc status data.dvc` is clean",
-    "mlflow_runs": "one parent run, one child run per cycle, all FINISHED, the ids state.json records",
+    "dvc_status": "`dvc status data.dvc` is clean (command scope, before the end: it says what the "
+                  "reference's says there)",
+    "mlflow_runs": "one parent run, one child run per cycle, all FINISHED, the ids state.json records "
+                   "(command scope, before the end: the reference's runs and statuses there)",
     "mlflow_steps": "no metric of any run has one step twice (MlflowClient.get_metric_history)",
     "mlflow_metrics": "every metric but system/* has the reference's (step, value) history",
     "mlflow_tags": "the parent's data_version tags: one per import, the last one state.json's",
@@ -86,6 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "folder, removed at the end); a kept one is reused, with its reference")
     p.add_argument("--cycles", type=int, default=3, help="cycles of the experiment (default 3)")
     p.add_argument("--timeout", type=float, default=900, help="seconds one command may take (default 900)")
+    p.add_argument("--scope", choices=SCOPES, default="sequence",
+                   help="sequence (default): a point replays the whole experiment under its own name and checks "
+                        "its end; command: a point starts from the reference's state before its command and "
+                        "checks the state right after that command's rerun")
     return p.parse_args(argv)
 
 
@@ -154,6 +171,45 @@ class Work:
             self.db.unlink()
         MlflowClient(tracking_uri=self.uri).search_experiments()  # creates and migrates the store
 
+    @staticmethod
+    def _copy_db(source: Path, dest: Path) -> None:
+        """sqlite's backup API: dest keeps its file, so a connection MLflow keeps open in this process
+        (its store is cached per URI) reads the copied content, not a deleted file's."""
+        import sqlite3
+
+        src, dst = sqlite3.connect(source), sqlite3.connect(dest)
+        try:
+            src.backup(dst)
+        finally:
+            src.close()
+            dst.close()
+
+    def save_state(self, label: str) -> None:
+        """Copy what a command changes (project, MLflow store and artifacts, cache) to saved/<label>/."""
+        dest = self.root / "saved" / label
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for part in SAVED_PARTS:
+            if (self.root / part).exists():
+                shutil.copytree(self.root / part, dest / part, symlinks=True)
+        if self.db.is_file():
+            self._copy_db(self.db, dest / self.db.name)
+
+    def restore_state(self, label: str) -> None:
+        """Put saved/<label>/ back in place, at the same paths (MLflow and state.json record absolute
+        ones). Prefect's home stays: every point shares it, as in the sequence scope."""
+        saved = self.root / "saved" / label
+        if not saved.is_dir():
+            raise SystemExit(f"{saved} is missing: this work folder's reference saved no states; name a new --work")
+        for part in SAVED_PARTS:
+            if (self.root / part).exists():
+                shutil.rmtree(self.root / part)
+            if (saved / part).exists():
+                shutil.copytree(saved / part, self.root / part, symlinks=True)
+        if (saved / self.db.name).is_file():
+            self._copy_db(saved / self.db.name, self.db)
+
     def ensure_mlflow_experiment(self, exp: str) -> None:
         """The experiment's artifacts in the work folder (else MLflow puts them in ./mlruns)."""
         from mlflow import MlflowClient
@@ -209,15 +265,15 @@ def truth(work: Work) -> dict[str, str]:
     return _TRUTH[key]
 
 
-def write_annotated(work: Work, exp: str, cycle: int) -> Path:
+def write_annotated(work: Work, exp: str, cycle: int, folder: Path) -> Path:
     """Cycle k's query.csv with the label column filled (as tests/integration/test_human_loop.py
-    `_write_annotated` writes it), in the point's folder outside the project."""
+    `_write_annotated` writes it), in `folder` outside the project."""
     rows = _rows(work.repo / "runs" / exp / "cycles" / str(cycle) / "query.csv")
     labels = truth(work)
     for r in rows:
         r["label"] = labels[r["id"]]
         r["annotator"] = "kill-points"
-    dest = work.point_dir(exp) / f"annotated-cycle{cycle}.csv"
+    dest = folder / f"annotated-cycle{cycle}.csv"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -241,12 +297,13 @@ def _stop_group(pgid: int) -> None:
         pass
 
 
-def run_command(work: Work, exp: str, args: list[str], log: Path, kill_after: float | None = None) -> dict:
-    """Run one command in its own session; with kill_after, SIGKILL its process group then."""
+def run_command(work: Work, tag: str, args: list[str], log: Path, kill_after: float | None = None) -> dict:
+    """Run one command in its own session, its processes marked with `tag`; with kill_after,
+    SIGKILL its process group then."""
     log.parent.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=work.repo, env=work.env(work.tag(exp)), stdout=out,
+        proc = subprocess.Popen(args, cwd=work.repo, env=work.env(tag), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         limit = work.timeout if kill_after is None else min(kill_after, work.timeout)
         killed = timed_out = False
@@ -264,33 +321,53 @@ def run_command(work: Work, exp: str, args: list[str], log: Path, kill_after: fl
             "killed": killed, "timed_out": timed_out, "log": str(log), "log_tail": _tail(log)}
 
 
-def run_sequence(work: Work, exp: str, kill: dict | None = None) -> dict:
+def step_args(work: Work, exp: str, step: tuple[str, int], annotated_in: Path) -> list[str]:
+    kind, k = step
+    if kind == "run":
+        return run_args(exp, work.cycles)
+    return import_args(exp, write_annotated(work, exp, k, annotated_in))
+
+
+def run_step(work: Work, exp: str, index: int, args: list[str], logs: Path, attempt: int,
+             kill_after: float | None = None, name: str | None = None) -> list[dict]:
+    """Command `index` of the sequence (its log logs/<attempt>-<kind><k>.log); with kill_after it is
+    SIGKILLed then and, once killed, rerun. `name`: the point whose processes these are."""
+    step = sequence(work.cycles)[index]
+    log = logs / f"{attempt:02d}-{step[0]}{step[1]}.log"
+    result = {"index": index, "step": step_name(step, work.cycles),
+              **run_command(work, work.tag(name or exp), args, log, kill_after=kill_after)}
+    if kill_after is None or not result["killed"]:
+        return [result]
+    result["left"] = left_by_kill(work, exp, step)
+    return [result, *run_step(work, exp, index, args, logs, attempt + 1, name=name)]
+
+
+def _outcome(commands: list[dict]) -> dict:
+    last = commands[-1]
+    if last["rc"] == 0:
+        return {"commands": commands, "ok": True, "error": ""}
+    why = "timed out" if last["timed_out"] else f"exited {last['rc']}"
+    return {"commands": commands, "ok": False, "error": f"{last['step']} {why}: " + " | ".join(last["log_tail"])}
+
+
+def run_sequence(work: Work, exp: str, kill: dict | None = None, before_each=None, after_each=None) -> dict:
     """The experiment's commands in order; `kill` = {index, delay_s}: that command is killed after
-    delay_s, then rerun. Returns {commands, ok, error}."""
+    delay_s, then rerun. before_each(i) / after_each(i) run around command i (the reference saves
+    its states with them). Returns {commands, ok, error}."""
     work.ensure_mlflow_experiment(exp)
-    steps = sequence(work.cycles)
     commands: list[dict] = []
-    i, attempt, pending_kill = 0, 0, kill
-    while i < len(steps):
-        kind, k = steps[i]
-        args = run_args(exp, work.cycles) if kind == "run" else import_args(exp, write_annotated(work, exp, k))
-        attempt += 1
-        log = work.point_dir(exp) / f"{attempt:02d}-{kind}{k}.log"
-        delay = pending_kill["delay_s"] if pending_kill and pending_kill["index"] == i else None
-        result = {"index": i, "step": step_name(steps[i], work.cycles),
-                  **run_command(work, exp, args, log, kill_after=delay)}
-        commands.append(result)
-        if delay is not None:
-            pending_kill = None
-            if result["killed"]:
-                result["left"] = left_by_kill(work, exp, steps[i])
-                continue  # rerun the killed command
-        if result["rc"] != 0:
-            why = "timed out" if result["timed_out"] else f"exited {result['rc']}"
-            return {"commands": commands, "ok": False,
-                    "error": f"{result['step']} {why}: " + " | ".join(result["log_tail"])}
-        i += 1
-    return {"commands": commands, "ok": True, "error": ""}
+    for i, step in enumerate(sequence(work.cycles)):
+        if before_each:
+            before_each(i)
+        delay = kill["delay_s"] if kill and kill["index"] == i else None
+        done = run_step(work, exp, i, step_args(work, exp, step, work.point_dir(exp)), work.point_dir(exp),
+                        len(commands) + 1, kill_after=delay)
+        commands += done
+        if done[-1]["rc"] != 0:
+            return _outcome(commands)
+        if after_each:
+            after_each(i)
+    return _outcome(commands)
 
 
 def left_by_kill(work: Work, exp: str, step: tuple[str, int]) -> str:
@@ -439,16 +516,32 @@ def point_processes(work: Work, exp: str) -> list[dict]:
     return found
 
 
-def check_point(work: Work, exp: str, ref: dict, run: dict, grace_s: float = 15.0) -> dict[str, dict]:
-    """Every check of CHECKS on experiment `exp`, against the reference snapshot `ref`."""
+DVC_CLEAN = "clean"
+
+
+def dvc_status(work: Work) -> str:
+    """`dvc status data.dvc`: DVC_CLEAN when up to date, else what it printed."""
+    status = subprocess.run([str(BIN / "dvc"), "status", "data.dvc"], cwd=work.repo, env=work.env(work.tag("check")),
+                            capture_output=True, text=True, timeout=300)
+    if status.returncode == 0 and "up to date" in status.stdout:
+        return DVC_CLEAN
+    return (status.stdout + status.stderr).strip() or f"exit {status.returncode}"
+
+
+def check_point(work: Work, exp: str, ref: dict, run: dict, grace_s: float = 15.0, name: str | None = None,
+                final: bool = True) -> dict[str, dict]:
+    """Every check of CHECKS on experiment `exp`, against the reference snapshot `ref`; `name`: the
+    point whose processes are looked for (default exp). final=False: `ref` is the reference's state
+    after a command before the end, where the runs are compared with its runs instead of with the
+    finished experiment's (one parent, one FINISHED child per cycle)."""
     from tidal.data.version import dvc_dir_md5, pinned_md5
 
     checks: dict[str, dict] = {}
     deadline = time.monotonic() + grace_s  # a killed group's members take a moment to go
-    left = point_processes(work, exp)
+    left = point_processes(work, name or exp)
     while left and time.monotonic() < deadline:
         time.sleep(0.5)
-        left = point_processes(work, exp)
+        left = point_processes(work, name or exp)
     checks["processes"] = {"passed": not left, "detail": "; ".join(f"pid {p['pid']}: {p['cmd']}" for p in left)}
     for p in left:  # ours: stop them, after recording them
         try:
@@ -462,21 +555,32 @@ def check_point(work: Work, exp: str, ref: dict, run: dict, grace_s: float = 15.
     pinned, actual = pinned_md5(work.repo / "data.dvc"), dvc_dir_md5(work.repo / "data")
     checks["dvc_pin"] = {"passed": pinned == actual,
                          "detail": "" if pinned == actual else f"data.dvc pins {pinned}, data/ is {actual}"}
-    status = subprocess.run([str(BIN / "dvc"), "status", "data.dvc"], cwd=work.repo, env=work.env(work.tag("check")),
-                            capture_output=True, text=True, timeout=300)
-    clean = status.returncode == 0 and "up to date" in status.stdout
-    checks["dvc_status"] = {"passed": clean, "detail": "" if clean else (status.stdout + status.stderr).strip()[:500]}
+    status = dvc_status(work)
+    if final:
+        clean = status == DVC_CLEAN
+        checks["dvc_status"] = {"passed": clean, "detail": "" if clean else status[:500]}
+    else:  # before the first import the data matches its pin but is not in DVC's cache yet: as the reference's
+        same = status == ref["dvc_status"]
+        checks["dvc_status"] = {"passed": same, "detail": "" if same else
+                                f"reference: {ref['dvc_status'][:240]}; here: {status[:240]}"}
 
     ml = got["mlflow"]
     problems = []
     parents = [r for r in ml["runs"] if r["kind"] == "experiment"]
     cycles = [r for r in ml["runs"] if r["kind"] == "cycle"]
-    if len(parents) != 1:
-        problems.append(f"{len(parents)} parent runs")
-    names = sorted(r["name"] for r in cycles)
-    if names != [f"cycle-{k}" for k in range(work.cycles)]:
-        problems.append(f"child runs {names}")
-    problems += [f"{r['name']} {r['run_id'][:8]} is {r['status']}" for r in ml["runs"] if r["status"] != "FINISHED"]
+    if final:
+        if len(parents) != 1:
+            problems.append(f"{len(parents)} parent runs")
+        names = sorted(r["name"] for r in cycles)
+        if names != [f"cycle-{k}" for k in range(work.cycles)]:
+            problems.append(f"child runs {names}")
+        problems += [f"{r['name']} {r['run_id'][:8]} is {r['status']}" for r in ml["runs"] if r["status"] != "FINISHED"]
+    else:
+        def listed(runs: list[dict]) -> list[tuple[str, str, str]]:
+            return sorted((r["kind"], r["name"], r["status"]) for r in runs)
+
+        if listed(ml["runs"]) != listed(ref["mlflow"]["runs"]):
+            problems.append(f"runs {listed(ml['runs'])}, reference {listed(ref['mlflow']['runs'])}")
     other = [r for r in ml["runs"] if r["kind"] not in ("experiment", "cycle")]
     problems += [f"a run of kind {r['kind']}" for r in other]
     tracking = got["tracking"]
@@ -510,17 +614,24 @@ def check_point(work: Work, exp: str, ref: dict, run: dict, grace_s: float = 15.
 # --- reference, points, report ----------------------------------------------------------------
 
 def reference(work: Work) -> dict:
-    """The uninterrupted experiment: its commands' times and its snapshot (kept in the work folder)."""
+    """The uninterrupted experiment: its commands' times, its end snapshot, the snapshot after each
+    command ("after") and its state saved before each command (saved/before-<i>/) and at its end
+    (saved/end/), all kept in the work folder."""
     saved = work.root / "reference.json"
     if saved.is_file():  # its times; what it ended with is read again, as this version compares it
+        if (work.root / "saved" / "end").is_dir():
+            work.restore_state("end")  # a command-scope point may have been stopped part way
         return {**json.loads(saved.read_text()), "snapshot": snapshot(work, REFERENCE)}
     print(f"[kill_points] reference: {len(sequence(work.cycles))} commands, uninterrupted ...", flush=True)
     began = time.perf_counter()
-    run = run_sequence(work, REFERENCE)
+    after: list[dict] = []
+    run = run_sequence(work, REFERENCE, before_each=lambda i: work.save_state(f"before-{i}"),
+                       after_each=lambda i: after.append({**snapshot(work, REFERENCE), "dvc_status": dvc_status(work)}))
     if not run["ok"]:
         raise RuntimeError(f"the reference experiment failed: {run['error']}")
+    work.save_state("end")
     ref = {"commands": run["commands"], "durations": [c["seconds"] for c in run["commands"]],
-           "snapshot": snapshot(work, REFERENCE), "wall_s": round(time.perf_counter() - began, 1)}
+           "snapshot": snapshot(work, REFERENCE), "after": after, "wall_s": round(time.perf_counter() - began, 1)}
     checks = check_point(work, REFERENCE, ref["snapshot"], run)
     bad = {k: v["detail"] for k, v in checks.items() if not v["passed"]}
     if bad:
@@ -547,19 +658,33 @@ def _experiment_name(work: Work, point: int) -> str:
     return name
 
 
-def run_point(work: Work, ref: dict, seed: int, point: int) -> dict:
+def run_point(work: Work, ref: dict, seed: int, point: int, scope: str = "sequence") -> dict:
+    """Kill point `point`: in the sequence scope the whole experiment as `kp-<k>` with its drawn
+    command killed, checked at its end; in the command scope the reference's own experiment from its
+    state before the drawn command, that command killed and rerun, checked right after it."""
     steps = sequence(work.cycles)
     index, fraction = draw(seed, point, len(steps))
     delay = fraction * ref["durations"][index]
-    exp = _experiment_name(work, point)
-    print(f"[kill_points] point {point} ({exp}): SIGKILL {step_name(steps[index], work.cycles)} after "
+    name = _experiment_name(work, point)
+    exp = name if scope == "sequence" else REFERENCE
+    print(f"[kill_points] point {point} ({name}): SIGKILL {step_name(steps[index], work.cycles)} after "
           f"{delay:.2f} s of its {ref['durations'][index]:.1f} s ...", flush=True)
     began = time.perf_counter()
-    run = run_sequence(work, exp, kill={"index": index, "delay_s": delay})
-    checks = check_point(work, exp, ref["snapshot"], run)
+    if scope == "sequence":
+        run = run_sequence(work, exp, kill={"index": index, "delay_s": delay})
+        checks = check_point(work, exp, ref["snapshot"], run)
+    else:
+        if "after" not in ref:
+            raise SystemExit(f"the reference in {work.root} saved no states (an older version made it); "
+                             "name a new --work")
+        work.restore_state(f"before-{index}")
+        args = step_args(work, exp, steps[index], work.point_dir(REFERENCE))
+        run = _outcome(run_step(work, exp, index, args, work.point_dir(name), 1, kill_after=delay, name=name))
+        last = index == len(steps) - 1
+        checks = check_point(work, exp, ref["snapshot"] if last else ref["after"][index], run, name=name, final=last)
     killed = next((c for c in run["commands"] if c["index"] == index), None)
     record = {
-        "point": point, "seed": seed, "experiment": exp, "cycles": work.cycles,
+        "point": point, "seed": seed, "scope": scope, "experiment": exp, "cycles": work.cycles,
         "killed_step": step_name(steps[index], work.cycles), "killed_index": index,
         "killed_command": " ".join(killed["args"]) if killed else "",
         "fraction": round(fraction, 6), "delay_s": round(delay, 3),
@@ -599,11 +724,16 @@ def rebuild_report(out: Path, command: str, ref: dict | None) -> None:
     failed = [p for p in points if not p["passed"]]
     not_killed = [p for p in points if not p["killed"]]
     cycles = points[0]["cycles"] if points else (len(ref["snapshot"]["queries"]) if ref else 3)
+    scope = points[0].get("scope", "sequence") if points else "sequence"
+    what = ("then finishes the experiment (rerunning that command) and compares it with an uninterrupted "
+            "reference" if scope == "sequence" else
+            "starting from the uninterrupted reference's saved state before that command, then reruns the "
+            "command and compares the state right after it with the reference's at the same place "
+            "(`--scope command`)")
     lines = ["# Crash safety at random kill points", "",
              f"Each point SIGKILLs one command of a {cycles}-cycle human-mode debug experiment (`tidal run` / "
              "`tidal import-labels`, MLflow tracking on, each run with its own temporary Prefect server, "
-             "in a git + DVC copy of the project) after a random delay, then finishes the experiment "
-             "(rerunning that command) and compares it with an uninterrupted reference "
+             f"in a git + DVC copy of the project) after a random delay, {what} "
              "(`benchmarks/kill_points.py`).", "",
              "Produced by (from the repository root):", "", "```bash", command, "```", "",
              f"Points run: **{len(points)}**; passed: **{len(passed)}**; failed: **{len(failed)}**"
@@ -669,9 +799,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     todo = [k for k in range(args.points) if not (out / "points" / f"{k}.json").is_file()]
     for saved in load_points(out / "points"):
-        if (saved["seed"], saved["cycles"]) != (args.seed, args.cycles):
-            raise SystemExit(f"{out}/points/{saved['point']}.json was run with --seed {saved['seed']} --cycles "
-                             f"{saved['cycles']}, now --seed {args.seed} --cycles {args.cycles}: use another --out")
+        was = (saved["seed"], saved["cycles"], saved.get("scope", "sequence"))
+        if was != (args.seed, args.cycles, args.scope):
+            raise SystemExit(f"{out}/points/{saved['point']}.json was run with --seed {was[0]} --cycles {was[1]} "
+                             f"--scope {was[2]}, now --seed {args.seed} --cycles {args.cycles} --scope "
+                             f"{args.scope}: use another --out")
     skipped = [k for k in range(args.points) if k not in todo]
     saved_ref = out / "reference.json"
     ref = json.loads(saved_ref.read_text()) if saved_ref.is_file() else None
@@ -702,10 +834,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ref = reference(work)
         _atomic_write(saved_ref, json.dumps({k: ref[k] for k in ("durations", "snapshot", "wall_s")}, indent=1) + "\n")
         for k in todo:
-            record = run_point(work, ref, args.seed, k)
+            record = run_point(work, ref, args.seed, k, args.scope)
             _atomic_write(out / "points" / f"{k}.json", json.dumps(record, indent=1) + "\n")
             ran.append(k)
             rebuild_report(out, command, ref)
+        if args.scope == "command":
+            work.restore_state("end")  # a kept work folder holds the reference's end, as after a sequence
         rebuild_report(out, command, ref)
     finally:
         if temporary:

@@ -1,9 +1,13 @@
-"""benchmarks/kill_points.py: an experiment SIGKILLed at a random moment ends where an uninterrupted
-one ends, and a point whose end state is broken on purpose is reported as failed.
+"""benchmarks/kill_points.py: the suite's CI-sized subset of kill points, and a point whose end
+state is broken on purpose reported as failed.
 
-One cycle (run, import, final run) instead of the benchmark's three keeps this to a few minutes:
-the reference and one kill point, each command a real `tidal` subprocess with MLflow tracking on
-and its own temporary Prefect server.
+Ten points of a 1-cycle experiment (run, import, final run) in the command scope: the reference
+runs once, uninterrupted, saving its state before each command; each point restores the state
+before its drawn command, SIGKILLs that command at a random moment, reruns it and checks the state
+right after it against the reference's there. Each command is a real `tidal` subprocess with
+MLflow tracking on and its own temporary Prefect server. The benchmark's 100 points (the sequence
+scope: each point replays and finishes the whole experiment) are in
+benchmarks/results/kill_points/README.md.
 """
 from __future__ import annotations
 
@@ -15,48 +19,76 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds leftover processes in /proc (Linux)")
 
+POINTS, SEED = 10, 3
+ARGV = ["--points", str(POINTS), "--seed", str(SEED), "--cycles", "1", "--scope", "command"]
 
-@pytest.fixture(scope="module")
-def kill_points(tmp_path_factory):
+
+def _load_module():
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_points.py"
     spec = importlib.util.spec_from_file_location("benchmarks_kill_points", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path):
+    """A point stopped part way leaves its experiment (sequence scope) or its logs (command scope) in
+    a kept work folder; its rerun is kp-<k>-try<n>, so nothing of the unfinished attempt is mixed in."""
+    module = _load_module()
+    work = module.Work(tmp_path, cycles=1, timeout=60)
+    assert module._experiment_name(work, 4) == "kp-4"
+    (work.repo / "runs" / "kp-4").mkdir(parents=True)
+    assert module._experiment_name(work, 4) == "kp-4-try2"
+    work.point_dir("kp-4-try2").mkdir(parents=True)
+    assert module._experiment_name(work, 4) == "kp-4-try3"
+
+
+@pytest.fixture(scope="module")
+def kill_points(tmp_path_factory):
+    module = _load_module()
     tmp = tmp_path_factory.mktemp("kill-points")
-    # Seed 17: point 0 kills `tidal run` of cycle 0 at 22 % of its reference time. The command
-    # takes 27-67 s here depending on the load, so the kill comes well before its end even when
-    # the reference ran on a busy machine and the point on a quiet one (a draw at 52 % of the
-    # 6-21 s import once ended before its kill).
-    argv = ["--points", "1", "--seed", "17", "--cycles", "1", "--out", str(tmp / "out"), "--work", str(tmp / "work")]
+    argv = [*ARGV, "--out", str(tmp / "out"), "--work", str(tmp / "work")]
     return {"module": module, "tmp": tmp, "result": module.main(argv)}
 
 
-def test_a_killed_point_ends_as_the_reference(kill_points):
-    result, out = kill_points["result"], kill_points["tmp"] / "out"
-    assert result["ran"] == [0] and result["passed"] == [0] and result["failed"] == []
-    point = json.loads((out / "points/0.json").read_text())
-    assert point["passed"], {k: v for k, v in point["checks"].items() if not v["passed"]}
-    assert set(point["checks"]) == set(kill_points["module"].CHECKS)
-    assert point["killed"] and any(c["rc"] == -9 and c["killed"] for c in point["commands"])
-    assert "state" in point["left_by_kill"] and "MLflow:" in point["left_by_kill"]  # what the kill left
+def test_ten_killed_points_end_as_the_reference(kill_points):
+    module, result, out = kill_points["module"], kill_points["result"], kill_points["tmp"] / "out"
+    assert result["ran"] == list(range(POINTS)) and result["failed"] == [], result
+    points = [json.loads((out / f"points/{k}.json").read_text()) for k in range(POINTS)]
+    for point in points:
+        assert point["passed"], (point["point"], {k: v for k, v in point["checks"].items() if not v["passed"]})
+        assert set(point["checks"]) == set(module.CHECKS) and point["scope"] == "command"
+        assert point["experiment"] == module.REFERENCE
+    # Seed 3 draws every command of the sequence; a kill in the first 30 % of its command's reference
+    # time comes before the command ends on any load (the fastest such command takes seconds).
+    early = [p for p in points if p["fraction"] < 0.3]
+    assert {p["killed_step"] for p in early} == {"run cycle 0", "import cycle 0", "final run"}
+    for point in early:
+        assert point["killed"] and [c["rc"] for c in point["commands"]] == [-9, 0], point["commands"]
+        assert "MLflow:" in point["left_by_kill"]  # what the kill left, read before the rerun
     readme = (out / "README.md").read_text()
-    assert "Points run: **1**; passed: **1**; failed: **0**" in readme
-    assert "--points 1 --seed 17 --cycles 1" in readme
-    # Rerun: the finished point is skipped, nothing is run.
-    again = kill_points["module"].main(["--points", "1", "--seed", "17", "--cycles", "1", "--out", str(out)])
-    assert again["ran"] == [] and again["skipped"] == [0]
+    assert f"Points run: **{POINTS}**; passed: **{POINTS}**; failed: **0**" in readme
+    assert "--scope command" in readme
+    # The work folder is back at the reference's end; a rerun skips the finished points.
+    assert module.snapshot(module.Work(kill_points["tmp"] / "work", cycles=1, timeout=600), module.REFERENCE) == \
+        json.loads((out / "reference.json").read_text())["snapshot"]
+    again = module.main([*ARGV, "--out", str(out)])
+    assert again["ran"] == [] and again["skipped"] == list(range(POINTS))
+    with pytest.raises(SystemExit, match="--scope command, now .* --scope sequence"):
+        module.main(["--points", str(POINTS + 1), "--seed", str(SEED), "--cycles", "1", "--out", str(out)])
 
 
 def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
-    """Point 0's end state with one label of its labels log changed and one MLflow metric step
+    """The reference's end state with one label of its labels log changed and one MLflow metric step
     written twice, checked again against the reference: exactly what was broken fails, the rest
     passes, and the report lists the failures."""
     from mlflow import MlflowClient
 
     module, tmp = kill_points["module"], kill_points["tmp"]
-    work, exp = module.Work(tmp / "work", cycles=1, timeout=600), "kp-0"
+    work, exp = module.Work(tmp / "work", cycles=1, timeout=600), module.REFERENCE
+    work.restore_state("end")
     log = work.repo / "data/labels" / f"{exp}.csv"
     with open(log, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -74,6 +106,7 @@ def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
 
     ref = json.loads((tmp / "out/reference.json").read_text())
     checks = module.check_point(work, exp, ref["snapshot"], {"ok": True, "error": ""})
+    work.restore_state("end")
     failed = sorted(name for name, check in checks.items() if not check["passed"])
     assert failed == ["dvc_pin", "dvc_status", "labels_log", "mlflow_steps"], checks
     assert "[0]" in checks["labels_log"]["detail"]
@@ -85,7 +118,7 @@ def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
     out = tmp / "out-broken"
     (out / "points").mkdir(parents=True)
     (out / "points/0.json").write_text(json.dumps(record))
-    module.rebuild_report(out, "benchmarks/kill_points.py --points 1 --seed 17 --cycles 1", ref)
+    module.rebuild_report(out, "benchmarks/kill_points.py " + " ".join(ARGV), ref)
     readme = (out / "README.md").read_text()
     assert "passed: **0**; failed: **1**" in readme and "## Failures" in readme
     assert "`labels_log`:" in readme
