@@ -47,7 +47,7 @@ run: install
 # time waiting on the servers they start).
 test:
 	$(MAKE) -j3 install labelstudio browser
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
 repro: install
