@@ -613,14 +613,16 @@ def check_point(work: Work, exp: str, ref: dict, run: dict, grace_s: float = 15.
 
 # --- reference, points, report ----------------------------------------------------------------
 
-def reference(work: Work) -> dict:
+def reference(work: Work, scope: str = "sequence") -> dict:
     """The uninterrupted experiment: its commands' times, its end snapshot, the snapshot after each
     command ("after") and its state saved before each command (saved/before-<i>/) and at its end
     (saved/end/), all kept in the work folder."""
     saved = work.root / "reference.json"
     if saved.is_file():  # its times; what it ended with is read again, as this version compares it
-        if (work.root / "saved" / "end").is_dir():
-            work.restore_state("end")  # a command-scope point may have been stopped part way
+        if scope == "command" and (work.root / "saved" / "end").is_dir():
+            # A command-scope point stopped part way leaves the reference's experiment changed. (The
+            # sequence scope keeps a stopped point's experiment beside it, under its own name.)
+            work.restore_state("end")
         return {**json.loads(saved.read_text()), "snapshot": snapshot(work, REFERENCE)}
     print(f"[kill_points] reference: {len(sequence(work.cycles))} commands, uninterrupted ...", flush=True)
     began = time.perf_counter()
@@ -831,7 +833,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif json.loads((root / WORK_MARKER).read_text())["cycles"] != args.cycles:
             raise SystemExit(f"--work {root} holds a {json.loads((root / WORK_MARKER).read_text())['cycles']}-cycle "
                              f"reference, not {args.cycles}; name another work folder")
-        ref = reference(work)
+        ref = reference(work, args.scope)
         _atomic_write(saved_ref, json.dumps({k: ref[k] for k in ("durations", "snapshot", "wall_s")}, indent=1) + "\n")
         for k in todo:
             record = run_point(work, ref, args.seed, k, args.scope)
