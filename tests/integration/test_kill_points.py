@@ -78,6 +78,16 @@ def test_ten_killed_points_end_as_the_reference(kill_points):
     assert again["ran"] == [] and again["skipped"] == list(range(POINTS))
     with pytest.raises(SystemExit, match="--scope command, now .* --scope sequence"):
         module.main(["--points", str(POINTS + 1), "--seed", str(SEED), "--cycles", "1", "--out", str(out)])
+    # A kept work folder resumes: its reference is reused, not rerun, and first put back at its end,
+    # whatever a point stopped part way left there (here: the experiment's state.json gone).
+    work_dir = kill_points["tmp"] / "work"
+    reference_before = (work_dir / "reference.json").read_text()
+    reported_before = (out / "reference.json").read_text()  # holds the end snapshot, read from the work folder
+    (work_dir / "repo/runs" / module.REFERENCE / "state.json").unlink()
+    more = module.main(["--points", str(POINTS + 1), *ARGV[2:], "--out", str(out), "--work", str(work_dir)])
+    assert more["ran"] == [POINTS] and more["failed"] == [] and more["skipped"] == list(range(POINTS))
+    assert (work_dir / "reference.json").read_text() == reference_before
+    assert (out / "reference.json").read_text() == reported_before
 
 
 def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
