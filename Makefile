@@ -44,7 +44,7 @@ run: install
 
 # The whole test suite (CI runs exactly this through .ci/run): the three installs side by side,
 # then pytest on 2 workers, a test file to one worker (the integration tests spend much of their
-# time waiting on the servers they start).
+# time waiting on the servers they start), the longest files first (tests/conftest.py).
 test:
 	$(MAKE) -j3 install labelstudio browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
