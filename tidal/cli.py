@@ -273,13 +273,16 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV, an HTML report."""
-    from tidal.report import CURVE_COLUMNS, html_report, markdown_table, plot_curves, summarize
+    from tidal.pipeline import RESUMABLE_KEYS
+    from tidal.report import (CURVE_COLUMNS, check_one_protocol, html_report, markdown_table, plot_curves,
+                              summarize)
     from tidal.tracking import MlflowTracker
     from tidal.workspace import atomic_write_text, write_csv
 
     tracker = MlflowTracker()
     try:
-        rows = tracker.learning_curves(args.experiment or None)
+        rows, superseded = tracker.learning_curves(args.experiment or None)
+        check_one_protocol(rows, RESUMABLE_KEYS)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -287,6 +290,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: no experiment runs with a learning curve at {tracker.uri}; run `tidal run` first",
               file=sys.stderr)
         return 1
+    if superseded:
+        print(f"left out {len(superseded)} older parent run(s) of experiments started over "
+              f"(the newest of each strategy and seed counts): {', '.join(superseded)}")
     out = Path(args.out)
     summary = summarize(rows)
     png = plot_curves(summary, out / "learning_curves.png",

@@ -1,5 +1,7 @@
 """Compare strategies: learning curves (mean ± std over seeds), AUBC with 95 % intervals,
-and each strategy's paired per-seed gain over random. Plain rows in, files out.
+and each strategy's paired per-seed gain over random (the mean accuracy difference over the budgets
+both runs of a seed have: their AUBC difference once both are complete). Plain rows in, files out;
+`check_one_protocol` refuses rows that are not one protocol.
 
 AUBC here is the plain mean of test accuracy over the cycles' budgets (every cycle adds the
 same number of labels, so it equals the normalized trapezoid area up to the end points).
@@ -32,6 +34,69 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), _t95(len(arr)) * float(arr.std(ddof=1)) / math.sqrt(len(arr))
 
 
+# Keys only some strategies read (the TD module's, Learning Loss's, BALD's): they may differ
+# between strategies, since random's train.td_weight means nothing, but not between the seeds of
+# one strategy, which the table averages.
+STRATEGY_OWN_KEY_PREFIXES = ("train.td_", "train.lloss_", "bald_")
+# What a comparison compares (strategy, seed) and what names or versions a run, not its protocol.
+COMPARED_KEYS = {"experiment", "strategy", "seed", "data_version"}
+
+
+class NotComparable(ValueError):
+    """The runs of a comparison do not share one protocol, or repeat a strategy and seed."""
+
+
+def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> None:
+    """Refuse to average runs that are not one protocol. rows: learning-curve rows with
+    experiment, strategy, seed and `params` (the run's flat params as MLflow stores them).
+
+    Runs may differ in strategy, seed, experiment name and `unchanged_result_keys` (keys, or
+    top-level prefixes, that never change a result: pipeline.RESUMABLE_KEYS); a strategy's own
+    keys may differ between strategies only. A strategy and seed held by two experiments would
+    be averaged as one run, so that is refused too."""
+    runs = {r["run_id"]: r for r in rows}
+    owners: dict[tuple[str, int], list[str]] = defaultdict(list)
+    for r in runs.values():
+        owners[(r["strategy"], int(r["seed"]))].append(r["experiment"])
+    repeated = {k: v for k, v in owners.items() if len(v) > 1}
+    if repeated:
+        (strategy, seed), names = sorted(repeated.items())[0]
+        raise NotComparable(
+            f"strategy {strategy} seed {seed} is in {len(names)} experiments ({', '.join(sorted(names))}); "
+            "a comparison averages the seeds of each strategy, so each strategy and seed may come from one "
+            "experiment only: choose them with --experiment NAME (repeatable)")
+
+    def protocol_key(key: str) -> bool:
+        return (key not in COMPARED_KEYS and key not in unchanged_result_keys
+                and key.split(".")[0] not in unchanged_result_keys)
+
+    def differing(group: list[dict], keys: set[str]) -> dict[str, dict[str, list[str]]]:
+        found = {}
+        for key in sorted(keys):
+            values: dict[str, list[str]] = defaultdict(list)
+            for r in group:
+                if key in r["params"]:  # a key an older run did not log cannot be compared
+                    values[r["params"][key]].append(r["experiment"])
+            if len(values) > 1:
+                found[key] = values
+        return found
+
+    all_keys = {k for r in runs.values() for k in r["params"] if protocol_key(k)}
+    own = {k for k in all_keys if k.startswith(STRATEGY_OWN_KEY_PREFIXES)}
+    found = differing(list(runs.values()), all_keys - own)
+    for strategy in sorted({r["strategy"] for r in runs.values()}):
+        found.update(differing([r for r in runs.values() if r["strategy"] == strategy], own))
+    if found:
+        shown = "; ".join(f"{key}: " + ", ".join(f"{value} ({', '.join(sorted(names)[:3])}"
+                                                 + (", ..." if len(names) > 3 else "") + ")"
+                                                 for value, names in sorted(values.items()))
+                          for key, values in list(found.items())[:5])
+        raise NotComparable(
+            f"the experiments do not share one protocol, so their curves cannot be averaged together: "
+            f"{shown}{' (and more)' if len(found) > 5 else ''}. Compare one protocol at a time: "
+            "--experiment NAME (repeatable)")
+
+
 def summarize(rows: list[dict]) -> dict:
     """rows: strategy, seed, n_labeled, test_accuracy. Returns curves, AUBC and paired gains."""
     by_run: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
@@ -47,9 +112,17 @@ def summarize(rows: list[dict]) -> dict:
     if "random" in aubc:
         for s in strategies:
             paired = sorted(set(aubc[s]) & set(aubc["random"]))
-            gains[s] = {seed: aubc[s][seed] - aubc["random"][seed] for seed in paired}
+            gains[s] = {seed: g for seed in paired
+                        if (g := _paired_gain(by_run[(s, seed)], by_run[("random", seed)])) is not None}
     return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains,
             "runs": dict(by_run)}
+
+
+def _paired_gain(curve: dict[int, float], random_curve: dict[int, float]) -> float | None:
+    """Mean accuracy difference over the budgets both curves have: the AUBC difference when both
+    runs are complete, and still a fair one while one of them is some cycles behind."""
+    shared = sorted(set(curve) & set(random_curve))
+    return float(np.mean([curve[n] - random_curve[n] for n in shared])) if shared else None
 
 
 def _aubc_texts(summary: dict, strategy: str) -> tuple[str, str]:

@@ -240,8 +240,11 @@ class MlflowTracker:
         finally:
             monitor.finish()
 
-    def learning_curves(self, experiments: list[str] | None = None) -> list[dict]:
-        """Every experiment parent run's test accuracy by number of labels, as plain rows."""
+    def learning_curves(self, experiments: list[str] | None = None) -> tuple[list[dict], list[str]]:
+        """Every experiment parent run's test accuracy by number of labels, as plain rows (each
+        with its run's flat `params`), and the runs left out. An experiment started over (its
+        workspace deleted, the MLflow experiment kept) holds an older parent run of the same
+        strategy and seed: only the newest counts; the others come back as "experiment/run id"."""
         if experiments:
             found = [self.client.get_experiment_by_name(name) for name in experiments]
             missing = [n for n, e in zip(experiments, found) if e is None]
@@ -250,18 +253,25 @@ class MlflowTracker:
         else:
             found = self.client.search_experiments()
         ids = [e.experiment_id for e in found]
-        rows = []
+        rows: list[dict] = []
+        superseded: list[str] = []
         if not ids:
-            return rows
+            return rows, superseded
+        newest: dict[tuple[str, str, int], Any] = {}
         for run in self.client.search_runs(ids, filter_string="tags.`tidal.kind` = 'experiment'",
-                                           max_results=5000):
-            exp_name = self.client.get_experiment(run.info.experiment_id).name
+                                           max_results=5000, order_by=["attributes.start_time DESC"]):
+            key = (run.info.experiment_id, run.data.params.get("strategy", "?"), int(run.data.params.get("seed", 0)))
+            if key in newest:
+                superseded.append(f"{self.client.get_experiment(run.info.experiment_id).name}/{run.info.run_id}")
+            else:
+                newest[key] = run
+        for (experiment_id, strategy, seed), run in newest.items():
+            exp_name = self.client.get_experiment(experiment_id).name
             for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
-                rows.append({"experiment": exp_name, "strategy": run.data.params.get("strategy", "?"),
-                             "seed": int(run.data.params.get("seed", 0)), "n_labeled": m.step,
+                rows.append({"experiment": exp_name, "strategy": strategy, "seed": seed, "n_labeled": m.step,
                              "test_accuracy": m.value, "run_id": run.info.run_id,
-                             "experiment_id": run.info.experiment_id})
-        return rows
+                             "experiment_id": experiment_id, "params": run.data.params})
+        return rows, superseded
 
     def log_report(self, files: list[str | Path], experiment: str = "tidal-comparisons") -> str:
         """Log a comparison report's files as artifacts of a new run; return its id."""

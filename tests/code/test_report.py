@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from tidal.report import labels_to_reach, labels_to_reach_table, markdown_table, mean_ci, summarize
+from tidal.report import (NotComparable, check_one_protocol, labels_to_reach, labels_to_reach_table, markdown_table,
+                          mean_ci, summarize)
 
 
 def _rows(strategy: str, seed: int, accs: list[float], start: int = 100, step: int = 100) -> list[dict]:
@@ -35,6 +36,50 @@ def test_aubc_and_paired_gain():
 def test_gain_is_paired_by_seed_only():
     rows = _rows("random", 0, [0.5]) + _rows("entropy", 0, [0.6]) + _rows("entropy", 1, [0.9])
     assert summarize(rows)["gains"]["entropy"] == {0: pytest.approx(0.1)}
+
+
+def test_gain_while_a_run_is_cycles_behind_counts_only_the_budgets_both_have():
+    """Mid-grid, random has 3 cycles and entropy 2: comparing AUBCs over different budgets would
+    charge entropy for the missing, higher third point; the gain compares like with like."""
+    rows = _rows("random", 0, [0.5, 0.6, 0.9]) + _rows("entropy", 0, [0.55, 0.65])
+    assert summarize(rows)["gains"]["entropy"] == {0: pytest.approx(0.05)}
+
+
+def _run(experiment: str, strategy: str, seed: int, **params: str) -> list[dict]:
+    flat = {"experiment": experiment, "strategy": strategy, "seed": str(seed), "dataset": "digits",
+            "budget": "100", "train.td_weight": "1.0", "device": "auto", "scoring.shards": "1",
+            "data_version": f"v-{experiment}", **params}
+    return [{**r, "experiment": experiment, "run_id": f"run-{experiment}", "params": flat}
+            for r in _rows(strategy, seed, [0.5, 0.6])]
+
+
+def test_one_protocol_lets_strategy_seed_and_result_neutral_keys_differ():
+    rows = (_run("r0", "random", 0, device="cpu") + _run("t0", "tidal-entropy", 0, **{"train.td_weight": "2.0"})
+            + _run("t1", "tidal-entropy", 1, **{"train.td_weight": "2.0", "scoring.shards": "4"}))
+    check_one_protocol(rows, {"device", "scoring"})  # no error: nothing but the allowed keys differ
+
+
+def test_a_protocol_key_that_differs_is_named_with_its_experiments():
+    rows = _run("r0", "random", 0) + _run("e0", "entropy", 0, budget="50") + _run("e1", "entropy", 1, budget="50")
+    with pytest.raises(NotComparable, match=r"budget: 100 \(r0\), 50 \(e0, e1\)"):
+        check_one_protocol(rows, set())
+
+
+def test_a_strategys_own_key_may_not_differ_between_its_seeds():
+    rows = _run("t0", "tidal-entropy", 0) + _run("t1", "tidal-entropy", 1, **{"train.td_weight": "2.0"})
+    with pytest.raises(NotComparable, match=r"train.td_weight: 1.0 \(t0\), 2.0 \(t1\)"):
+        check_one_protocol(rows, set())
+
+
+def test_one_strategy_and_seed_from_two_experiments_is_refused():
+    rows = _run("a", "entropy", 0) + _run("b", "entropy", 0)
+    with pytest.raises(NotComparable, match=r"strategy entropy seed 0 is in 2 experiments \(a, b\)"):
+        check_one_protocol(rows, set())
+
+
+def test_a_key_an_older_run_did_not_log_is_not_a_difference():
+    rows = _run("r0", "random", 0) + _run("e0", "entropy", 0, dropout="0.0")
+    check_one_protocol(rows, set())
 
 
 def test_markdown_table_shows_a_losing_method_as_negative():

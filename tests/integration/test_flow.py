@@ -189,6 +189,53 @@ def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
         "learning_curves.png", "learning_curves.md", "learning_curves.csv", "report.html"}
 
 
+def _tracked_experiment(tracker, tmp: Path, accs: list[float], *overrides: str) -> str:
+    """A parent run in the real store with one curve point per cycle, as the flow logs them."""
+    from tidal.config import load_params
+
+    params = load_params(None, ["preset=debug", *overrides])
+    parent = tracker.start_experiment(params, data_version="md5-of-data")
+    query = tmp / "query.csv"
+    query.write_text("id,label\n")
+    for cycle, acc in enumerate(accs):
+        child = tracker.start_cycle(parent, params["experiment"], cycle, 40 + 20 * cycle)
+        tracker.log_cycle_result(child, parent, cycle, 40 + 20 * cycle, acc, str(query))
+    return parent
+
+
+def test_compare_refuses_what_is_not_one_protocol_and_counts_a_restarted_experiment_once(
+        mlflow_uri, tmp_path, capsys):
+    """A second experiment beside the first: `tidal compare` must not average runs of another
+    budget, nor two runs of one strategy and seed, and an experiment started over (its
+    workspace deleted, its MLflow experiment kept) counts with its newest parent run only."""
+    from tidal.tracking import MlflowTracker
+
+    tracker = MlflowTracker(mlflow_uri)
+    _tracked_experiment(tracker, tmp_path, [0.50, 0.60], "experiment=cmp-random", "strategy=random")
+    _tracked_experiment(tracker, tmp_path, [0.10, 0.20], "experiment=cmp-entropy", "strategy=entropy")
+    _tracked_experiment(tracker, tmp_path, [0.55, 0.70], "experiment=cmp-entropy", "strategy=entropy")  # started over
+    assert tidal_main(["compare", "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "left out 1 older parent run(s)" in out and "cmp-entropy/" in out
+    entropy_row = [line for line in out.splitlines() if line.startswith("| entropy ")][0]
+    assert [c.strip() for c in entropy_row.split("|")][2:5] == ["1", "0.5500", "0.7000"]
+    assert "+0.0750" in entropy_row  # paired with random: (0.05 + 0.10) / 2
+
+    _tracked_experiment(tracker, tmp_path, [0.5, 0.6], "experiment=cmp-margin", "strategy=margin", "budget=30")
+    before = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert tidal_main(["compare", "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "do not share one protocol" in err and "budget: 20 (cmp-entropy, cmp-random), 30 (cmp-margin)" in err
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == before
+    assert tidal_main(["compare", "--experiment", "cmp-random", "--experiment", "cmp-entropy",
+                       "--out", str(tmp_path / "rep")]) == 0
+
+    _tracked_experiment(tracker, tmp_path, [0.5, 0.6], "experiment=cmp-random-again", "strategy=random")
+    assert tidal_main(["compare", "--experiment", "cmp-random", "--experiment", "cmp-random-again",
+                       "--out", str(tmp_path / "rep")]) == 2
+    assert "strategy random seed 0 is in 2 experiments (cmp-random, cmp-random-again)" in capsys.readouterr().err
+
+
 def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
     import mlflow
     import torch
