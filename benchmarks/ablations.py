@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import sys
 from pathlib import Path
 
@@ -113,7 +112,9 @@ def write_report(out: Path, name: str, variants: list[str], command: str) -> str
     return text
 
 
-def main(argv: list[str] | None = None) -> str:
+def main(argv: list[str] | None = None, configure_env: bool = True) -> str:
+    """Run the missing cells of every variant and write the report; `configure_env=False` keeps the
+    process's own Prefect API (a test harness), as in al_curves.main."""
     args = parse_args(argv)
     variants = al_curves._csv_list(args.variants)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -121,15 +122,14 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     out = Path(args.out) / args.name
     (out / "variants").mkdir(parents=True, exist_ok=True)
-    command = "OMP_NUM_THREADS=1 python benchmarks/ablations.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = al_curves.shown_command("benchmarks/ablations.py", argv if argv is not None else sys.argv[1:])
     for v in variants:
         strategy, sets = VARIANTS[v]
         grid = ["--name", v, "--strategies", strategy, "--seeds", args.seeds, "--out", str(out / "variants"),
                 *sum((["--set", s] for s in ["tracking=false", *args.set, *sets]), [])]
         if args.params:
             grid += ["--params", args.params]
-        al_curves.main(grid)
+        al_curves.main(grid, configure_env=configure_env)
         write_report(out, args.name, variants, command)
     return write_report(out, args.name, variants, command)
 

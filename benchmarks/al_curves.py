@@ -153,6 +153,21 @@ def load_cells(cells_dir: Path) -> list[dict]:
     return cells
 
 
+def shown_command(script: str, argv: list[str]) -> str:
+    """The command as a report prints it, to be run from the repository root: paths inside the
+    repository relative to it (an absolute path names one machine's checkout), and the thread
+    setting the grid ran under."""
+    def shown(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute() and path.resolve().is_relative_to(REPO):
+            return str(path.resolve().relative_to(REPO))
+        return arg
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return ((f"OMP_NUM_THREADS={threads} " if threads else "") + f"python {script} "
+            + " ".join(shlex.quote(shown(a)) for a in argv))
+
+
 def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str) -> None:
     """curves.csv, learning_curves.png and README.md from whatever cells exist."""
     from tidal.report import labels_to_reach_table, markdown_table, plot_curves, summarize
@@ -261,8 +276,7 @@ def main(argv: list[str] | None = None, configure_env: bool = True) -> dict[str,
     overrides = [*args.overrides, *_resolve_data_root(params_path, args.overrides)]
     load_params(params_path, overrides)  # a bad --set fails before any cell runs
 
-    command = "python benchmarks/al_curves.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
-                                                                                    else sys.argv[1:]))
+    command = shown_command("benchmarks/al_curves.py", argv if argv is not None else sys.argv[1:])
     old_uri = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     cells_dir = root / "cells"

@@ -73,3 +73,17 @@ def test_trial_with_scoring_shards_selects_what_one_pass_selects(tmp_path: Path,
         assert sorted(p.name for p in (sharded / "shards").iterdir()) == [
             f"{s:04d}-of-0003.json" for s in range(3)]  # scored in shards, then merged
         assert not (one / "shards").exists()
+
+
+def test_grid_reports_print_commands_a_reader_runs_from_the_repository_root(benchmark_script, monkeypatch):
+    """A report's command names paths relative to the repository (an absolute path names one
+    machine's checkout) and the thread setting the grid ran under."""
+    al_curves = benchmark_script("al_curves")
+    inside = str(al_curves.REPO / "benchmarks" / "results" / "ablations" / "x" / "variants")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert al_curves.shown_command("benchmarks/al_curves.py", ["--out", inside, "--set", "data_root=/srv/my data"]) == (
+        "OMP_NUM_THREADS=1 python benchmarks/al_curves.py --out benchmarks/results/ablations/x/variants "
+        "--set 'data_root=/srv/my data'")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert al_curves.shown_command("benchmarks/ablations.py", ["--out", "/tmp/elsewhere"]) == (
+        "python benchmarks/ablations.py --out /tmp/elsewhere")

@@ -65,3 +65,41 @@ def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlfl
     other = [*argv, "--set", "train.epochs=2"]
     with pytest.raises(SystemExit, match="use another --name"):
         al_curves.main(other, configure_env=False)
+
+
+def test_ablation_pairs_variants_on_a_validation_split_and_resumes(prefect_harness, tmp_path, monkeypatch,
+                                                                   benchmark_script):
+    """benchmarks/ablations.py, which chooses TiDAL's defaults: every variant of a seed reports on
+    the same held-out validation split (50 images: accuracies are multiples of 1/50, never of the
+    test split's size), shares cycle 0's labels, and a detached TD module leaves the cycle-0
+    backbone exactly as training alone does; a rerun runs nothing."""
+    import math
+
+    ablations = benchmark_script("ablations")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CI", "1")
+    out = tmp_path / "abl"
+    argv = ["--name", "tiny", "--seeds", "0", "--variants", "random,entropy,tidal-entropy-detached", "--params", "none",
+            "--set", "preset=debug", "--set", "validation_size=50", "--set", f"data_root={tmp_path}/data",
+            "--out", str(out)]
+    ablations.main(argv, configure_env=False)
+
+    cells = {v: json.loads((out / "tiny/variants" / v / "cells" / f"{s}-s0.json").read_text())
+             for v, s in [("random", "random"), ("entropy", "entropy"), ("tidal-entropy-detached", "tidal-entropy")]}
+    for cell in cells.values():
+        for row in cell["rows"]:
+            assert math.isclose(row["test_accuracy"] * 50, round(row["test_accuracy"] * 50), abs_tol=1e-4)  # float32
+    first = {v: c["rows"][0]["test_accuracy"] for v, c in cells.items()}
+    assert first["random"] == first["entropy"] == first["tidal-entropy-detached"]
+    assert all(c["settings"]["validation_size"] == 50 for c in cells.values())
+    assert "--set train.td_detach=true" in (out / "tiny/variants/tidal-entropy-detached/README.md").read_text()
+
+    aubc = {v: sum(r["test_accuracy"] for r in c["rows"]) / len(c["rows"]) for v, c in cells.items()}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+            for line in (out / "tiny/README.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["entropy"][5] == f"{aubc['entropy'] - aubc['random']:+.4f} (n=1)"  # paired gain over random
+    assert rows["tidal-entropy-detached"][7].endswith("+0.0000 (n=1)")  # cycle 0: the backbone as alone
+
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "tiny/variants").rglob("cells/*.json")}
+    ablations.main(argv, configure_env=False)
+    assert {p: p.stat().st_mtime_ns for p in (out / "tiny/variants").rglob("cells/*.json")} == stamps
