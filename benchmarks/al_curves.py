@@ -168,8 +168,11 @@ def shown_command(script: str, argv: list[str]) -> str:
             + " ".join(shlex.quote(shown(a)) for a in argv))
 
 
-def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str) -> None:
-    """curves.csv, learning_curves.png and README.md from whatever cells exist."""
+def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str,
+                   split: str | None = None) -> None:
+    """curves.csv, learning_curves.png and README.md from whatever cells exist. `split` (test or
+    validation) is read from the cells' `validation_size` unless given (cells written before
+    that setting was recorded)."""
     from tidal.report import labels_to_reach_table, markdown_table, plot_curves, summarize
 
     cells = load_cells(root / "cells")
@@ -180,14 +183,15 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
         for r in sorted(rows, key=lambda r: (r["strategy"], int(r["seed"]), int(r["cycle"]))):
             writer.writerow({**r, "test_accuracy": f"{float(r['test_accuracy']):.6f}"})
     os.replace(root / "curves.csv.tmp", root / "curves.csv")
-    summary = summarize(rows) if rows else None
+    settings = cells[0]["settings"] if cells else {}
+    split = split or ("validation" if settings.get("validation_size") else "test")
+    summary = summarize(rows, split) if rows else None
     if summary:
         plot_curves(summary, root / "learning_curves.png", title=f"{name}: learning curves")
 
     done = {(c["strategy"], int(c["seed"])) for c in cells}
     expected = [(s, sd) for s in strategies for sd in seeds]
     missing = [cell_name(s, sd) for s, sd in expected if (s, sd) not in done]
-    settings = cells[0]["settings"] if cells else {}
     lines = [f"# AL benchmark `{name}`", "",
              "Produced by (from the repository root):", "", "```bash", command, "```", "",
              f"Cells finished: **{len(done & set(expected))} of {len(expected)}** "
@@ -200,7 +204,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
     if settings:
         lines += ["Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()) + ".", ""]
     if summary:
-        lines += ["## Test accuracy and AUBC", "", markdown_table(summary),
+        lines += [f"## {split.capitalize()} accuracy and AUBC", "", markdown_table(summary),
                   "Paired gain: per seed, the strategy's AUBC minus random's AUBC on that seed (same initial "
                   "labeled set and training seed); mean ± 95 % Student t interval over the seeds both have.",
                   "", "![learning curves](learning_curves.png)", "",
@@ -215,7 +219,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
                       "Cycle 0 is the same random initial set for every strategy, but strategies that train an "
                       "auxiliary module jointly with the backbone (tidal-*, lloss) get a different cycle-0 model. "
                       "This table leaves cycle 0 out, so it compares only models trained on labels the "
-                      "strategies chose.", "", markdown_table(summarize(queried))]
+                      "strategies chose.", "", markdown_table(summarize(queried, split))]
     # Wall time per cell: strategy rows × seed columns.
     all_seeds = sorted({int(c["seed"]) for c in cells} | set(seeds))
     all_strats = list(dict.fromkeys([*strategies, *sorted({c["strategy"] for c in cells})]))

@@ -294,7 +294,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"left out {len(superseded)} older parent run(s) of experiments started over "
               f"(the newest of each strategy and seed counts): {', '.join(superseded)}")
     out = Path(args.out)
-    summary = summarize(rows)
+    # One protocol (checked above), so one validation_size: the split the accuracies are on.
+    split = "validation" if any(r["params"].get("validation_size", "0") != "0" for r in rows) else "test"
+    summary = summarize(rows, split)
     png = plot_curves(summary, out / "learning_curves.png",
                       title=", ".join(sorted({r["experiment"] for r in rows}))[:60])
     md = out / "learning_curves.md"

@@ -97,8 +97,10 @@ def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> Non
             "--experiment NAME (repeatable)")
 
 
-def summarize(rows: list[dict]) -> dict:
-    """rows: strategy, seed, n_labeled, test_accuracy. Returns curves, AUBC and paired gains."""
+def summarize(rows: list[dict], split: str = "test") -> dict:
+    """rows: strategy, seed, n_labeled, test_accuracy. Returns curves, AUBC and paired gains.
+    `split` names what the accuracy was measured on ("validation" when the runs held one out:
+    `validation_size`), for the tables' and the plot's wording."""
     by_run: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for r in rows:
         by_run[(r["strategy"], int(r["seed"]))][int(r["n_labeled"])] = float(r["test_accuracy"])
@@ -115,7 +117,7 @@ def summarize(rows: list[dict]) -> dict:
             gains[s] = {seed: g for seed in paired
                         if (g := _paired_gain(by_run[(s, seed)], by_run[("random", seed)])) is not None}
     return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains,
-            "runs": dict(by_run)}
+            "runs": dict(by_run), "split": split}
 
 
 def _paired_gain(curve: dict[int, float], random_curve: dict[int, float]) -> float | None:
@@ -150,8 +152,9 @@ def markdown_table(summary: dict) -> str:
         aubc_text, gain_text = _aubc_texts(summary, s)
         lines.append(f"| {s} | {len(summary['aubc'][s])} | " + " | ".join(cells) + f" | {aubc_text} | {gain_text} |")
     lines.append("")
-    lines.append("Columns under the budgets are mean test accuracy over seeds at that number of labels. "
-                 "AUBC: mean test accuracy over the cycles. Intervals: 95 % Student t over seeds "
+    split = summary.get("split", "test")
+    lines.append(f"Columns under the budgets are mean {split} accuracy over seeds at that number of labels. "
+                 f"AUBC: mean {split} accuracy over the cycles. Intervals: 95 % Student t over seeds "
                  "(none with one seed).")
     return "\n".join(lines) + "\n"
 
@@ -217,7 +220,7 @@ def plot_curves(summary: dict, path: str | Path, title: str = "Learning curves")
         ax.plot(xs, mean, marker="o", label=f"{s} (n={len(summary['aubc'][s])})", **style)
         ax.fill_between(xs, mean - std, mean + std, alpha=0.12, color=style["color"])
     ax.set_xlabel("labeled samples")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"{summary.get('split', 'test')} accuracy")
     ax.set_title(f"{title} (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -240,6 +243,7 @@ def html_report(summary: dict, png: str | Path, runs: list[dict], path: str | Pa
     from tidal.workspace import atomic_write_text
 
     image = base64.b64encode(Path(png).read_bytes()).decode()
+    split = html.escape(summary.get("split", "test"))
     head = "".join(f"<th>{n}</th>" for n in summary["budgets"])
     body = []
     for s in summary["strategies"]:
@@ -262,7 +266,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
 <th>paired AUBC gain over random</th></tr>
 {"".join(body)}
 </table>
-<p>Budgets: mean test accuracy over seeds at that number of labels. AUBC: mean test accuracy over the
+<p>Budgets: mean {split} accuracy over seeds at that number of labels. AUBC: mean {split} accuracy over the
 cycles. Intervals: 95 % Student t over seeds (none with one seed).</p>
 <h2>MLflow runs</h2><ul id="runs">{links}</ul>
 </body></html>

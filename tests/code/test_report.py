@@ -45,6 +45,16 @@ def test_gain_while_a_run_is_cycles_behind_counts_only_the_budgets_both_have():
     assert summarize(rows)["gains"]["entropy"] == {0: pytest.approx(0.05)}
 
 
+def test_runs_on_a_validation_split_are_not_called_test_accuracy(tmp_path):
+    from tidal.report import html_report, plot_curves
+
+    summary = summarize(_rows("random", 0, [0.5, 0.6]), split="validation")
+    assert "mean validation accuracy over seeds" in markdown_table(summary)
+    assert "test accuracy" not in markdown_table(summary)
+    page = html_report(summary, plot_curves(summary, tmp_path / "c.png"), [], tmp_path / "r.html").read_text()
+    assert "mean validation accuracy" in page and "test accuracy" not in page
+
+
 def _run(experiment: str, strategy: str, seed: int, **params: str) -> list[dict]:
     flat = {"experiment": experiment, "strategy": strategy, "seed": str(seed), "dataset": "digits",
             "budget": "100", "train.td_weight": "1.0", "device": "auto", "scoring.shards": "1",

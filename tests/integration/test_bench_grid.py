@@ -92,7 +92,9 @@ def test_ablation_pairs_variants_on_a_validation_split_and_resumes(prefect_harne
     first = {v: c["rows"][0]["test_accuracy"] for v, c in cells.items()}
     assert first["random"] == first["entropy"] == first["tidal-entropy-detached"]
     assert all(c["settings"]["validation_size"] == 50 for c in cells.values())
-    assert "--set train.td_detach=true" in (out / "tiny/variants/tidal-entropy-detached/README.md").read_text()
+    variant_readme = (out / "tiny/variants/tidal-entropy-detached/README.md").read_text()
+    assert "--set train.td_detach=true" in variant_readme
+    assert "## Validation accuracy and AUBC" in variant_readme and "mean validation accuracy" in variant_readme
 
     aubc = {v: sum(r["test_accuracy"] for r in c["rows"]) / len(c["rows"]) for v, c in cells.items()}
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
