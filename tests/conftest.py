@@ -59,9 +59,10 @@ def data_root(tmp_path_factory):
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def benchmark_script():
-    """Import a script of benchmarks/ (not a package) by its name, e.g. benchmark_script("overhead")."""
+    """Import a script of benchmarks/ (not a package) by its name, e.g. benchmark_script("overhead");
+    each call executes the script afresh, so one loader serves every scope."""
     import importlib.util
     from pathlib import Path
 

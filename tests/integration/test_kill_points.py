@@ -23,20 +23,10 @@ POINTS, SEED = 10, 3
 ARGV = ["--points", str(POINTS), "--seed", str(SEED), "--cycles", "1", "--scope", "command"]
 
 
-def _load_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kill_points.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_kill_points", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path):
+def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path, benchmark_script):
     """A point stopped part way leaves its experiment (sequence scope) or its logs (command scope) in
     a kept work folder; its rerun is kp-<k>-try<n>, so nothing of the unfinished attempt is mixed in."""
-    module = _load_module()
+    module = benchmark_script("kill_points")
     work = module.Work(tmp_path, cycles=1, timeout=60)
     assert module._experiment_name(work, 4) == "kp-4"
     (work.repo / "runs" / "kp-4").mkdir(parents=True)
@@ -46,8 +36,8 @@ def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def kill_points(tmp_path_factory):
-    module = _load_module()
+def kill_points(tmp_path_factory, benchmark_script):
+    module = benchmark_script("kill_points")
     tmp = tmp_path_factory.mktemp("kill-points")
     argv = [*ARGV, "--out", str(tmp / "out"), "--work", str(tmp / "work")]
     return {"module": module, "tmp": tmp, "result": module.main(argv)}
