@@ -125,7 +125,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if ws.exists() and args.history:
         return _print_history(params, args.history)
     if not ws.exists():
-        print(f"no experiment '{params['experiment']}' under {ws.root.parent}/; start it with `tidal run`",
+        others = sorted(p.parent.name for p in ws.root.parent.glob("*/state.json"))
+        hint = f" (experiments there: {', '.join(others)}; pick one with --experiment NAME)" if others else ""
+        print(f"no experiment '{params['experiment']}' under {ws.root.parent}/{hint}; start it with `tidal run`",
               file=sys.stderr)
         return 1
     state = ws.load_state()

@@ -34,7 +34,14 @@ def test_without_a_params_file_the_packaged_defaults_and_presets_apply(tmp_path:
 def test_status_of_missing_experiment(tmp_path: Path, capsys):
     code = tidal_main(["status", "--experiment", "nope", "--set", f"runs_dir={tmp_path}"])
     assert code == 1
-    assert "no experiment 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no experiment 'nope'" in err and "experiments there" not in err
+    for name in ("beta", "alpha"):  # experiments beside it are named, so a typo is easy to see
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.json").write_text("{}")
+    (tmp_path / "not-an-experiment").mkdir()
+    assert tidal_main(["status", "--experiment", "nope", "--set", f"runs_dir={tmp_path}"]) == 1
+    assert "(experiments there: alpha, beta; pick one with --experiment NAME)" in capsys.readouterr().err
 
 
 def test_data_command_writes_and_versions(tmp_path: Path, capsys):
