@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=cmd_serve)
     p_compare = sub.add_parser("compare", help="compare strategies' learning curves from MLflow")
     p_compare.add_argument("--experiment", action="append", default=[],
-                           help="MLflow experiment name (repeatable; default: all)")
+                           help="MLflow experiment name or shell pattern, e.g. 'grid-*' (repeatable; default: all)")
     p_compare.add_argument("--out", default="reports", help="output folder (default: reports/)")
     p_compare.set_defaults(func=cmd_compare)
     p_register = sub.add_parser("register", help="register a cycle's model under an alias")

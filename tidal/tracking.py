@@ -11,6 +11,7 @@ thread-local and Prefect runs tasks in worker threads.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import time
@@ -245,13 +246,14 @@ class MlflowTracker:
         with its run's flat `params`), and the runs left out. An experiment started over (its
         workspace deleted, the MLflow experiment kept) holds an older parent run of the same
         strategy and seed: only the newest counts; the others come back as "experiment/run id"."""
-        if experiments:
-            found = [self.client.get_experiment_by_name(name) for name in experiments]
-            missing = [n for n, e in zip(experiments, found) if e is None]
+        found = self.client.search_experiments()
+        if experiments:  # names or shell-style patterns: grid-* is every experiment of a grid
+            by_name = {e.name: e for e in found}
+            chosen = {p: fnmatch.filter(sorted(by_name), p) for p in experiments}
+            missing = [p for p, names in chosen.items() if not names]
             if missing:
                 raise ValueError(f"no MLflow experiment named {missing} at {self.uri}")
-        else:
-            found = self.client.search_experiments()
+            found = [by_name[n] for n in dict.fromkeys(n for names in chosen.values() for n in names)]
         ids = [e.experiment_id for e in found]
         rows: list[dict] = []
         superseded: list[str] = []

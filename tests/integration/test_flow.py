@@ -229,6 +229,10 @@ def test_compare_refuses_what_is_not_one_protocol_and_counts_a_restarted_experim
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == before
     assert tidal_main(["compare", "--experiment", "cmp-random", "--experiment", "cmp-entropy",
                        "--out", str(tmp_path / "rep")]) == 0
+    assert tidal_main(["compare", "--experiment", "cmp-[re]*", "--out", str(tmp_path / "rep")]) == 0  # a pattern
+    assert "| margin " not in capsys.readouterr().out
+    assert tidal_main(["compare", "--experiment", "grid-*", "--out", str(tmp_path / "rep")]) == 2
+    assert "no MLflow experiment named ['grid-*']" in capsys.readouterr().err
 
     _tracked_experiment(tracker, tmp_path, [0.5, 0.6], "experiment=cmp-random-again", "strategy=random")
     assert tidal_main(["compare", "--experiment", "cmp-random", "--experiment", "cmp-random-again",
