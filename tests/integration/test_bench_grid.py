@@ -79,17 +79,18 @@ def test_ablation_pairs_variants_on_a_validation_split_and_resumes(prefect_harne
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CI", "1")
     out = tmp_path / "abl"
-    argv = ["--name", "tiny", "--seeds", "0", "--variants", "random,entropy,tidal-entropy-detached", "--params", "none",
+    argv = ["--name", "tiny", "--seeds", "0", "--variants", "random,entropy,tidal-entropy,tidal-entropy-detached", "--params", "none",
             "--set", "preset=debug", "--set", "validation_size=50", "--set", f"data_root={tmp_path}/data",
             "--out", str(out)]
     ablations.main(argv, configure_env=False)
 
     cells = {v: json.loads((out / "tiny/variants" / v / "cells" / f"{s}-s0.json").read_text())
-             for v, s in [("random", "random"), ("entropy", "entropy"), ("tidal-entropy-detached", "tidal-entropy")]}
+             for v, s in [("random", "random"), ("entropy", "entropy"), ("tidal-entropy", "tidal-entropy"),
+                          ("tidal-entropy-detached", "tidal-entropy")]}
     for cell in cells.values():
         for row in cell["rows"]:
             assert math.isclose(row["test_accuracy"] * 50, round(row["test_accuracy"] * 50), abs_tol=1e-4)  # float32
-    first = {v: c["rows"][0]["test_accuracy"] for v, c in cells.items()}
+    first = {v: c["rows"][0]["test_accuracy"] for v, c in cells.items() if v != "tidal-entropy"}
     assert first["random"] == first["entropy"] == first["tidal-entropy-detached"]
     assert all(c["settings"]["validation_size"] == 50 for c in cells.values())
     variant_readme = (out / "tiny/variants/tidal-entropy-detached/README.md").read_text()
@@ -100,7 +101,10 @@ def test_ablation_pairs_variants_on_a_validation_split_and_resumes(prefect_harne
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
             for line in (out / "tiny/README.md").read_text().splitlines() if line.startswith("| ")}
     assert rows["entropy"][5] == f"{aubc['entropy'] - aubc['random']:+.4f} (n=1)"  # paired gain over random
-    assert rows["tidal-entropy-detached"][7].endswith("+0.0000 (n=1)")  # cycle 0: the backbone as alone
+    assert rows["tidal-entropy-detached"][8].endswith("+0.0000 (n=1)")  # cycle 0: the backbone as alone
+    gain = aubc["tidal-entropy-detached"] - aubc["tidal-entropy"]
+    assert rows["tidal-entropy-detached"][7] == f"{gain:+.4f} (n=1)"  # against its defaults, which a change must beat
+    assert rows["tidal-entropy"][7] == rows["random"][7] == "–"
 
     stamps = {p: p.stat().st_mtime_ns for p in (out / "tiny/variants").rglob("cells/*.json")}
     ablations.main(argv, configure_env=False)
