@@ -173,7 +173,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
     """curves.csv, learning_curves.png and README.md from whatever cells exist. `split` (test or
     validation) is read from the cells' `validation_size` unless given (cells written before
     that setting was recorded)."""
-    from tidal.report import labels_to_reach_table, markdown_table, plot_curves, summarize
+    from tidal.report import counterpart_table, labels_to_reach_table, markdown_table, plot_curves, summarize
 
     cells = load_cells(root / "cells")
     rows = [r for c in cells for r in c["rows"]]
@@ -209,6 +209,9 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
                   "labeled set and training seed); mean ± 95 % Student t interval over the seeds both have.",
                   "", "![learning curves](learning_curves.png)", "",
                   "## Labels to reach random's final accuracy", "", labels_to_reach_table(summary)]
+        counterparts = counterpart_table(summary)
+        if counterparts:
+            lines += ["## TiDAL against the plain score it builds on", "", counterparts]
         queried = [r for r in rows if int(r["cycle"]) > 0]
         if queried:
             # Cycle 0 is trained on the random initial set before any strategy chose a label; it

@@ -159,6 +159,45 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Each TiDAL score against the plain score it builds on: what the TD module adds.
+TIDAL_COUNTERPARTS = [("tidal-entropy", "entropy"), ("tidal-margin", "margin")]
+
+
+def paired_difference(summary: dict, strategy: str, baseline: str, first_cycle_budget: int | None = None) -> list[float]:
+    """Per seed both have, `strategy`'s mean accuracy minus `baseline`'s over the budgets both
+    runs have (their AUBC difference); budgets below `first_cycle_budget` left out."""
+    runs, out = summary["runs"], []
+    for seed in sorted(set(summary["aubc"].get(strategy, {})) & set(summary["aubc"].get(baseline, {}))):
+        curve, base = runs[(strategy, seed)], runs[(baseline, seed)]
+        if first_cycle_budget is not None:
+            curve = {n: a for n, a in curve.items() if n >= first_cycle_budget}
+        gain = _paired_gain(curve, base)
+        if gain is not None:
+            out.append(gain)
+    return out
+
+
+def counterpart_table(summary: dict, pairs: list[tuple[str, str]] = TIDAL_COUNTERPARTS) -> str:
+    """Paired AUBC difference of each strategy against another one (not random), over all cycles
+    and over the queried cycles only (budgets after the first); "" when no pair is present."""
+    first_queried = sorted(summary["budgets"])[1] if len(summary["budgets"]) > 1 else None
+    lines = ["| strategy | against | seeds | paired AUBC difference (mean ± 95 % CI) | the same over cycles ≥ 1 |",
+             "|---|---|---|---|---|"]
+    for strategy, baseline in pairs:
+        diffs = paired_difference(summary, strategy, baseline)
+        if not diffs:
+            continue
+        texts = []
+        for values in (diffs, paired_difference(summary, strategy, baseline, first_queried)):
+            mean, half = mean_ci(values) if values else (math.nan, math.nan)
+            texts.append("–" if not values else f"{mean:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}"))
+        lines.append(f"| {strategy} | {baseline} | {len(diffs)} | {texts[0]} | {texts[1]} |")
+    if len(lines) == 2:
+        return ""
+    return "\n".join(lines + ["", "Per seed both have: the strategy's mean accuracy minus the other's over the budgets "
+                              "both runs have; mean ± 95 % Student t interval over those seeds.", ""])
+
+
 def labels_to_reach(curve: dict[int, float], target: float) -> float | None:
     """The labels at which a mean learning curve first reaches `target`, interpolated linearly
     between budgets; None if it never does (the curve is read as it rises, budget by budget)."""

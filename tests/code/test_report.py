@@ -55,6 +55,20 @@ def test_runs_on_a_validation_split_are_not_called_test_accuracy(tmp_path):
     assert "mean validation accuracy" in page and "test accuracy" not in page
 
 
+def test_tidal_is_paired_with_its_plain_score_over_all_cycles_and_the_queried_ones():
+    from tidal.report import counterpart_table
+
+    rows = (_rows("entropy", 0, [0.50, 0.60, 0.70]) + _rows("entropy", 1, [0.40, 0.50, 0.60])
+            + _rows("tidal-entropy", 0, [0.56, 0.62, 0.72]) + _rows("tidal-entropy", 1, [0.46, 0.52, 0.62])
+            + _rows("margin", 0, [0.5, 0.6, 0.7]))
+    table = counterpart_table(summarize(rows))
+    line = [c.strip() for c in next(li for li in table.splitlines() if li.startswith("| tidal-entropy")).split("|")]
+    # seed 0: (0.06 + 0.02 + 0.02) / 3 = 0.0333, seed 1 the same; cycles >= 1: 0.02 on both
+    assert line[2:6] == ["entropy", "2", "+0.0333 ± 0.0000", "+0.0200 ± 0.0000"]
+    assert "tidal-margin" not in table  # no pair without both strategies
+    assert counterpart_table(summarize(_rows("random", 0, [0.5]))) == ""
+
+
 def _run(experiment: str, strategy: str, seed: int, **params: str) -> list[dict]:
     flat = {"experiment": experiment, "strategy": strategy, "seed": str(seed), "dataset": "digits",
             "budget": "100", "train.td_weight": "1.0", "device": "auto", "scoring.shards": "1",
