@@ -246,7 +246,12 @@ class MlflowTracker:
         with its run's flat `params`), and the runs left out. An experiment started over (its
         workspace deleted, the MLflow experiment kept) holds an older parent run of the same
         strategy and seed: only the newest counts; the others come back as "experiment/run id"."""
-        found = self.client.search_experiments()
+        found, token = [], None
+        while True:  # every page: a store holding one experiment per grid cell can have thousands
+            page = self.client.search_experiments(max_results=1000, page_token=token)
+            found += list(page)
+            if not (token := page.token):
+                break
         if experiments:  # names or shell-style patterns: grid-* is every experiment of a grid
             by_name = {e.name: e for e in found}
             chosen = {p: fnmatch.filter(sorted(by_name), p) for p in experiments}

@@ -304,3 +304,18 @@ def test_system_metrics_are_sampled_into_the_run(mlflow_uri):
         while not sampled() and time.monotonic() < deadline:
             time.sleep(0.1)
     assert sampled(), client.get_run(run_id).data.metrics
+
+
+def test_compare_finds_a_named_experiment_on_any_page_of_the_store(mlflow_uri, tmp_path, monkeypatch):
+    """Stores with one experiment per grid cell run to thousands: names are looked up on every page."""
+    from tidal.tracking import MlflowTracker
+
+    tracker = MlflowTracker(mlflow_uri)
+    for name in ("page-a", "page-b", "page-c"):
+        _tracked_experiment(tracker, tmp_path, [0.5, 0.6], f"experiment={name}", "strategy=random",
+                            f"seed={ord(name[-1])}")
+    one_page = tracker.client.search_experiments
+    monkeypatch.setattr(tracker.client, "search_experiments",
+                        lambda max_results, page_token=None: one_page(max_results=2, page_token=page_token))
+    rows, _ = tracker.learning_curves(["page-*"])
+    assert sorted({r["experiment"] for r in rows}) == ["page-a", "page-b", "page-c"]
