@@ -163,14 +163,14 @@ def markdown_table(summary: dict) -> str:
 TIDAL_COUNTERPARTS = [("tidal-entropy", "entropy"), ("tidal-margin", "margin")]
 
 
-def paired_difference(summary: dict, strategy: str, baseline: str, first_cycle_budget: int | None = None) -> list[float]:
+def paired_difference(summary: dict, strategy: str, baseline: str, from_budget: int | None = None) -> list[float]:
     """Per seed both have, `strategy`'s mean accuracy minus `baseline`'s over the budgets both
-    runs have (their AUBC difference); budgets below `first_cycle_budget` left out."""
+    runs have (their AUBC difference), counting only budgets from `from_budget` on when given."""
     runs, out = summary["runs"], []
     for seed in sorted(set(summary["aubc"].get(strategy, {})) & set(summary["aubc"].get(baseline, {}))):
         curve, base = runs[(strategy, seed)], runs[(baseline, seed)]
-        if first_cycle_budget is not None:
-            curve = {n: a for n, a in curve.items() if n >= first_cycle_budget}
+        if from_budget is not None:
+            curve = {n: a for n, a in curve.items() if n >= from_budget}
         gain = _paired_gain(curve, base)
         if gain is not None:
             out.append(gain)
