@@ -264,9 +264,15 @@ class MlflowTracker:
         superseded: list[str] = []
         if not ids:
             return rows, superseded
+        parents, token = [], None
+        while True:
+            page = self.client.search_runs(ids, filter_string="tags.`tidal.kind` = 'experiment'", max_results=5000,
+                                           order_by=["attributes.start_time DESC"], page_token=token)
+            parents += list(page)
+            if not (token := page.token):
+                break
         newest: dict[tuple[str, str, int], Any] = {}
-        for run in self.client.search_runs(ids, filter_string="tags.`tidal.kind` = 'experiment'",
-                                           max_results=5000, order_by=["attributes.start_time DESC"]):
+        for run in parents:
             key = (run.info.experiment_id, run.data.params.get("strategy", "?"), int(run.data.params.get("seed", 0)))
             if key in newest:
                 superseded.append(f"{self.client.get_experiment(run.info.experiment_id).name}/{run.info.run_id}")

@@ -307,7 +307,8 @@ def test_system_metrics_are_sampled_into_the_run(mlflow_uri):
 
 
 def test_compare_finds_a_named_experiment_on_any_page_of_the_store(mlflow_uri, tmp_path, monkeypatch):
-    """Stores with one experiment per grid cell run to thousands: names are looked up on every page."""
+    """Stores with one experiment per grid cell run to thousands: experiments and their parent runs
+    are read on every page."""
     from tidal.tracking import MlflowTracker
 
     tracker = MlflowTracker(mlflow_uri)
@@ -317,5 +318,7 @@ def test_compare_finds_a_named_experiment_on_any_page_of_the_store(mlflow_uri, t
     one_page = tracker.client.search_experiments
     monkeypatch.setattr(tracker.client, "search_experiments",
                         lambda max_results, page_token=None: one_page(max_results=2, page_token=page_token))
+    runs_page = tracker.client.search_runs
+    monkeypatch.setattr(tracker.client, "search_runs", lambda ids, max_results, **kw: runs_page(ids, max_results=1, **kw))
     rows, _ = tracker.learning_curves(["page-*"])
     assert sorted({r["experiment"] for r in rows}) == ["page-a", "page-b", "page-c"]
