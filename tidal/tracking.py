@@ -29,6 +29,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
 
 
+def _every_page(search: Callable[..., Any], **kwargs: Any) -> list:
+    """All results of an MLflow client search, page after page (each page holds max_results)."""
+    results, token = [], None
+    while True:
+        page = search(**kwargs, page_token=token)
+        results += list(page)
+        if not (token := page.token):
+            return results
+
+
 class MlflowTracker:
     enabled = True
 
@@ -246,12 +256,8 @@ class MlflowTracker:
         with its run's flat `params`), and the runs left out. An experiment started over (its
         workspace deleted, the MLflow experiment kept) holds an older parent run of the same
         strategy and seed: only the newest counts; the others come back as "experiment/run id"."""
-        found, token = [], None
-        while True:  # every page: a store holding one experiment per grid cell can have thousands
-            page = self.client.search_experiments(max_results=1000, page_token=token)
-            found += list(page)
-            if not (token := page.token):
-                break
+        # Every page: a store holding one experiment per grid cell can have thousands.
+        found = _every_page(self.client.search_experiments, max_results=1000)
         if experiments:  # names or shell-style patterns: grid-* is every experiment of a grid
             by_name = {e.name: e for e in found}
             chosen = {p: fnmatch.filter(sorted(by_name), p) for p in experiments}
@@ -264,24 +270,20 @@ class MlflowTracker:
         superseded: list[str] = []
         if not ids:
             return rows, superseded
-        parents, token = [], None
-        while True:
-            page = self.client.search_runs(ids, filter_string="tags.`tidal.kind` = 'experiment'", max_results=5000,
-                                           order_by=["attributes.start_time DESC"], page_token=token)
-            parents += list(page)
-            if not (token := page.token):
-                break
+        names = {e.experiment_id: e.name for e in found}
+        parents = _every_page(self.client.search_runs, experiment_ids=ids,
+                              filter_string="tags.`tidal.kind` = 'experiment'", max_results=5000,
+                              order_by=["attributes.start_time DESC"])
         newest: dict[tuple[str, str, int], Any] = {}
         for run in parents:
             key = (run.info.experiment_id, run.data.params.get("strategy", "?"), int(run.data.params.get("seed", 0)))
             if key in newest:
-                superseded.append(f"{self.client.get_experiment(run.info.experiment_id).name}/{run.info.run_id}")
+                superseded.append(f"{names[run.info.experiment_id]}/{run.info.run_id}")
             else:
                 newest[key] = run
         for (experiment_id, strategy, seed), run in newest.items():
-            exp_name = self.client.get_experiment(experiment_id).name
             for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
-                rows.append({"experiment": exp_name, "strategy": strategy, "seed": seed, "n_labeled": m.step,
+                rows.append({"experiment": names[experiment_id], "strategy": strategy, "seed": seed, "n_labeled": m.step,
                              "test_accuracy": m.value, "run_id": run.info.run_id,
                              "experiment_id": experiment_id, "params": run.data.params})
         return rows, superseded

@@ -319,6 +319,6 @@ def test_compare_finds_a_named_experiment_on_any_page_of_the_store(mlflow_uri, t
     monkeypatch.setattr(tracker.client, "search_experiments",
                         lambda max_results, page_token=None: one_page(max_results=2, page_token=page_token))
     runs_page = tracker.client.search_runs
-    monkeypatch.setattr(tracker.client, "search_runs", lambda ids, max_results, **kw: runs_page(ids, max_results=1, **kw))
+    monkeypatch.setattr(tracker.client, "search_runs", lambda max_results, **kw: runs_page(max_results=1, **kw))
     rows, _ = tracker.learning_curves(["page-*"])
     assert sorted({r["experiment"] for r in rows}) == ["page-a", "page-b", "page-c"]
