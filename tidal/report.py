@@ -113,18 +113,25 @@ def summarize(rows: list[dict], split: str = "test") -> dict:
         aubc[s] = {seed: float(np.mean(list(by_run[(s, seed)].values()))) for seed in seeds}
     if "random" in aubc:
         for s in strategies:
-            paired = sorted(set(aubc[s]) & set(aubc["random"]))
-            gains[s] = {seed: g for seed in paired
-                        if (g := _paired_gain(by_run[(s, seed)], by_run[("random", seed)])) is not None}
+            gains[s] = paired_gains(by_run, s, "random")
     return {"strategies": strategies, "budgets": budgets, "curves": curves, "aubc": aubc, "gains": gains,
             "runs": dict(by_run), "split": split}
 
 
-def _paired_gain(curve: dict[int, float], random_curve: dict[int, float]) -> float | None:
-    """Mean accuracy difference over the budgets both curves have: the AUBC difference when both
-    runs are complete, and still a fair one while one of them is some cycles behind."""
-    shared = sorted(set(curve) & set(random_curve))
-    return float(np.mean([curve[n] - random_curve[n] for n in shared])) if shared else None
+def paired_gains(runs: dict[tuple[str, int], dict[int, float]], strategy: str, baseline: str,
+                 from_budget: int | None = None) -> dict[int, float]:
+    """Per seed both have, `strategy`'s mean accuracy minus `baseline`'s over the budgets both runs
+    have: their AUBC difference when both are complete, and still a fair one while one is some
+    cycles behind. `from_budget`: count only budgets from there on. runs: summarize()'s "runs"."""
+    gains = {}
+    for (s, seed), curve in sorted(runs.items()):
+        if s != strategy or (baseline, seed) not in runs:
+            continue
+        base = runs[(baseline, seed)]
+        shared = [n for n in sorted(set(curve) & set(base)) if from_budget is None or n >= from_budget]
+        if shared:
+            gains[seed] = float(np.mean([curve[n] - base[n] for n in shared]))
+    return gains
 
 
 def _aubc_texts(summary: dict, strategy: str) -> tuple[str, str]:
@@ -163,20 +170,6 @@ def markdown_table(summary: dict) -> str:
 TIDAL_COUNTERPARTS = [("tidal-entropy", "entropy"), ("tidal-margin", "margin")]
 
 
-def paired_difference(summary: dict, strategy: str, baseline: str, from_budget: int | None = None) -> list[float]:
-    """Per seed both have, `strategy`'s mean accuracy minus `baseline`'s over the budgets both
-    runs have (their AUBC difference), counting only budgets from `from_budget` on when given."""
-    runs, out = summary["runs"], []
-    for seed in sorted(set(summary["aubc"].get(strategy, {})) & set(summary["aubc"].get(baseline, {}))):
-        curve, base = runs[(strategy, seed)], runs[(baseline, seed)]
-        if from_budget is not None:
-            curve = {n: a for n, a in curve.items() if n >= from_budget}
-        gain = _paired_gain(curve, base)
-        if gain is not None:
-            out.append(gain)
-    return out
-
-
 def counterpart_table(summary: dict, pairs: list[tuple[str, str]] = TIDAL_COUNTERPARTS) -> str:
     """Paired AUBC difference of each strategy against another one (not random), over all cycles
     and over the queried cycles only (budgets after the first); "" when no pair is present."""
@@ -184,11 +177,11 @@ def counterpart_table(summary: dict, pairs: list[tuple[str, str]] = TIDAL_COUNTE
     lines = ["| strategy | against | seeds | paired AUBC difference (mean ± 95 % CI) | the same over cycles ≥ 1 |",
              "|---|---|---|---|---|"]
     for strategy, baseline in pairs:
-        diffs = paired_difference(summary, strategy, baseline)
+        diffs = list(paired_gains(summary["runs"], strategy, baseline).values())
         if not diffs:
             continue
         texts = []
-        for values in (diffs, paired_difference(summary, strategy, baseline, first_queried)):
+        for values in (diffs, list(paired_gains(summary["runs"], strategy, baseline, first_queried).values())):
             mean, half = mean_ci(values) if values else (math.nan, math.nan)
             texts.append("–" if not values else f"{mean:+.4f}" + ("" if math.isnan(half) else f" ± {half:.4f}"))
         lines.append(f"| {strategy} | {baseline} | {len(diffs)} | {texts[0]} | {texts[1]} |")
