@@ -168,11 +168,17 @@ def shown_command(script: str, argv: list[str]) -> str:
             + " ".join(shlex.quote(shown(a)) for a in argv))
 
 
-def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str,
-                   split: str | None = None) -> None:
-    """curves.csv, learning_curves.png and README.md from whatever cells exist. `split` (test or
-    validation) is read from the cells' `validation_size` unless given (cells written before
-    that setting was recorded)."""
+def _validation_size(cell: dict) -> int:
+    """The cell's validation_size: its settings, or its recorded `--set` values (cells written
+    before settings showed that key)."""
+    if "validation_size" in cell.get("settings", {}):
+        return int(cell["settings"]["validation_size"])
+    given = [o.split("=", 1)[1] for o in cell.get("overrides") or [] if o.split("=", 1)[0].strip() == "validation_size"]
+    return int(given[-1]) if given else 0
+
+
+def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int], command: str) -> None:
+    """curves.csv, learning_curves.png and README.md from whatever cells exist."""
     from tidal.report import counterpart_table, labels_to_reach_table, markdown_table, plot_curves, summarize
 
     cells = load_cells(root / "cells")
@@ -184,7 +190,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
             writer.writerow({**r, "test_accuracy": f"{float(r['test_accuracy']):.6f}"})
     os.replace(root / "curves.csv.tmp", root / "curves.csv")
     settings = cells[0]["settings"] if cells else {}
-    split = split or ("validation" if settings.get("validation_size") else "test")
+    split = "validation" if cells and _validation_size(cells[0]) else "test"
     summary = summarize(rows, split) if rows else None
     if summary:
         plot_curves(summary, root / "learning_curves.png", title=f"{name}: learning curves")

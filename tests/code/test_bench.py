@@ -87,3 +87,10 @@ def test_grid_reports_print_commands_a_reader_runs_from_the_repository_root(benc
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert al_curves.shown_command("benchmarks/ablations.py", ["--out", "/tmp/elsewhere"]) == (
         "python benchmarks/ablations.py --out /tmp/elsewhere")
+
+
+def test_a_cell_written_before_settings_showed_validation_size_still_reads_as_validation(benchmark_script):
+    al_curves = benchmark_script("al_curves")
+    assert al_curves._validation_size({"settings": {"validation_size": 50}}) == 50
+    assert al_curves._validation_size({"settings": {}, "overrides": ["tracking=false", "validation_size=300"]}) == 300
+    assert al_curves._validation_size({"settings": {}, "overrides": ["seed=1"]}) == 0
