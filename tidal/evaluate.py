@@ -1,4 +1,4 @@
-"""Test accuracy of a backbone, in batches under inference mode."""
+"""Predictions and accuracy of a backbone, in batches under inference mode."""
 from __future__ import annotations
 
 import torch
@@ -9,15 +9,27 @@ from tidal.train import normalize, precision_context, prepare_input, prepare_mod
 
 @torch.inference_mode()
 def predict_logits(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device,
-                   batch_size: int = 512) -> torch.Tensor:
+                   batch_size: int = 512, hflip: bool = False) -> torch.Tensor:
+    """Logits of each image; with `hflip`, the mean of the logits of the image and its mirror
+    (test-time augmentation, as the fast CIFAR-10 trainers evaluate; only for data whose
+    classes are mirror-symmetric, like the training's `train.hflip`)."""
     net = prepare_model(backbone.eval(), device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return net(prepare_input(x, device))[0].float()
+
+    out = []
     with precision_context(device):  # bf16 on CUDA; nothing on CPU
-        out = [net(prepare_input(normalize(to_float(chunk.to(device))), device))[0].float().cpu()
-               for chunk in images_u8.split(batch_size)]
+        for chunk in images_u8.split(batch_size):
+            x = normalize(to_float(chunk.to(device)))
+            logits = forward(x)
+            if hflip:
+                logits = 0.5 * (logits + forward(x.flip(-1)))
+            out.append(logits.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def accuracy(backbone: nn.Module, images_u8: torch.Tensor, labels: torch.Tensor, device: torch.device,
-             batch_size: int = 512) -> float:
-    logits = predict_logits(backbone, images_u8, device, batch_size)
+             batch_size: int = 512, hflip: bool = False) -> float:
+    logits = predict_logits(backbone, images_u8, device, batch_size, hflip)
     return float((logits.argmax(1) == labels).float().mean())

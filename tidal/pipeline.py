@@ -322,8 +322,8 @@ def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
     data = dataset_for(params)
     backbone, _ = load_models(params, checkpoint, data)
     acc = accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
-                   params["score_batch_size"])
-    write_json(out, {"test_accuracy": acc, "n_test": len(data.test_labels)})
+                   params["score_batch_size"], hflip=params["eval_hflip"])
+    write_json(out, {"test_accuracy": acc, "n_test": len(data.test_labels), "eval_hflip": params["eval_hflip"]})
     return acc
 
 
@@ -463,7 +463,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     backbone, _ = load_models(params, out_dir / "model.pt", data)
     positions = data.index_of(ids)
     logits = predict_logits(backbone, data.pool_images[positions], resolve_device(params["device"]),
-                            params["score_batch_size"])
+                            params["score_batch_size"], hflip=params["eval_hflip"])
     # The image file each annotator opens: the pool's own, or a PNG written here for array pools.
     if data.pool_files:
         paths = [data.pool_files[p] for p in positions.tolist()]
