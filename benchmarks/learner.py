@@ -83,10 +83,14 @@ def run_cell(params: dict[str, Any], size: int, seed: int, n_val: int, with_test
         "steps": len(history) * steps_per_epoch(size, cfg.batch_size),
         "train_s": round(train_s, 2), "train_img_s": round(len(history) * size / train_s, 1),
         "val_accuracy": accuracy(backbone, data.pool_images[val_pos], data.pool_labels[val_pos], device),
+        # The same model evaluated on each image and its mirror (eval_hflip): one training, both numbers.
+        "val_accuracy_hflip": accuracy(backbone, data.pool_images[val_pos], data.pool_labels[val_pos], device,
+                                       hflip=True),
         "final_train_accuracy": history[-1]["accuracy"],
     }
     if with_test:
-        record["test_accuracy"] = accuracy(backbone, data.test_images, data.test_labels, device)
+        record["test_accuracy"] = accuracy(backbone, data.test_images, data.test_labels, device,
+                                           hflip=params["eval_hflip"])
     return record
 
 
@@ -97,12 +101,16 @@ def rebuild_report(root: Path, configs: dict[str, list[str]], sizes: list[int], 
         by.setdefault((c["config"], c["size"]), []).append(c)
     names = list(dict.fromkeys([*configs, *sorted({c["config"] for c in cells})]))
     has_test = any("test_accuracy" in c for c in cells)
+    has_flip = any("val_accuracy_hflip" in c for c in cells)
     lines = [f"# Learner check `{root.name}`", "", "Produced by (from the repository root):", "", "```bash", command,
              "```", "", f"Validation: {n_val} random samples of the pool (the train split), held out of every "
              "labeled set; labeled sets are seeded random draws from the rest, the same for every config of a "
-             "seed. Mean over the seeds present; `steps` is optimizer steps per training run.", "",
-             "| config | overrides | size | seeds | val accuracy | " + ("test accuracy | " if has_test else "")
-             + "epochs | steps | train img/s |", "|---" * (8 + has_test) + "|"]
+             "seed. Mean over the seeds present; `steps` is optimizer steps per training run"
+             + ("; `val, flip TTA` is the same model on each image and its mirror (`eval_hflip`)" if has_flip else "")
+             + ("; test accuracy as the config's `eval_hflip` says" if has_test else "") + ".", "",
+             "| config | overrides | size | seeds | val accuracy | " + ("val, flip TTA | " if has_flip else "")
+             + ("test accuracy | " if has_test else "") + "epochs | steps | train img/s |",
+             "|---" * (8 + has_flip + has_test) + "|"]
     for name in names:
         for size in sizes:
             group = by.get((name, size))
@@ -111,8 +119,10 @@ def rebuild_report(root: Path, configs: dict[str, list[str]], sizes: list[int], 
             mean = lambda k: float(np.mean([g[k] for g in group]))  # noqa: E731
             test = f"{mean('test_accuracy'):.4f} | " if has_test and all("test_accuracy" in g for g in group) else (
                 "– | " if has_test else "")
+            flip = f"{mean('val_accuracy_hflip'):.4f} | " if has_flip and all(
+                "val_accuracy_hflip" in g for g in group) else ("– | " if has_flip else "")
             lines.append(f"| {name} | `{','.join(group[0]['overrides']) or '–'}` | {size} | "
-                         f"{','.join(str(g['seed']) for g in group)} | {mean('val_accuracy'):.4f} | {test}"
+                         f"{','.join(str(g['seed']) for g in group)} | {mean('val_accuracy'):.4f} | {flip}{test}"
                          f"{mean('epochs'):.0f} | {mean('steps'):.0f} | {mean('train_img_s'):.0f} |")
     lines += ["", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads; images/s depend on load (compare speed with "
