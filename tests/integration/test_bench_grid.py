@@ -1,5 +1,5 @@
 """benchmarks/al_curves.py: a 2-strategy × 1-seed grid through the real flow, then a rerun that
-recomputes nothing."""
+recomputes nothing and a re-evaluation of its models (benchmarks/reevaluate.py)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 
-def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch,
+def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, migrated_mlflow_db, tmp_path, monkeypatch,
                                                   benchmark_script):
     al_curves = benchmark_script("al_curves")
     monkeypatch.chdir(tmp_path)  # nothing may land in the repo
@@ -58,6 +58,40 @@ def test_grid_writes_cells_and_report_and_resumes(prefect_harness, migrated_mlfl
     again = al_curves.main(argv, configure_env=False)
     assert again["ran"] == [] and sorted(again["skipped"]) == ["entropy-s0", "random-s0"]
     assert {p.name: p.stat().st_mtime_ns for p in (root / "cells").glob("*.json")} == mtimes
+
+    # reevaluate.py: the same models under another evaluation setting, checked against the grid.
+    reevaluate = benchmark_script("reevaluate")
+    with pytest.raises(SystemExit, match="evaluation keys only"):
+        reevaluate.main(["--grid", "tiny", "--name", "bad", "--out", str(out), "--set", "train.epochs=3"])
+    assert not (out / "bad").exists()
+    flip_argv = ["--grid", "tiny", "--name", "tiny-flip", "--out", str(out), "--set", "eval_hflip=true"]
+    assert sorted(reevaluate.main(flip_argv)["ran"]) == ["entropy-s0", "random-s0"]
+    import torch
+
+    from tidal.config import load_params
+    from tidal.evaluate import accuracy
+    from tidal.pipeline import dataset_for, load_models
+
+    changed = 0
+    for name, cell in cells.items():
+        flipped = json.loads((out / "tiny-flip" / "cells" / f"{name}.json").read_text())
+        params = load_params(str(root / "runs" / cell["experiment"] / "params.yaml"))
+        data = dataset_for(params)
+        for row, new in zip(cell["rows"], flipped["rows"]):
+            model, _ = load_models(params, root / "runs" / cell["experiment"] / "cycles" / str(row["cycle"]) / "model.pt")
+            expected = accuracy(model, data.test_images, data.test_labels, torch.device("cpu"), hflip=True)
+            assert new["test_accuracy"] == expected and new["n_labeled"] == row["n_labeled"]
+            changed += new["test_accuracy"] != row["test_accuracy"]
+        assert flipped["reevaluated"]["recorded_accuracy"] == [r["test_accuracy"] for r in cell["rows"]]
+    assert changed  # digits are not mirror-symmetric: the mirrored view moves some accuracies
+    flip_readme = (out / "tiny-flip" / "README.md").read_text()
+    assert "evaluated again with `eval_hflip=true`" in flip_readme and "Cells finished: **2 of 2**" in flip_readme
+    assert reevaluate.main(flip_argv)["ran"] == []  # resumed: nothing evaluated twice
+    # A model that is not the one the grid evaluated is refused, naming it.
+    ws = root / "runs" / cells["random-s0"]["experiment"] / "cycles"
+    shutil.copy(ws / "1" / "model.pt", ws / "0" / "model.pt")
+    with pytest.raises(SystemExit, match="not the model it evaluated"):
+        reevaluate.main(["--grid", "tiny", "--name", "tiny-flip2", "--out", str(out), "--set", "eval_hflip=true"])
     # The data may move (data_root is where it lives, not what it is) ...
     moved = [a.replace(f"data_root={tmp_path}/data", f"data_root={tmp_path}/elsewhere") for a in argv]
     assert al_curves.main(moved, configure_env=False)["ran"] == []

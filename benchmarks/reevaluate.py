@@ -1,0 +1,129 @@
+"""A finished al_curves grid, evaluated again with other evaluation settings, without retraining.
+
+    python benchmarks/reevaluate.py --grid cifar10-cpu-500 --name cifar10-cpu-500-flip \\
+        --runs benchmarks/results/cifar10-cpu-500-s2/runs --set eval_hflip=true
+
+Only the evaluation keys may change (`--set eval_hflip=...`, `score_batch_size`): training,
+scoring and selection never read them, so each cycle's saved model (`cycles/<k>/model.pt` in
+the cell's workspace) and labeled set are the ones a rerun of the grid with these settings
+makes. For every cell of `<out>/<grid>/cells/`, each cycle's model is loaded and evaluated on the
+cell's test split (or validation split) with the cell's own params plus `--set`; its one-view
+accuracy must equal the accuracy the grid recorded (checked, so a model that is not the one the
+grid evaluated is refused). The cells, with the new accuracies, go to `<out>/<name>/cells/` and
+the report is al_curves.py's (`curves.csv`, `learning_curves.png`, `README.md`).
+
+Workspaces are looked up as `<runs>/<experiment>` in the grid's own `runs/` and every `--runs`
+folder (a grid whose seeds ran in two processes has two). Resumable: a cell with a file is
+skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+import al_curves  # noqa: E402
+
+EVALUATION_KEYS = {"eval_hflip", "score_batch_size"}
+# A recorded accuracy is a float32 mean written as a Python float; the same model gives the same one.
+SAME_ACCURACY = 1e-6
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", required=True, help="the finished grid's --name")
+    p.add_argument("--name", required=True, help="the re-evaluated grid's name (its results folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"evaluation settings: {', '.join(sorted(EVALUATION_KEYS))}")
+    p.add_argument("--runs", action="append", default=[], help="another folder of the grid's workspaces")
+    p.add_argument("--out", default=str(al_curves.DEFAULT_OUT))
+    return p.parse_args(argv)
+
+
+def find_workspace(experiment: str, runs_dirs: list[Path]) -> Path:
+    for runs in runs_dirs:
+        if (runs / experiment / "state.json").is_file():
+            return runs / experiment
+    raise SystemExit(f"no workspace of {experiment} in {', '.join(str(r) for r in runs_dirs)}: "
+                     "give the folder that holds it with --runs")
+
+
+def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str]) -> dict[str, Any]:
+    """The cell with each cycle's accuracy measured again under `overrides`."""
+    import torch
+
+    from tidal.config import load_params
+    from tidal.evaluate import predict_logits
+    from tidal.pipeline import dataset_for, load_models
+
+    params = load_params(str(workspace / "params.yaml"), overrides)
+    data = dataset_for(params)
+    device = torch.device("cpu")
+    rows = []
+    for row in cell["rows"]:
+        checkpoint = workspace / "cycles" / str(row["cycle"]) / "model.pt"
+        backbone, _ = load_models(params, str(checkpoint), data)
+        plain = predict_logits(backbone, data.test_images, device, params["score_batch_size"])
+        recorded = float(row["test_accuracy"])
+        if abs(float((plain.argmax(1) == data.test_labels).float().mean()) - recorded) > SAME_ACCURACY:
+            raise SystemExit(f"{checkpoint} does not give the accuracy {recorded:.4f} the grid recorded for "
+                             f"{cell['experiment']} cycle {row['cycle']}: not the model it evaluated")
+        logits = predict_logits(backbone, data.test_images, device, params["score_batch_size"],
+                                hflip=params["eval_hflip"])
+        rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
+    return {**cell, "rows": rows, "reevaluated": {"set": overrides,
+                                                   "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
+                                                   "workspace": workspace.name,
+                                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    source, root = out / args.grid, out / args.name
+    keys = {o.split("=", 1)[0].strip() for o in args.overrides}
+    if not keys or not keys <= EVALUATION_KEYS:
+        raise SystemExit(f"--set takes evaluation keys only ({', '.join(sorted(EVALUATION_KEYS))}), got "
+                         f"{sorted(keys) or 'none'}: anything else changes training or selection, so rerun "
+                         "the grid with al_curves.py")
+    cells = al_curves.load_cells(source / "cells")
+    if not cells:
+        raise SystemExit(f"no finished cells in {source / 'cells'}")
+    runs_dirs = [source / "runs", *(Path(r).resolve() for r in args.runs)]
+    (root / "cells").mkdir(parents=True, exist_ok=True)
+    strategies = list(dict.fromkeys(c["strategy"] for c in cells))
+    seeds = sorted({int(c["seed"]) for c in cells})
+    command = al_curves.shown_command("benchmarks/reevaluate.py", argv if argv is not None else sys.argv[1:])
+    ran = []
+    for cell in cells:
+        path = root / "cells" / f"{al_curves.cell_name(cell['strategy'], int(cell['seed']))}.json"
+        if path.is_file():
+            continue
+        record = reevaluate_cell(cell, find_workspace(cell["experiment"], runs_dirs), args.overrides)
+        al_curves._atomic_write(path, json.dumps(record, indent=1) + "\n")
+        ran.append(path.stem)
+        print(f"[reevaluate] {path.stem}: " + " ".join(
+            f"{a:.4f}->{r['test_accuracy']:.4f}" for a, r in zip(record["reevaluated"]["recorded_accuracy"],
+                                                                 record["rows"])), flush=True)
+    al_curves.rebuild_report(root, args.name, strategies, seeds, command)
+    readme = root / "README.md"
+    intro = (f"The models of the grid `{args.grid}` (benchmarks/results/{args.grid}/), evaluated again with "
+             f"`{' '.join(args.overrides)}`: the same labeled sets and saved models (evaluation settings never "
+             "reach training or selection), each cycle's one-view accuracy checked equal to the one the grid "
+             "recorded. Wall times are the original cells'.")
+    head, _, rest = readme.read_text().partition("\n\n")
+    al_curves._atomic_write(readme, f"{head}\n\n{intro}\n\n{rest}")
+    return {"ran": ran, "root": str(root)}
+
+
+if __name__ == "__main__":
+    main()
