@@ -77,8 +77,10 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
         if abs(float((plain.argmax(1) == data.test_labels).float().mean()) - recorded) > SAME_ACCURACY:
             raise SystemExit(f"{checkpoint} does not give the accuracy {recorded:.4f} the grid recorded for "
                              f"{cell['experiment']} cycle {row['cycle']}: not the model it evaluated")
-        logits = predict_logits(backbone, data.test_images, device, params["score_batch_size"],
-                                hflip=params["eval_hflip"])
+        logits = plain
+        if params["eval_hflip"]:  # predict_logits(hflip=True) without computing the one view twice
+            logits = 0.5 * (plain + predict_logits(backbone, data.test_images.flip(-1), device,
+                                                   params["score_batch_size"]))
         rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
     return {**cell, "rows": rows, "reevaluated": {"set": overrides,
                                                    "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
