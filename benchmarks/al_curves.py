@@ -39,7 +39,7 @@ DEFAULT_OUT = REPO / "benchmarks" / "results"
 CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
 # Keys of the cell's params shown in the result README.
 SHOWN_KEYS = ["dataset", "backbone", "imbalance_ratio", "validation_size", "cycles", "initial_size", "budget",
-              "subset_size", "train.epochs", "train.batch_size", "train.lr", "train.milestones", "train.crop_pad", "train.hflip"]
+              "subset_size", "train.epochs", "train.batch_size", "train.lr", "train.milestones", "train.crop_pad", "train.hflip", "eval_hflip"]
 
 
 def configure_environment(out_dir: Path) -> None:

@@ -61,7 +61,7 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
     """The cell with each cycle's accuracy measured again under `overrides`."""
     import torch
 
-    from tidal.config import load_params
+    from tidal.config import flatten, load_params
     from tidal.evaluate import predict_logits
     from tidal.pipeline import dataset_for, load_models
 
@@ -82,7 +82,8 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
             logits = 0.5 * (plain + predict_logits(backbone, data.test_images.flip(-1), device,
                                                    params["score_batch_size"]))
         rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
-    return {**cell, "rows": rows, "reevaluated": {"set": overrides,
+    shown = {k: v for k, v in flatten(params).items() if k in al_curves.SHOWN_KEYS}
+    return {**cell, "rows": rows, "settings": {**cell.get("settings", {}), **shown}, "reevaluated": {"set": overrides,
                                                    "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
                                                    "workspace": workspace.name,
                                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}

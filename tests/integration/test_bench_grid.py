@@ -83,6 +83,7 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
             assert new["test_accuracy"] == expected and new["n_labeled"] == row["n_labeled"]
             changed += new["test_accuracy"] != row["test_accuracy"]
         assert flipped["reevaluated"]["recorded_accuracy"] == [r["test_accuracy"] for r in cell["rows"]]
+        assert flipped["settings"]["eval_hflip"] is True and cell["settings"]["eval_hflip"] is False
     assert changed  # digits are not mirror-symmetric: the mirrored view moves some accuracies
     flip_readme = (out / "tiny-flip" / "README.md").read_text()
     assert "evaluated again with `eval_hflip=true`" in flip_readme and "Cells finished: **2 of 2**" in flip_readme
