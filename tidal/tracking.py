@@ -66,10 +66,10 @@ class MlflowTracker:
         return found[0].info.run_id if found else None
 
     def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
-                         run_key: str = "") -> str:
-        """Create the parent run, or find the one tagged with `run_key`; return its id."""
-        from tidal.config import flatten
-
+                         run_key: str = "", pool_version: str = "") -> str:
+        """Create the parent run, or find the one tagged with `run_key`; return its id. Its params
+        are every params key plus data_version (the experiment's pool and labels) and pool_version
+        (the pool's content alone, which `tidal compare` needs equal across the runs it averages)."""
         experiment_id = self._experiment_id(params["experiment"])
         if run_key and (found := self._existing_run(experiment_id, {RUN_KEY_TAG: run_key})):
             return found
@@ -79,8 +79,10 @@ class MlflowTracker:
             tags={"strategy": params["strategy"], "dataset": params["dataset"],
                   "data_version": data_version, "tidal.kind": "experiment",
                   "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key})
-        flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
+        flat = logged_params(params)
         flat["data_version"] = data_version
+        if pool_version:
+            flat["pool_version"] = pool_version
         self._log(run.info.run_id, params=flat)
         return run.info.run_id
 
@@ -342,7 +344,7 @@ class NullTracker:
     enabled = False
 
     def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
-                         run_key: str = "") -> str:
+                         run_key: str = "", pool_version: str = "") -> str:
         return ""
 
     def start_cycle(self, parent_run_id: str, experiment: str, cycle: int, n_labeled: int,
@@ -377,6 +379,13 @@ def make_tracker(enabled: bool = True) -> Tracker:
     return MlflowTracker() if enabled else NullTracker()
 
 
+def logged_params(params: dict[str, Any]) -> dict[str, str]:
+    """params flattened to the strings MLflow stores (`train.lr` -> "0.05", None -> "null")."""
+    from tidal.config import flatten
+
+    return {k: "null" if v is None else str(v) for k, v in flatten(params).items()}
+
+
 # --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
 
 def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_flow_run_id: str = "") -> str:
@@ -397,7 +406,8 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
     if not run_key:
         run_key = uuid.uuid4().hex
         record_tracking(params, "run_key", run_key)
-    parent = tracker.start_experiment(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key)
+    parent = tracker.start_experiment(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
+                                      pool_version=str(load_state(params).get("pool_version", "")))
     failpoint("tracking:parent-created")
     record_tracking(params, "parent_run_id", parent)
     return parent

@@ -183,18 +183,25 @@ def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
     assert tidal_row[5] == f"{sum(accs) / 2:.4f}"  # AUBC = mean over cycles, one seed: no interval
     assert tidal_row[6].startswith(("+", "-"))  # paired gain over random
     client = MlflowClient(tracking_uri=finished_experiment["uri"])
+    # the flow logs the pool's own version, which compare needs equal across the runs it averages
+    from tidal import pipeline
+    from tidal.config import load_params
+
+    state = pipeline.load_state(load_params(None, _overrides(tmp)))
+    parent = client.get_run(state["tracking"]["parent_run_id"])
+    assert parent.data.params["pool_version"] == str(state["pool_version"]) != ""
     comp = client.get_experiment_by_name("tidal-comparisons")
     run = client.search_runs([comp.experiment_id])[0]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
         "learning_curves.png", "learning_curves.md", "learning_curves.csv", "report.html"}
 
 
-def _tracked_experiment(tracker, tmp: Path, accs: list[float], *overrides: str) -> str:
+def _tracked_experiment(tracker, tmp: Path, accs: list[float], *overrides: str, pool_version: str = "") -> str:
     """A parent run in the real store with one curve point per cycle, as the flow logs them."""
     from tidal.config import load_params
 
     params = load_params(None, ["preset=debug", *overrides])
-    parent = tracker.start_experiment(params, data_version="md5-of-data")
+    parent = tracker.start_experiment(params, data_version="md5-of-data", pool_version=pool_version)
     query = tmp / "query.csv"
     query.write_text("id,label\n")
     for cycle, acc in enumerate(accs):
@@ -238,6 +245,19 @@ def test_compare_refuses_what_is_not_one_protocol_and_counts_a_restarted_experim
     assert tidal_main(["compare", "--experiment", "cmp-random", "--experiment", "cmp-random-again",
                        "--out", str(tmp_path / "rep")]) == 2
     assert "strategy random seed 0 is in 2 experiments (cmp-random, cmp-random-again)" in capsys.readouterr().err
+
+    # Two pools under one set of params (another imagefolder's content): refused by pool_version;
+    # a run from before pool_version was logged is compared, and the output says it was not checked.
+    _tracked_experiment(tracker, tmp_path, [0.5, 0.6], "experiment=cmp-pool-a", "strategy=random", "seed=1",
+                        pool_version="md5-pool-a")
+    _tracked_experiment(tracker, tmp_path, [0.5, 0.7], "experiment=cmp-pool-b", "strategy=entropy", "seed=1",
+                        pool_version="md5-pool-b")
+    assert tidal_main(["compare", "--experiment", "cmp-pool-*", "--out", str(tmp_path / "rep")]) == 2
+    assert "pool_version: md5-pool-a (cmp-pool-a), md5-pool-b (cmp-pool-b)" in capsys.readouterr().err
+    assert tidal_main(["compare", "--experiment", "cmp-pool-a", "--experiment", "cmp-entropy",
+                       "--out", str(tmp_path / "rep")]) == 0
+    assert "not compared, because some runs predate the key (they did not log it): pool_version (cmp-entropy)" \
+        in capsys.readouterr().out
 
 
 def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
