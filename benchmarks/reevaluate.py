@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"evaluation settings: {', '.join(sorted(EVALUATION_KEYS))}")
     p.add_argument("--runs", action="append", default=[], help="another folder of the grid's workspaces")
+    p.add_argument("--strategies", default="", help="comma-separated: only these cells, in this order (a second "
+                   "process can take another part of the grid; the report counts every cell present)")
     p.add_argument("--out", default=str(al_curves.DEFAULT_OUT))
     return p.parse_args(argv)
 
@@ -105,6 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (root / "cells").mkdir(parents=True, exist_ok=True)
     strategies = list(dict.fromkeys(c["strategy"] for c in cells))
     seeds = sorted({int(c["seed"]) for c in cells})
+    if args.strategies:
+        chosen = al_curves._csv_list(args.strategies)
+        unknown = sorted(set(chosen) - set(strategies))
+        if unknown:
+            raise SystemExit(f"--strategies {unknown} have no cells in {source / 'cells'}; it has {strategies}")
+        cells = sorted((c for c in cells if c["strategy"] in chosen),
+                       key=lambda c: (chosen.index(c["strategy"]), int(c["seed"])))
     command = al_curves.shown_command("benchmarks/reevaluate.py", argv if argv is not None else sys.argv[1:])
     ran = []
     for cell in cells:

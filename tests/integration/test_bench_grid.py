@@ -88,6 +88,11 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
     flip_readme = (out / "tiny-flip" / "README.md").read_text()
     assert "evaluated again with `eval_hflip=true`" in flip_readme and "Cells finished: **2 of 2**" in flip_readme
     assert reevaluate.main(flip_argv)["ran"] == []  # resumed: nothing evaluated twice
+    part = ["--grid", "tiny", "--name", "tiny-part", "--out", str(out), "--set", "eval_hflip=true", "--strategies"]
+    with pytest.raises(SystemExit, match=r"\['margin'\] have no cells"):
+        reevaluate.main([*part, "margin"])
+    assert reevaluate.main([*part, "entropy"])["ran"] == ["entropy-s0"]  # a part of the grid, for a second process
+    assert "Cells finished: **1 of 2**" in (out / "tiny-part" / "README.md").read_text()
     # A model that is not the one the grid evaluated is refused, naming it.
     ws = root / "runs" / cells["random-s0"]["experiment"] / "cycles"
     shutil.copy(ws / "1" / "model.pt", ws / "0" / "model.pt")
