@@ -140,8 +140,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"labeled:      {n_labeled}   unlabeled: {state['pool_size'] - n_labeled}")
     if history:
         split = "validation" if params["validation_size"] else "test"
+        views = ", on each image and its mirror" if params["eval_hflip"] else ""
         print(f"last {split} accuracy: {history[-1]['test_accuracy']:.4f} (cycle {history[-1]['cycle']}, "
-              f"{history[-1]['n_labeled']} labels)")
+              f"{history[-1]['n_labeled']} labels{views})")
         print(f"last query:   {history[-1]['query']}")
         print()
         print(format_lineage(history, state["data_version"]))

@@ -46,7 +46,7 @@ def _experiment(tmp_path, data_root, name: str, eval_hflip: bool):
     return params, pipeline.workspace(params).cycle_dir(0)
 
 
-def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root):
+def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root, capsys):
     plain_params, plain = _experiment(tmp_path, data_root, "plain", False)
     flip_params, flip = _experiment(tmp_path, data_root, "flip", True)
     # training and selection are the same: the weights and scores byte for byte
@@ -65,3 +65,12 @@ def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root):
         rows = list(csv.DictReader(fh))
     logits = predict_logits(backbone, data.pool_images[data.index_of([r["id"] for r in rows])], CPU, hflip=True)
     assert [int(r["suggested_label"]) for r in rows] == logits.argmax(1).tolist()
+    # `tidal status` says how the accuracy was measured
+    from tidal.cli import main as tidal_main
+
+    capsys.readouterr()
+    for name, flag in (("flip", "true"), ("plain", "false")):
+        overrides = ["preset=debug", f"runs_dir={tmp_path}/{name}", f"data_root={data_root}", "tracking=false",
+                     f"eval_hflip={flag}"]
+        assert tidal_main(["status", *sum((["--set", o] for o in overrides), [])]) == 0
+        assert ("each image and its mirror" in capsys.readouterr().out) == (flag == "true")
