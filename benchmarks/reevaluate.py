@@ -85,10 +85,9 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
                                                    params["score_batch_size"]))
         rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
     shown = {k: v for k, v in flatten(params).items() if k in al_curves.SHOWN_KEYS}
-    return {**cell, "rows": rows, "settings": {**cell.get("settings", {}), **shown}, "reevaluated": {"set": overrides,
-                                                   "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
-                                                   "workspace": workspace.name,
-                                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
+    reevaluated = {"set": overrides, "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
+                   "workspace": workspace.name, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {**cell, "rows": rows, "settings": {**cell.get("settings", {}), **shown}, "reevaluated": reevaluated}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

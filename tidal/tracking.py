@@ -70,6 +70,8 @@ class MlflowTracker:
         """Create the parent run, or find the one tagged with `run_key`; return its id. Its params
         are every params key plus data_version (the experiment's pool and labels) and pool_version
         (the pool's content alone, which `tidal compare` needs equal across the runs it averages)."""
+        from tidal.config import flatten
+
         experiment_id = self._experiment_id(params["experiment"])
         if run_key and (found := self._existing_run(experiment_id, {RUN_KEY_TAG: run_key})):
             return found
@@ -79,7 +81,7 @@ class MlflowTracker:
             tags={"strategy": params["strategy"], "dataset": params["dataset"],
                   "data_version": data_version, "tidal.kind": "experiment",
                   "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key})
-        flat = logged_params(params)
+        flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
         flat["data_version"] = data_version
         if pool_version:
             flat["pool_version"] = pool_version
@@ -377,13 +379,6 @@ Tracker = MlflowTracker | NullTracker
 def make_tracker(enabled: bool = True) -> Tracker:
     """The one switch for tracking: pass `params["tracking"]`; off gives the NullTracker."""
     return MlflowTracker() if enabled else NullTracker()
-
-
-def logged_params(params: dict[str, Any]) -> dict[str, str]:
-    """params flattened to the strings MLflow stores (`train.lr` -> "0.05", None -> "null")."""
-    from tidal.config import flatten
-
-    return {k: "null" if v is None else str(v) for k, v in flatten(params).items()}
 
 
 # --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
