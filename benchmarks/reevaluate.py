@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not cells:
         raise SystemExit(f"no finished cells in {source / 'cells'}")
     runs_dirs = [source / "runs", *(Path(r).resolve() for r in args.runs)]
-    (root / "cells").mkdir(parents=True, exist_ok=True)
     strategies = list(dict.fromkeys(c["strategy"] for c in cells))
     seeds = sorted({int(c["seed"]) for c in cells})
     if args.strategies:
@@ -113,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--strategies {unknown} have no cells in {source / 'cells'}; it has {strategies}")
         cells = sorted((c for c in cells if c["strategy"] in chosen),
                        key=lambda c: (chosen.index(c["strategy"]), int(c["seed"])))
+    (root / "cells").mkdir(parents=True, exist_ok=True)  # after every check: bad input leaves nothing behind
     command = al_curves.shown_command("benchmarks/reevaluate.py", argv if argv is not None else sys.argv[1:])
     ran = []
     for cell in cells:

@@ -91,6 +91,7 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
     part = ["--grid", "tiny", "--name", "tiny-part", "--out", str(out), "--set", "eval_hflip=true", "--strategies"]
     with pytest.raises(SystemExit, match=r"\['margin'\] have no cells"):
         reevaluate.main([*part, "margin"])
+    assert not (out / "tiny-part").exists()
     assert reevaluate.main([*part, "entropy"])["ran"] == ["entropy-s0"]  # a part of the grid, for a second process
     assert "Cells finished: **1 of 2**" in (out / "tiny-part" / "README.md").read_text()
     # A model that is not the one the grid evaluated is refused, naming it.
