@@ -3,8 +3,8 @@
     python benchmarks/reevaluate.py --grid cifar10-cpu-500 --name cifar10-cpu-500-flip \\
         --runs benchmarks/results/cifar10-cpu-500-s2/runs --set eval_hflip=true
 
-Only the evaluation keys may change (`--set eval_hflip=...`, `score_batch_size`): training,
-scoring and selection never read them, so each cycle's saved model (`cycles/<k>/model.pt` in
+Only the evaluation key may change (`--set eval_hflip=...`): training, scoring and selection
+never read it, so each cycle's saved model (`cycles/<k>/model.pt` in
 the cell's workspace) and labeled set are the ones a rerun of the grid with these settings
 makes. For every cell of `<out>/<grid>/cells/`, each cycle's model is loaded and evaluated on the
 cell's test split (or validation split) with the cell's own params plus `--set`; its one-view
@@ -32,7 +32,9 @@ for path in (REPO, REPO / "benchmarks"):
 
 import al_curves  # noqa: E402
 
-EVALUATION_KEYS = {"eval_hflip", "score_batch_size"}
+# score_batch_size is not one: another batch size may move the last float bits, and the check
+# against the recorded accuracy would then refuse the right model.
+EVALUATION_KEYS = {"eval_hflip"}
 # A recorded accuracy is a float32 mean written as a Python float; the same model gives the same one.
 SAME_ACCURACY = 1e-6
 
@@ -61,15 +63,14 @@ def find_workspace(experiment: str, runs_dirs: list[Path]) -> Path:
 
 def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str]) -> dict[str, Any]:
     """The cell with each cycle's accuracy measured again under `overrides`."""
-    import torch
-
     from tidal.config import flatten, load_params
-    from tidal.evaluate import predict_logits
+    from tidal.device import resolve_device
+    from tidal.evaluate import mean_of_views, predict_logits
     from tidal.pipeline import dataset_for, load_models
 
     params = load_params(str(workspace / "params.yaml"), overrides)
     data = dataset_for(params)
-    device = torch.device("cpu")
+    device = resolve_device(params["device"])  # as the grid's evaluate step
     rows = []
     for row in cell["rows"]:
         checkpoint = workspace / "cycles" / str(row["cycle"]) / "model.pt"
@@ -81,8 +82,8 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
                              f"{cell['experiment']} cycle {row['cycle']}: not the model it evaluated")
         logits = plain
         if params["eval_hflip"]:  # predict_logits(hflip=True) without computing the one view twice
-            logits = 0.5 * (plain + predict_logits(backbone, data.test_images.flip(-1), device,
-                                                   params["score_batch_size"]))
+            logits = mean_of_views(plain, predict_logits(backbone, data.test_images.flip(-1), device,
+                                                         params["score_batch_size"]))
         rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
     shown = {k: v for k, v in flatten(params).items() if k in al_curves.SHOWN_KEYS}
     reevaluated = {"set": overrides, "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
@@ -97,8 +98,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     keys = {o.split("=", 1)[0].strip() for o in args.overrides}
     if not keys or not keys <= EVALUATION_KEYS:
         raise SystemExit(f"--set takes evaluation keys only ({', '.join(sorted(EVALUATION_KEYS))}), got "
-                         f"{sorted(keys) or 'none'}: anything else changes training or selection, so rerun "
-                         "the grid with al_curves.py")
+                         f"{sorted(keys) or 'none'}: other keys change training or selection (or, like "
+                         "score_batch_size, the float bits the check against the recorded accuracy reads); "
+                         "rerun the grid with al_curves.py")
     cells = al_curves.load_cells(source / "cells")
     if not cells:
         raise SystemExit(f"no finished cells in {source / 'cells'}")

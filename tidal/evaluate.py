@@ -7,6 +7,11 @@ from torch import nn
 from tidal.train import normalize, precision_context, prepare_input, prepare_model, to_float
 
 
+def mean_of_views(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the mean logits of an image and of its mirror."""
+    return 0.5 * (logits + mirrored_logits)
+
+
 @torch.inference_mode()
 def predict_logits(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device,
                    batch_size: int = 512, hflip: bool = False) -> torch.Tensor:
@@ -24,7 +29,7 @@ def predict_logits(backbone: nn.Module, images_u8: torch.Tensor, device: torch.d
             x = normalize(to_float(chunk.to(device)))
             logits = forward(x)
             if hflip:
-                logits = 0.5 * (logits + forward(x.flip(-1)))
+                logits = mean_of_views(logits, forward(x.flip(-1)))
             out.append(logits.cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

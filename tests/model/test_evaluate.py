@@ -60,11 +60,16 @@ def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root, caps
     assert flip_eval["test_accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU, hflip=True)
     assert plain_eval["test_accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU)
     assert flip_eval["test_accuracy"] != plain_eval["test_accuracy"]  # digits are not mirror-symmetric
-    # the annotators' suggested labels are the model's predictions as evaluated
+    # the annotators' suggested labels and confidences are the model's predictions as evaluated
     with open(flip / "query.csv") as fh:
         rows = list(csv.DictReader(fh))
-    logits = predict_logits(backbone, data.pool_images[data.index_of([r["id"] for r in rows])], CPU, hflip=True)
-    assert [int(r["suggested_label"]) for r in rows] == logits.argmax(1).tolist()
+    queried = data.pool_images[data.index_of([r["id"] for r in rows])]
+    both, one = (predict_logits(backbone, queried, CPU, hflip=h).softmax(1) for h in (True, False))
+    assert [int(r["suggested_label"]) for r in rows] == both.argmax(1).tolist()
+    tasks = json.loads((flip / "query_labelstudio.json").read_text())
+    shown = torch.tensor([task["predictions"][0]["score"] for task in tasks])
+    torch.testing.assert_close(shown, both.max(1).values)
+    assert not torch.allclose(shown, one.max(1).values)  # not the one-view confidences
     # `tidal status` says how the accuracy was measured
     from tidal.cli import main as tidal_main
 
