@@ -16,14 +16,27 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline, tracking
 from tidal.memory import peak_rss_mb
 from tidal.workspace import ExperimentLock, read_json
 
+def not_input_error(task: object, task_run: object, state: State) -> bool:
+    """Retry what may pass by itself (a locked store, a slow disk), never bad input: a DataError,
+    ConfigError or ExperimentMismatch fails the same way every time (all are ValueErrors)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
 # Tasks that touch the outside world (tracking store, files) retry briefly; training does not.
-OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5])
+OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=not_input_error)
 COMPUTE = dict(cache_policy=NO_CACHE)
 
 

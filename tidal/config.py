@@ -38,6 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "label_mode": ("oracle", "human"),
     "label_conflicts": ("refuse", "newest", "majority"),
+    "resize": ("center-crop", "pad", "stretch"),
+    "bad_images": ("refuse", "skip"),
     "device": ("auto", "cpu", "cuda"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "train.schedule": ("multistep", "onecycle"),
@@ -210,6 +212,10 @@ def validate(params: dict[str, Any]) -> None:
     need(params["subset_size"] is None or params["subset_size"] >= params["budget"], "subset_size",
          f"must be null (score every unlabeled sample) or at least budget={params['budget']}, "
          f"got {params['subset_size']}")
+    need(params["image_size"] >= 0, "image_size", f"must be >= 0 (0: the images' own size), got {params['image_size']}")
+    need(params["image_size"] == 0 or SOURCES[params["dataset"]].image_files, "image_size",
+         f"applies to image files (dataset imagefolder or manifest); dataset {params['dataset']!r} has one size "
+         f"already: set image_size=0")
     need(params["imbalance_ratio"] >= 1, "imbalance_ratio", f"must be >= 1, got {params['imbalance_ratio']}")
     need(params["validation_size"] >= 0, "validation_size", f"must be >= 0 (0: report on the test split), got {params['validation_size']}")
     need(0 <= params["dropout"] < 1, "dropout", f"must be in [0, 1), got {params['dropout']}")

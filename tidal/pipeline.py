@@ -17,7 +17,7 @@ import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
-from tidal.data.sources import DataError, Dataset, hold_out_validation, load_dataset, materialize
+from tidal.data.sources import DataError, Dataset, ImageOptions, hold_out_validation, load_dataset, materialize
 from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
                                 pin_file, pin_lock, pinned_md5, verify_data_version)
 from tidal.device import resolve_device, set_deterministic
@@ -105,19 +105,37 @@ def prepare_data(params: dict[str, Any]) -> dict[str, str]:
 
 def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> None:
     """What `tidal run` checks before any server starts, so bad input is one clear error: an
-    import a crash left open is finished, the data is checked against its pin, and the params
-    against the experiment already in the workspace."""
+    import a crash left open is finished, the data is checked against its pin, the params against
+    the experiment already in the workspace, and the pool is read (image files are decoded into
+    their cache now: every file that cannot be, and images of different sizes without
+    `image_size`, fail here) and checked against initial_size and budget."""
     finish_import(params, on_version)
     version = prepare_data(params)
     ws = workspace(params)
     if ws.exists():
         _check_resumable(ws.load_state(), params, version["pool_version"], ws)
+        dataset_for(params)
+    else:
+        check_pool_size(params, dataset_for(params))
+
+
+def check_pool_size(params: dict[str, Any], data: Dataset) -> None:
+    """A new experiment's initial set and first query must fit in its pool."""
+    n = len(data.pool_ids)
+    where = f"the pool of '{params['dataset']}' under {params['data_root']}"
+    if params["initial_size"] >= n:
+        raise DataError(f"initial_size={params['initial_size']} leaves nothing to query: {where} holds {n} "
+                        f"samples; set initial_size below {n}")
+    if params["initial_size"] + params["budget"] > n:
+        raise DataError(f"initial_size={params['initial_size']} + budget={params['budget']} is more than {where} "
+                        f"holds ({n} samples); set a budget of at most {n - params['initial_size']}")
 
 
 def dataset_for(params: dict[str, Any]) -> Dataset:
     """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
     of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
-    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0)
+    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0,
+                        images=ImageOptions.from_params(params))
     if params["validation_size"]:
         return hold_out_validation(data, params["validation_size"], params["seed"])
     return data
@@ -149,6 +167,10 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
             f"{[data.pool_ids[i] for i in unlabeled[:3]]}); "
             f"use label_mode=human (annotators label each query) or give every pool row a label")
     initial = initial_labeled(params, data)
+    if data.skipped:  # bad_images: skip; which files, and why, stays with the experiment
+        ws.root.mkdir(parents=True, exist_ok=True)
+        write_csv(ws.skipped_images_path, ["file", "reason"],
+                  [{"file": file, "reason": reason} for file, reason in data.skipped])
     labels = data.pool_labels[data.index_of(initial)].tolist()
     state = {
         "experiment": params["experiment"],
@@ -169,6 +191,7 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
         "history": [],
         "tracking": {},
         "overrides": list(overrides or []),
+        "skipped_images": len(data.skipped),
     }
     ws.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ws.root / "params.yaml", dump_params(params))

@@ -104,6 +104,11 @@ class Workspace:
     def metrics_path(self) -> Path:
         return self.root / "metrics.json"
 
+    @property
+    def skipped_images_path(self) -> Path:
+        """The image files left out of the pool (bad_images: skip), with the reason for each."""
+        return self.root / "skipped_images.csv"
+
     def cycle_dir(self, cycle: int) -> Path:
         return self.root / "cycles" / str(cycle)
 

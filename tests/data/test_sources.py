@@ -129,50 +129,46 @@ def test_imagefolder_truncated_image_is_data_error_naming_the_file(tmp_path, cac
 def test_imagefolder_mixed_sizes_is_data_error(tmp_path, cache):
     root = _imagefolder(tmp_path / "folder")
     _png(root / "train" / "frog" / "0009.png", 7, size=16)
-    with pytest.raises(DataError, match="0009.png.*same size"):
+    with pytest.raises(DataError, match=r"2 different sizes.*0009\.png.*image_size=224"):
         load_dataset(root, "imagefolder", cache_dir=cache)
 
 
 def test_imagefolder_is_decoded_once_then_read_from_cache(tmp_path, cache, monkeypatch):
     root = _imagefolder(tmp_path / "folder")
     first = load_dataset(root, "imagefolder", cache_dir=cache)
-    assert len(list(cache.glob("imagefolder-*.pt"))) == 1
+    assert len(list(cache.glob("imagefolder-*.json"))) == 1
 
     def no_decode(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(cache_mod, "decode_images", no_decode)
+    monkeypatch.setattr(cache_mod, "_build", no_decode)
     second = load_dataset(root, "imagefolder", cache_dir=cache)
     assert second.pool_ids == first.pool_ids and second.classes == first.classes
     for attr in ("pool_images", "pool_labels", "test_images", "test_labels"):
         assert torch.equal(getattr(second, attr), getattr(first, attr))
-    # The cache file holds plain tensors only: weights_only loading works.
-    torch.load(next(cache.glob("imagefolder-*.pt")), weights_only=True)
+    # The pool is read memory-mapped from the cache file, not copied into memory.
+    assert second.mapped and isinstance(second.mapped[0], np.memmap)
     # A changed file is a new data version: it is decoded again.
     _png(root / "train" / "cat" / "0000.png", 999)
     monkeypatch.undo()
     third = load_dataset(root, "imagefolder", cache_dir=cache)
     assert not torch.equal(third.pool_images[0], first.pool_images[0])
-    assert len(list(cache.glob("imagefolder-*.pt"))) == 2
+    assert len(list(cache.glob("imagefolder-*.json"))) == 2
 
 
-def test_loads_in_one_process_share_one_copy_of_the_decoded_pool(tmp_path, cache, monkeypatch):
-    """Every step, and every scoring thread, loads the pool: one decoded copy serves them all."""
+def test_loads_in_one_process_map_one_file_of_the_decoded_pool(tmp_path, cache, monkeypatch):
+    """Every step, and every scoring thread, loads the pool: each maps the one cache file (the OS
+    shares its pages), none decodes again."""
     from concurrent.futures import ThreadPoolExecutor
 
     root = _imagefolder(tmp_path / "folder")
-    reads = []
-    real_load = torch.load
-    monkeypatch.setattr(cache_mod.torch, "load", lambda *a, **k: reads.append(a[0]) or real_load(*a, **k))
-    first = load_dataset(root, "imagefolder", cache_dir=cache)  # decoded and saved: no read
+    first = load_dataset(root, "imagefolder", cache_dir=cache)
+    monkeypatch.setattr(cache_mod, "_build", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again")))
     with ThreadPoolExecutor(4) as pool:
         loads = list(pool.map(lambda _: load_dataset(root, "imagefolder", cache_dir=cache), range(4)))
-    assert reads == []
-    assert {d.pool_images.data_ptr() for d in loads} == {first.pool_images.data_ptr()}
-    cache_mod._memo.clear()  # as a new process: the disk cache is read, once
-    load_dataset(root, "imagefolder", cache_dir=cache)
-    load_dataset(root, "imagefolder", cache_dir=cache)
-    assert len(reads) == 1
+    assert {d.mapped[0].filename for d in loads} == {first.mapped[0].filename}
+    for data in loads:
+        assert torch.equal(data.pool_images, first.pool_images)
 
 
 def test_cache_dir_defaults_to_env_and_stays_out_of_the_dvc_hash(tmp_path, monkeypatch):
@@ -180,7 +176,7 @@ def test_cache_dir_defaults_to_env_and_stays_out_of_the_dvc_hash(tmp_path, monke
     before = dvc_dir_md5(root)
     monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "env-cache"))
     load_dataset(root, "imagefolder")
-    assert list((tmp_path / "env-cache").glob("imagefolder-*.pt"))
+    assert list((tmp_path / "env-cache").glob("imagefolder-*.u8"))
     assert dvc_dir_md5(root) == before
 
 
@@ -250,7 +246,7 @@ def test_manifest_loads_pool_with_unlabeled_and_test_split(manifest_root, cache)
 
 def test_manifest_second_load_uses_cache(manifest_root, cache, monkeypatch):
     first = load_dataset(manifest_root, "manifest", cache_dir=cache)
-    monkeypatch.setattr(cache_mod, "decode_images", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(cache_mod, "_build", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     second = load_dataset(manifest_root, "manifest", cache_dir=cache)
     assert torch.equal(first.pool_images, second.pool_images) and torch.equal(first.test_images, second.test_images)
 
@@ -297,7 +293,7 @@ def test_manifest_follows_a_symlinked_folder_inside_the_root(manifest_root, tmp_
 def test_manifest_truncated_image_names_line_and_path(manifest_root, cache):
     bad = manifest_root / "img" / "4.png"
     bad.write_bytes(bad.read_bytes()[:30])
-    with pytest.raises(DataError, match=r"manifest.csv line 6, path 'img/4.png': cannot decode"):
+    with pytest.raises(DataError, match=r"1 of 6 image files.*manifest.csv line 6, path 'img/4.png': (not an image|cannot decode)"):
         load_dataset(manifest_root, "manifest", cache_dir=cache)
 
 

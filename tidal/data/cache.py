@@ -1,33 +1,47 @@
-"""Decode image files once: a uint8 tensor cache keyed by what the source reads (paths, sizes, mtimes).
+"""Decode image files once, in parallel, into a memory-mapped uint8 array on disk.
 
-Image-file sources (imagefolder, manifest) decode every file with PIL on their first load and
-save the result as one `.pt` (plain tensors and lists, so `torch.load(weights_only=True)` reads
-it) under the cache dir. The key is a hash of what the source reads: every file's relative path,
-size and mtime plus the source's own index files (manifest CSV, classes list), so changing,
-adding or removing an image makes a new entry and the next load decodes again.
+Image-file sources (imagefolder, manifest) call `decoded_pool` on every load. The first call
+for a given set of files and size decodes them in worker processes (all cores, a progress bar
+with files/s and ETA) straight into one raw uint8 file N×C×H×W; every later call, in any
+process (training, evaluation, scoring, Dask workers, DDP ranks), maps that file read-only
+copy-on-write, so a process holds only the pages it touches, never the whole pool.
+
+An entry is two files under the cache dir, named by a key that hashes what was read (every
+file's relative path, size and mtime, the source's own index files, the image size and the
+resize policy): `<source>-<key>.u8` (the pixels) and `<source>-<key>.json` (shape, and the
+files that could not be decoded, with the reason). The pixels are written to a temporary file
+and renamed into place, then the JSON is written atomically: an entry counts only when its JSON
+exists and the pixel file has exactly the size it states, so a torn or interrupted build is
+never read, and the next load builds it again from scratch.
 
 The cache lives OUTSIDE data_root (default `.cache/tidal/` in the working directory, or
 $TIDAL_CACHE_DIR), so the DVC hash of data_root (tidal.data.version.dvc_dir_md5) never sees it.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import math
+import multiprocessing
 import os
-import threading
-from collections import OrderedDict
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Iterator
 
 import numpy as np
-import torch
 
+from tidal.data.decode import GRAY_MODES, BadImage, decode, probe
 from tidal.data.errors import DataError
+from tidal.progress import progress
 
-CACHE_FORMAT = 1  # bump when the decoded layout changes, so old entries are not reused
+CACHE_FORMAT = 2  # bump when the decoded layout changes, so old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-GRAY_MODES = ("1", "L")
+# Fewer files than this are decoded in this process: starting workers costs more than it saves.
+PARALLEL_MIN_FILES = 256
+CHUNK_FILES = 64
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:
@@ -42,83 +56,233 @@ def file_stat_entry(path: Path, relpath: str) -> list:
     return [relpath, st.st_size, st.st_mtime_ns]
 
 
-def data_key(source: str, entries: list, extra: dict[str, str] | None = None) -> str:
-    """Hash of (source, format, [relpath, size, mtime_ns] of every file, extra digests)."""
+def data_key(source: str, entries: list, extra: dict | None = None) -> str:
+    """Hash of (source, format, [relpath, size, mtime_ns] of every file, extra settings)."""
     payload = json.dumps({"source": source, "format": CACHE_FORMAT, "files": entries, "extra": extra or {}},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-# The entries this process loaded last, by file: every pipeline step loads the pool, and the
-# scoring shards of a thread task runner load it at once; they share one copy instead of each
-# reading its own (180 MB on CIFAR-10). Safe because the key hashes what the entry was built
-# from; callers never write into the tensors.
-MEMO_ENTRIES = 2
-_memo: OrderedDict[Path, dict[str, Any]] = OrderedDict()
-_memo_lock = threading.Lock()
+def decode_workers() -> int:
+    """The cores this process may use (its CPU affinity, which a container or taskset limits)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def cached(source: str, key: str, build: Callable[[], dict[str, Any]],
-           directory: str | Path | None = None) -> dict[str, Any]:
-    """Load `<dir>/<source>-<key>.pt`, or build it (decode) and save it atomically; the last
-    MEMO_ENTRIES entries stay in memory."""
-    path = (cache_dir(directory) / f"{source}-{key}.pt").absolute()
-    with _memo_lock:
-        if path in _memo:
-            _memo.move_to_end(path)
-            return _memo[path]
-        value = _load_or_build(path, build)
-        _memo[path] = value
-        while len(_memo) > MEMO_ENTRIES:
-            _memo.popitem(last=False)
-        return value
+@dataclass(frozen=True)
+class DecodedPool:
+    """The decoded images of the files that could be decoded, in file order, and the others.
 
-
-def _load_or_build(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    if path.is_file():
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a torn or foreign file: rebuild it rather than fail the run
-            path.unlink(missing_ok=True)
-    value = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(value, tmp)
-    os.replace(tmp, path)
-    return value
-
-
-def decode_images(paths: list[str] | list[Path], describe: Callable[[int], str]) -> torch.Tensor:
-    """Decode image files into one uint8 N×C×H×W tensor (C=1 if every image is grayscale, else 3).
-
-    `describe(i)` names file i in errors (e.g. its manifest row). Every image must have the size
-    of the first; an unreadable or truncated file is a DataError.
+    `images`: a read-only-on-disk memory map (copy-on-write), len(files) - len(bad) rows.
+    `bad`: (file index, reason) of every file left out. `bad_list`: a CSV naming them all.
     """
-    from PIL import Image, UnidentifiedImageError
 
-    arrays: list[np.ndarray] = []
-    size = None
-    for i, path in enumerate(paths):
+    images: np.ndarray
+    bad: list[tuple[int, str]]
+    bad_list: Path
+
+    def kept(self, n_files: int) -> np.ndarray:
+        """The indices of the files behind `images`' rows."""
+        mask = np.ones(n_files, dtype=bool)
+        mask[[i for i, _ in self.bad]] = False
+        return np.flatnonzero(mask)
+
+
+def decoded_pool(source: str, files: list[str], key_entries: list, describe: Callable[[int], str],
+                 size: int = 0, resize: str = "center-crop", directory: str | Path | None = None,
+                 workers: int | None = None) -> DecodedPool:
+    """The cache entry for these files at this size, built first when missing.
+
+    `key_entries`: what identifies the files' contents ([relpath, size, mtime_ns] each, plus the
+    source's index files). `describe(i)` names file i in messages. size 0 keeps the files' own
+    size, which must then be the same for all: otherwise a DataError says to set `image_size`.
+    """
+    key = data_key(source, key_entries, {"image_size": size, "resize": resize if size else None})
+    base = (cache_dir(directory) / f"{source}-{key}").absolute()
+    entry = _open_entry(base)
+    if entry is None:
+        _build(base, files, describe, size, resize, decode_workers() if workers is None else workers)
+        entry = _open_entry(base)
+        if entry is None:
+            raise DataError(f"the decoded-image cache {base}.u8 could not be read back after it was written; "
+                            f"check the disk under {base.parent}")
+    return entry
+
+
+def _open_entry(base: Path) -> DecodedPool | None:
+    meta_path, pixels = base.with_suffix(".json"), base.with_suffix(".u8")
+    try:
+        meta = json.loads(meta_path.read_text())
+        shape = tuple(int(d) for d in meta["shape"])
+        if meta.get("format") != CACHE_FORMAT or pixels.stat().st_size != math.prod(shape):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    images = (np.memmap(pixels, dtype=np.uint8, mode="c", shape=shape) if math.prod(shape)
+              else np.zeros(shape, dtype=np.uint8))  # numpy cannot map an empty file
+    return DecodedPool(images, [(int(i), str(r)) for i, r in meta["bad"]], base.with_suffix(".bad.csv"))
+
+
+# --- building an entry -------------------------------------------------------------------------
+
+def _probe_chunk(paths: list[str]) -> list[tuple[str, int, int] | str]:
+    out: list[tuple[str, int, int] | str] = []
+    for path in paths:
         try:
-            with Image.open(path) as im:
-                im.load()
-                im = im.convert("L" if im.mode in GRAY_MODES else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-        except FileNotFoundError:
-            raise DataError(f"{describe(i)}: image file not found") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise DataError(f"{describe(i)}: cannot decode image ({err}); replace or remove the file") from None
-        if size is None:
-            size = arr.shape[:2]
-        elif arr.shape[:2] != size:
-            raise DataError(f"{describe(i)}: image is {arr.shape[1]}×{arr.shape[0]} but the first image is "
-                            f"{size[1]}×{size[0]}; every image of a dataset must have the same size "
-                            f"(resize them first)")
-        arrays.append(arr)
-    if not arrays:
-        return torch.zeros((0, 3, 1, 1), dtype=torch.uint8)
-    channels = 3 if any(a.ndim == 3 for a in arrays) else 1
-    out = np.empty((len(arrays), channels, *size), dtype=np.uint8)
-    for i, a in enumerate(arrays):
-        out[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a[None]  # grayscale broadcasts to RGB
-    return torch.from_numpy(out)
+            out.append(probe(path))
+        except BadImage as err:
+            out.append(str(err))
+    return out
+
+
+def _decode_chunk(task: tuple[str, tuple[int, ...], bool, int, str, list[tuple[int, str]]]) -> list[str | None]:
+    """Decode (row, path) pairs into the rows of the memory-mapped file; None or the reason."""
+    pixels, shape, gray, size, resize, rows = task
+    target = np.memmap(pixels, dtype=np.uint8, mode="r+", shape=shape)
+    out: list[str | None] = []
+    for row, path in rows:
+        try:
+            array = decode(path, gray, size, resize)
+            if array.shape != shape[1:]:  # a header that lied about the size
+                raise BadImage(f"decoded to {array.shape[2]}×{array.shape[1]}, its header said otherwise")
+            target[row] = array
+            out.append(None)
+        except BadImage as err:
+            out.append(str(err))
+    target.flush()
+    del target
+    return out
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _run(fn: Callable, chunks: list, workers: int, total: int, desc: str) -> Iterator:
+    """fn over the chunks, in order, in worker processes when it pays; one result per file."""
+    def results() -> Iterator:
+        if workers <= 1 or total < PARALLEL_MIN_FILES:
+            for chunk in chunks:
+                yield from fn(chunk)
+            return
+        # fork, not spawn or forkserver: those re-run the caller's main script in every worker,
+        # which breaks (and respawns workers forever) in a script without an
+        # `if __name__ == "__main__"` guard. The workers only run Pillow and numpy.
+        context = multiprocessing.get_context("fork")
+        with context.Pool(min(workers, len(chunks))) as pool:
+            for part in pool.imap(fn, chunks):
+                yield from part
+
+    return iter(progress(results(), desc=desc, total=total, unit="files"))
+
+
+def _size_error(probes: list, good: list[int], describe: Callable[[int], str]) -> DataError:
+    sizes = Counter((probes[i][1], probes[i][2]) for i in good)
+    example = {}
+    for i in good:
+        example.setdefault((probes[i][1], probes[i][2]), i)
+    common = ", ".join(f"{w}×{h} ({n} file{'s' if n > 1 else ''}, e.g. {describe(example[(w, h)])})"
+                       for (w, h), n in sizes.most_common(3))
+    more = f" and {len(sizes) - 3} more" if len(sizes) > 3 else ""
+    return DataError(f"the images have {len(sizes)} different sizes: {common}{more}. "
+                     f"Set the size the model sees, e.g. `--set image_size=224` (each image is resized on "
+                     f"decoding; `resize` says how: center-crop, pad or stretch); your files stay as they are")
+
+
+def _build(base: Path, files: list[str], describe: Callable[[int], str], size: int, resize: str,
+           workers: int) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(base)
+    probes = list(_run(_probe_chunk, _chunks(list(files), CHUNK_FILES), workers, len(files), "read image headers"))
+    bad = {i: p for i, p in enumerate(probes) if isinstance(p, str)}
+    good = [i for i in range(len(files)) if i not in bad]
+    gray = all(probes[i][0] in GRAY_MODES for i in good)
+    if size:
+        height = width = size
+    else:
+        sizes = {(probes[i][1], probes[i][2]) for i in good}
+        if len(sizes) > 1:
+            raise _size_error(probes, good, describe)
+        width, height = next(iter(sizes)) if sizes else (1, 1)
+    shape = (len(good), 1 if gray else 3, height, width)
+    pixels = base.with_name(f"{base.name}.u8.{os.getpid()}.tmp")
+    try:
+        with open(pixels, "wb") as fh:
+            fh.truncate(math.prod(shape))  # sparse until written: no time spent zeroing
+        tasks = [(str(pixels), shape, gray, size, resize, rows)
+                 for rows in _chunks([(row, str(files[i])) for row, i in enumerate(good)], CHUNK_FILES)]
+        failed = {good[row]: reason for row, reason in
+                  enumerate(_run(_decode_chunk, tasks, workers, len(good), "decode images")) if reason}
+        if failed:
+            shape = _compact(pixels, shape, [row for row, i in enumerate(good) if i not in failed])
+            bad.update(failed)
+        with open(pixels, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(pixels, base.with_suffix(".u8"))
+    finally:
+        pixels.unlink(missing_ok=True)
+    listed = sorted(bad.items())
+    _write_atomic(base.with_suffix(".bad.csv"), _bad_csv(listed, describe))
+    meta = {"format": CACHE_FORMAT, "shape": list(shape), "files": len(files), "image_size": size,
+            "resize": resize, "bad": [[i, reason] for i, reason in listed]}
+    _write_atomic(base.with_suffix(".json"), json.dumps(meta))
+
+
+def _compact(pixels: Path, shape: tuple[int, ...], keep: list[int]) -> tuple[int, ...]:
+    """Move the kept rows up over the failed ones, in order, and cut the file to them."""
+    mapped = np.memmap(pixels, dtype=np.uint8, mode="r+", shape=shape)
+    for new, old in enumerate(keep):
+        if new != old:
+            mapped[new] = mapped[old]
+    mapped.flush()
+    del mapped
+    new_shape = (len(keep), *shape[1:])
+    os.truncate(pixels, math.prod(new_shape))
+    return new_shape
+
+
+def _bad_csv(listed: list[tuple[int, str]], describe: Callable[[int], str]) -> str:
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["file", "reason"])
+    for i, reason in listed:
+        writer.writerow([describe(i), reason])
+    return out.getvalue()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_stale_temporaries(base: Path) -> None:
+    """Temporary files of builds whose process is gone (killed mid-build): they are never read,
+    only in the way of disk space."""
+    for tmp in base.parent.glob(f"{base.name}.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def bad_images_error(pool: DecodedPool, n_files: int, describe: Callable[[int], str]) -> DataError:
+    """The one error for every file that cannot be decoded (bad_images: refuse)."""
+    shown = "; ".join(f"{describe(i)}: {reason}" for i, reason in pool.bad[:5])
+    more = f"; and {len(pool.bad) - 5} more" if len(pool.bad) > 5 else ""
+    return DataError(f"{len(pool.bad)} of {n_files} image files cannot be used: {shown}{more}. All of them are "
+                     f"listed in {pool.bad_list}. Replace or remove them, or set `--set bad_images=skip` to "
+                     f"leave them out of the pool (the experiment records which)")

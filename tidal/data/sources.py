@@ -16,7 +16,9 @@ manifests) as uint8 tensors N×C×H×W with a stable string id per pool sample. 
 - `npy`: pre-decoded arrays data_root/{pool_images,pool_labels,test_images,test_labels}.npy,
   memory-mapped (see read_npy): a pool of millions of images is read only where it is used.
 
-Image files are decoded once into a tensor cache keyed by their paths, sizes and mtimes (tidal.data.cache).
+Image files are decoded once, in parallel, into a memory-mapped cache on disk keyed by their
+paths, sizes and mtimes and the size they are brought to (tidal.data.cache, tidal.data.decode);
+`ImageOptions` says how (the params keys image_size, resize and bad_images).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Callable, overload
 import numpy as np
 import torch
 
-from tidal.data.cache import IMAGE_SUFFIXES, cached, data_key, decode_images, file_stat_entry
+from tidal.data.cache import IMAGE_SUFFIXES, DecodedPool, bad_images_error, decoded_pool, file_stat_entry
 from tidal.data.errors import DataError
 
 
@@ -86,7 +88,8 @@ class Dataset:
 
     `pool_files`: each pool sample's image file (absolute path), for the annotators' query
     files; empty when the pool is not image files (digits, torchvision sets, npy).
-    `mapped`: the memory-mapped arrays behind the tensors (npy source), for `release_pages`.
+    `mapped`: the memory-mapped arrays behind the tensors (npy source, decoded image files), for
+    `release_pages`. `skipped`: (file, reason) of the image files left out (bad_images: skip).
     """
 
     name: str
@@ -98,6 +101,7 @@ class Dataset:
     test_labels: torch.Tensor
     pool_files: Sequence[str] = field(default=(), repr=False)
     mapped: tuple[np.memmap, ...] = field(default=(), repr=False)
+    skipped: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -264,11 +268,48 @@ def _torchvision_split(name: str, root: Path, train: bool) -> tuple[torch.Tensor
     return images.contiguous(), labels, classes
 
 
-def _read_torchvision(name: str, root: Path, cache: Path | None = None) -> Dataset:
+def _read_torchvision(name: str, root: Path) -> Dataset:
     pool_images, pool_labels, classes = _torchvision_split(name, root, train=True)
     test_images, test_labels, _ = _torchvision_split(name, root, train=False)
     return Dataset(name, classes, [f"{name}-train-{i:05d}" for i in range(len(pool_labels))],
                    pool_images, pool_labels, test_images, test_labels)
+
+
+# --- image files: how they are decoded ---------------------------------------------------------
+
+BAD_IMAGE_POLICIES = ("refuse", "skip")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image-file sources decode (params keys image_size, resize, bad_images).
+
+    size 0: every image keeps its own size, which must then be one size for all; otherwise each
+    image is brought to size×size by `resize` (tidal.data.decode.RESIZE_POLICIES). bad_images:
+    "refuse" (one error listing every file that cannot be decoded) or "skip" (leave them out).
+    """
+
+    size: int = 0
+    resize: str = "center-crop"
+    bad_images: str = "refuse"
+    cache_dir: str | Path | None = None
+
+    @classmethod
+    def from_params(cls, params: dict, cache_dir: str | Path | None = None) -> "ImageOptions":
+        return cls(params["image_size"], params["resize"], params["bad_images"], cache_dir)
+
+
+def _decoded_split(source: str, files: list[str], key_entries: list, describe: Callable[[int], str],
+                   options: ImageOptions) -> tuple[DecodedPool, np.ndarray, tuple[tuple[str, str], ...]]:
+    """The decoded images, the indices of the files behind their rows, and the files skipped."""
+    pool = decoded_pool(source, files, key_entries, describe, options.size, options.resize, options.cache_dir)
+    if pool.bad and options.bad_images == "refuse":
+        raise bad_images_error(pool, len(files), describe)
+    return pool, pool.kept(len(files)), tuple((str(files[i]), reason) for i, reason in pool.bad)
+
+
+def _mapped(pool: DecodedPool) -> tuple[np.memmap, ...]:
+    return (pool.images,) if isinstance(pool.images, np.memmap) else ()
 
 
 # --- imagefolder: data_root/{train,test}/<class>/<image> -------------------------------------
@@ -286,13 +327,19 @@ def _image_files(folder: Path) -> list[os.DirEntry]:
     return sorted(files, key=lambda e: e.name)
 
 
-def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
-    """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name."""
+def read_imagefolder(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
+    """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name.
+
+    Every class folder of train/ needs an image (a class without one could never be learned).
+    """
     root = Path(os.path.abspath(root))  # so each listed entry's path is absolute already
     train_dir, test_dir = root / "train", root / "test"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
     if not classes:
         raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
+    if len(classes) < 2:
+        raise DataError(f"{train_dir} has one class folder ({classes[0]}); a classifier needs at least two "
+                        f"classes: expected {train_dir}/<class>/<image files> for each class")
     unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and _visible(p) and p.name not in classes)
     if unknown:
         raise DataError(f"{test_dir} has class folder(s) {unknown} that {train_dir} lacks; "
@@ -317,18 +364,24 @@ def read_imagefolder(root: Path, cache: Path | None = None) -> Dataset:
                 ids.append(os.path.splitext(relpath)[0])
                 labels.append(c)
         counts[split] = len(files) - start
+        if split == "train":
+            empty = [name for c, name in enumerate(classes) if c not in labels[start:]]
+            if empty:
+                raise DataError(f"class folder(s) {[str(train_dir / e) for e in empty]} hold no images: a class "
+                                f"without training images can never be learned; add images or remove the folder")
         if counts[split] == 0:
             raise DataError(f"{folder} holds no images; expected {folder}/<class>/<image files>")
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise DataError(f"two images under {root} share the id '{dup}' (same name, different extension); "
                         f"rename one")
-    key = data_key("imagefolder", stats)
-    images = cached("imagefolder", key, lambda: {"images": decode_images(files, lambda i: f"{root}/{relpaths[i]}")},
-                    cache)["images"]
-    n = counts["train"]
-    label_t = torch.tensor(labels, dtype=torch.int64)
-    return Dataset("imagefolder", classes, ids[:n], images[:n], label_t[:n], images[n:], label_t[n:], files[:n])
+    pool, kept, skipped = _decoded_split("imagefolder", files, stats, lambda i: f"{root}/{relpaths[i]}", options)
+    n = int((kept < counts["train"]).sum())
+    images = torch.from_numpy(pool.images)
+    label_t = torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)]
+    kept_ids, kept_files = [ids[i] for i in kept], [files[i] for i in kept]
+    return Dataset("imagefolder", classes, kept_ids[:n], images[:n], label_t[:n], images[n:], label_t[n:],
+                   kept_files[:n], mapped=_mapped(pool), skipped=skipped)
 
 
 # --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
@@ -354,7 +407,7 @@ def _inside(root: Path, text: str) -> Path | None:
     return root / rel
 
 
-def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
+def read_manifest(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
     """root/manifest.csv with header `path,label,split`, and root/classes.txt (one class per line).
 
     path: an image file relative to root (no absolute paths, no `..`); label: a class name from
@@ -411,14 +464,17 @@ def read_manifest(root: Path, cache: Path | None = None) -> Dataset:
                             f"both need samples")
     rows.sort(key=lambda r: r[4] == "test")  # pool rows first, each split in file order
     files = [r[2] for r in rows]
-    key = data_key("manifest", [file_stat_entry(p, r[1]) for p, r in zip(files, rows)])
-    images = cached("manifest", key, lambda: {"images": decode_images(
-        files, lambda i: f"{csv_path} line {rows[i][0]}, path '{rows[i][1]}'")}, cache)["images"]
+    entries = [file_stat_entry(p, r[1]) for p, r in zip(files, rows)]
+    pool, kept, skipped = _decoded_split("manifest", [str(f) for f in files], entries,
+                                         lambda i: f"{csv_path} line {rows[i][0]}, path '{rows[i][1]}'", options)
+    rows = [rows[i] for i in kept]
     n = sum(r[4] == "train" for r in rows)
+    images = torch.from_numpy(pool.images)
     labels = torch.tensor([r[3] for r in rows], dtype=torch.int64)
     ids = [Path(r[1].replace("\\", "/")).with_suffix("").as_posix() for r in rows[:n]]
-    pool_files = [os.path.abspath(f) for f in files[:n]]
-    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:], pool_files)
+    pool_files = [os.path.abspath(r[2]) for r in rows[:n]]
+    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:], pool_files,
+                   mapped=_mapped(pool), skipped=skipped)
 
 
 # --- npy: pre-decoded arrays, memory-mapped --------------------------------------------------
@@ -456,7 +512,7 @@ def _label_range(labels: np.ndarray) -> tuple[int, int]:
     return low, high
 
 
-def read_npy(root: Path, cache: Path | None = None) -> Dataset:
+def read_npy(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
     """root/pool_images.npy (N×C×H×W uint8), pool_labels.npy (N int64; -1 = unlabeled),
     test_images.npy (M×C×H×W uint8, same C×H×W) and test_labels.npy (M int64, all labeled).
 
@@ -501,15 +557,17 @@ def read_npy(root: Path, cache: Path | None = None) -> Dataset:
 @dataclass(frozen=True)
 class Source:
     """name; files: what must exist in the dataset dir; write: writes them (None: external data
-    we never fetch); read(dir, cache_dir); in_root: the dataset dir is data_root itself;
-    hint(dir): what to do when files are missing."""
+    we never fetch); read(dir, image options); in_root: the dataset dir is data_root itself;
+    hint(dir): what to do when files are missing; image_files: decoded from image files, so the
+    image options apply."""
 
     name: str
     files: tuple[str, ...]
     write: Callable[[Path], None] | None
-    read: Callable[[Path, Path | None], Dataset]
+    read: Callable[[Path, ImageOptions], Dataset]
     in_root: bool = False
     hint: Callable[[Path], str] | None = None
+    image_files: bool = False
 
 
 def _imagefolder_hint(root: Path) -> str:
@@ -532,16 +590,16 @@ SOURCES: dict[str, Source] = {
         name="digits",
         files=("images.npy", "labels.npy", "is_test.npy"),
         write=_materialize_digits,
-        read=lambda src, cache=None: _load_npy_dir("digits", src, [str(d) for d in range(10)]),
+        read=lambda src, options=None: _load_npy_dir("digits", src, [str(d) for d in range(10)]),
     ),
     **{name: Source(name=name, files=spec.files, write=None,
-                    read=lambda src, cache=None, name=name: _read_torchvision(name, src, cache),
+                    read=lambda src, options=None, name=name: _read_torchvision(name, src),
                     hint=lambda root, name=name: _torchvision_hint(name, root))
        for name, spec in TORCHVISION.items()},
     "imagefolder": Source(name="imagefolder", files=("train", "test"), write=None, read=read_imagefolder,
-                          in_root=True, hint=_imagefolder_hint),
+                          in_root=True, hint=_imagefolder_hint, image_files=True),
     "manifest": Source(name="manifest", files=(MANIFEST_CSV, MANIFEST_CLASSES), write=None, read=read_manifest,
-                       in_root=True, hint=_manifest_hint),
+                       in_root=True, hint=_manifest_hint, image_files=True),
     "npy": Source(name="npy", files=NPY_FILES, write=None, read=read_npy, in_root=True, hint=_npy_hint),
 }
 
@@ -590,22 +648,31 @@ def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
     held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
     return Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep], data.pool_images[keep_t],
                    data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
-                   [data.pool_files[i] for i in keep] if data.pool_files else ())
+                   [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped)
 
 
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
-                 seed: int = 0, cache_dir: str | Path | None = None) -> Dataset:
+                 seed: int = 0, cache_dir: str | Path | None = None, images: ImageOptions | None = None) -> Dataset:
     """Read a materialized dataset; imbalance (if any) is applied to the pool only.
 
-    cache_dir: where decoded image-file sources keep their tensor cache (default
-    $TIDAL_CACHE_DIR or .cache/tidal, outside data_root; see tidal.data.cache).
+    images: how image-file sources decode (default: their own size, refuse bad files).
+    cache_dir: where decoded image-file sources keep their cache (default $TIDAL_CACHE_DIR or
+    .cache/tidal, outside data_root; see tidal.data.cache); it overrides images.cache_dir.
     """
+    from dataclasses import replace
+
     source = SOURCES[dataset]
     src = dataset_dir(data_root, dataset)
     missing = _missing(source, src)
     if missing:
         raise _missing_error(source, src, missing)
-    data = source.read(src, cache_dir)
+    options = images or ImageOptions()
+    if cache_dir is not None:
+        options = replace(options, cache_dir=cache_dir)
+    data = source.read(src, options)
+    if data.num_classes < 2:
+        raise DataError(f"'{dataset}' under {src} has {data.num_classes} class ({data.classes}); a classifier "
+                        f"needs at least two classes to learn anything")
     if imbalance_ratio > 1:
         if bool((data.pool_labels == UNLABELED).any()):
             raise DataError(f"imbalance_ratio={imbalance_ratio} needs a label for every pool sample, but "
@@ -613,5 +680,5 @@ def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1
         keep = imbalanced_indices(data.pool_labels.numpy(), imbalance_ratio, data.num_classes, seed)
         data = Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep],
                        data.pool_images[keep], data.pool_labels[keep], data.test_images, data.test_labels,
-                       [data.pool_files[i] for i in keep] if data.pool_files else ())
+                       [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped)
     return data

@@ -65,13 +65,13 @@ def _file_entries(directory: str | Path) -> list[dict[str, str]]:
         memo = {}
     entries, fresh = [], {}
     now = time.time_ns()
-    for dirpath, _, filenames in os.walk(root, followlinks=True):  # linked folders are data too
+    for dirpath, dirnames, filenames in _walk(root):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")  # once per folder, not per file
         prefix = "" if rel_dir == "." else rel_dir + "/"
         for name in filenames:
             full = os.path.join(dirpath, name)
             relpath = prefix + name
-            st = os.stat(full)
+            st = _regular_file_stat(full)
             stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
             known = memo.get(relpath)
             md5 = known[3] if isinstance(known, list) and known[:3] == stamp else _file_md5(Path(full))
@@ -87,6 +87,46 @@ def _file_entries(directory: str | Path) -> list[dict[str, str]]:
         except OSError:
             pass  # a read-only cache dir: the next call reads the files again
     return sorted(entries, key=lambda e: e["relpath"])
+
+
+def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk following linked folders (linked folders are data too), refusing a link that leads
+    back to a folder above it: it would walk forever."""
+    def refuse(err: OSError) -> None:
+        raise DataError(f"cannot list {err.filename} in the data root ({err.strerror}); fix its permissions "
+                        f"or remove it") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=refuse):
+        here = os.path.realpath(dirpath)
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            target = os.path.realpath(full)
+            if os.path.islink(full) and (here == target or here.startswith(target.rstrip(os.sep) + os.sep)):
+                raise DataError(f"{full} is a symbolic link to {target}, a folder that holds it: a loop. "
+                                f"Remove the link from the data root")
+        yield dirpath, dirnames, filenames
+
+
+def _regular_file_stat(path: str) -> os.stat_result:
+    """The stat of a regular file; anything else in the data root is one clear DataError. A FIFO
+    or device would block the read forever, a broken or looping link cannot be read at all."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} is a symbolic link to a file that does not exist; remove it from the "
+                        f"data root or restore its target") from None
+    except OSError as err:  # ELOOP: a link to itself or a circle of links
+        raise DataError(f"{path} cannot be read ({err.strerror}); remove it from the data root") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode) \
+            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+        raise DataError(f"{path} is {kind}, not a file: reading it could block forever. Remove it from the "
+                        f"data root (keep only folders and files there)")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path} is not readable (permission denied); fix its permissions or remove it")
+    return st
 
 
 def _tree_md5(entries: list[dict[str, str]], exclude: tuple[str, ...] = ()) -> str:
