@@ -342,3 +342,34 @@ def test_compare_finds_a_named_experiment_on_any_page_of_the_store(mlflow_uri, t
     monkeypatch.setattr(tracker.client, "search_runs", lambda max_results, **kw: runs_page(max_results=1, **kw))
     rows, _ = tracker.learning_curves(["page-*"])
     assert sorted({r["experiment"] for r in rows}) == ["page-a", "page-b", "page-c"]
+
+
+def test_input_errors_are_not_retried_but_other_failures_are(prefect_harness):
+    """A DataError fails the same way every time: retrying it only delays the one clear message."""
+    from prefect import flow, task
+
+    from flows.experiment import OUTSIDE
+    from tidal.data.errors import DataError
+
+    calls = {"data": 0, "io": 0}
+
+    @task(**{**OUTSIDE, "retry_delay_seconds": 0})
+    def bad_input() -> None:
+        calls["data"] += 1
+        raise DataError("the images have 2 different sizes")
+
+    @task(**{**OUTSIDE, "retry_delay_seconds": 0})
+    def flaky_disk() -> None:
+        calls["io"] += 1
+        raise OSError("disk busy")
+
+    @flow
+    def both() -> None:
+        for step in (bad_input, flaky_disk):
+            try:
+                step()
+            except (DataError, OSError):
+                pass
+
+    both()
+    assert calls == {"data": 1, "io": 1 + OUTSIDE["retries"]}

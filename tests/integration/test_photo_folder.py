@@ -1,0 +1,104 @@
+"""A real photo folder, as a user has it, through `tidal run`: ants-bees (398 photos of 165+ sizes,
+a `.jpeg`, a placeholder GIF), from the tarball development and CI machines hold in ../shared."""
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tidal.cli import main as tidal_main
+
+ANTS_BEES = Path(__file__).resolve().parents[2].parent / "shared/data/ants-bees.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def ants_bees(tmp_path_factory) -> Path:
+    if not ANTS_BEES.is_file():  # a development or CI machine without ../shared is misconfigured
+        pytest.fail(f"{ANTS_BEES} is missing: the real-photo tests need it (see README, Development)")
+    root = tmp_path_factory.mktemp("photos")
+    with tarfile.open(ANTS_BEES) as tar:
+        tar.extractall(root, filter="data")
+    return root / "ants-bees"
+
+
+def _sets(tmp: Path, root: Path, *extra: str) -> list[str]:
+    out = []
+    for value in ("preset=debug", "experiment=ants", f"runs_dir={tmp}/runs", "dataset=imagefolder",
+                  f"data_root={root}", *extra):
+        out += ["--set", value]
+    return out
+
+
+def test_mixed_sizes_without_image_size_are_one_error_before_prefect(ants_bees, tmp_path, monkeypatch, capsys):
+    import flows.experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(flows.experiment, "experiment", lambda **kw: pytest.fail("the flow started"))
+    assert tidal_main(["run", *_sets(tmp_path, ants_bees)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the images have") and "--set image_size=224" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "ants" / "state.json").exists()
+    # a budget the pool cannot hold: refused before any training, nothing written
+    assert tidal_main(["run", *_sets(tmp_path, ants_bees, "image_size=16", "initial_size=230", "budget=20")]) == 2
+    assert "initial_size=230 + budget=20 is more than" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "ants" / "state.json").exists()
+
+
+def test_ants_bees_runs_end_to_end_as_unpacked(ants_bees, prefect_harness, mlflow_uri, tmp_path, monkeypatch,
+                                               capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "cache"))
+    before = {p: p.stat().st_mtime_ns for p in ants_bees.rglob("*") if p.is_file()}
+    assert tidal_main(["run", *_sets(tmp_path, ants_bees, "image_size=32")]) == 0
+    ws = tmp_path / "runs" / "ants"
+    with open(ws / "learning_curve.csv", newline="") as fh:
+        curve = list(csv.DictReader(fh))
+    assert [(r["cycle"], r["n_labeled"]) for r in curve] == [("0", "40"), ("1", "60")]
+    state = json.loads((ws / "state.json").read_text())
+    assert state["pool_size"] == 245 and state["skipped_images"] == 0
+    # The queries name the user's own files, as they are (not a resized copy).
+    with open(ws / "cycles" / "0" / "query.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 20
+    for row in rows:
+        path = Path(row["path"])
+        assert path.is_absolute() and path.parent.parent == ants_bees / "train" and path.is_file()
+        assert path in before and Image.open(path).size != (32, 32)
+    # the photos are untouched; the cache lives outside the data root
+    assert {p: p.stat().st_mtime_ns for p in ants_bees.rglob("*") if p.is_file()} == before
+    meta = json.loads(next((tmp_path / "cache").glob("imagefolder-*.json")).read_text())
+    assert meta["shape"] == [398, 3, 32, 32] and meta["bad"] == []
+
+
+def test_a_broken_photo_is_named_and_can_be_skipped(ants_bees, tmp_path, monkeypatch, capsys):
+    """A copy of ants-bees with one photo cut short: refused by name; with bad_images=skip the
+    experiment starts without it and records it."""
+    import shutil
+
+    from tidal import pipeline
+    from tidal.config import load_params
+
+    root = tmp_path / "photos"
+    shutil.copytree(ants_bees, root)
+    broken = sorted((root / "train" / "bees").glob("*.jpg"))[3]
+    broken.write_bytes(broken.read_bytes()[:200])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "cache"))
+    assert tidal_main(["run", *_sets(tmp_path, root, "image_size=16")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 of 398 image files cannot be used") and str(broken) in err
+    params = load_params(None, [s for s in _sets(tmp_path, root, "image_size=16", "bad_images=skip") if s != "--set"])
+    pipeline.preflight(params)
+    prepared = pipeline.prepare_data(params)
+    state = pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    assert state["pool_size"] == 244 and state["skipped_images"] == 1
+    with open(tmp_path / "runs" / "ants" / "skipped_images.csv", newline="") as fh:
+        skipped = list(csv.DictReader(fh))
+    assert [row["file"] for row in skipped] == [str(broken)] and skipped[0]["reason"]
+    assert broken.with_suffix("").relative_to(root).as_posix() not in set(state["labeled"])
