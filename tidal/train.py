@@ -56,6 +56,8 @@ class TrainConfig:
     warm_start: bool = False  # read by pipeline.train_step: start from the previous cycle's weights
     td_hidden: int = 128  # the TD module's width per stage (the reference's interm_dim)
     td_detach: bool = False  # the TD module reads detached features: its loss never reaches the backbone
+    backbone_mode: str = "scratch"  # scratch, finetune or frozen (read by the pipeline)
+    backbone_lr_scale: float = 0.1  # finetune: a pretrained trunk learns at lr × this
 
     @classmethod
     def from_params(cls, train: dict) -> "TrainConfig":
@@ -114,6 +116,12 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 0..255 -> float 0..1 (normalization lives in `normalize`, after augmentation)."""
     return images_u8.float().div_(255.0)
+
+
+def model_input(batch: torch.Tensor) -> torch.Tensor:
+    """What the model reads: uint8 images normalized to floats; float rows (a frozen backbone's
+    cached features, tidal.features) as they are."""
+    return batch if batch.is_floating_point() else normalize(to_float(batch))
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +335,7 @@ def precision_context(device: torch.device) -> contextlib.AbstractContextManager
 
 def prepare_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """channels_last on CUDA (what its bf16 convolutions are fastest with); unchanged on CPU."""
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and x.dim() == 4 else x
 
 
 def prepare_model(model: nn.Module, device: torch.device, compile_mode: str | bool = False,
@@ -425,6 +433,18 @@ def _share(mean: torch.Tensor, outputs: torch.Tensor, local: int, total: int) ->
     return mean * (local / total)
 
 
+def _backbone_groups(backbone: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The backbone's parameter groups: one, or when fine-tuning a pretrained trunk (`net`) two,
+    the trunk at lr × backbone_lr_scale so a few labels do not wash its features out."""
+    trunk = getattr(backbone, "net", None)
+    if cfg.backbone_mode != "finetune" or trunk is None:
+        return [{"params": backbone.parameters()}]
+    in_trunk = {id(p) for p in trunk.parameters()}
+    # The head's group first: the epoch records report group 0's rate.
+    return [{"params": [p for p in backbone.parameters() if id(p) not in in_trunk]},
+            {"params": list(trunk.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale}]
+
+
 def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     batches = list(perm.split(batch_size))
     # BatchNorm cannot train on a batch of one; such a tail batch waits for the next epoch.
@@ -474,10 +494,13 @@ def train_cycle(
     task.start(len(labels), device)
     # The module is a second parameter group: the backbone's hyperparameters and schedule (as in
     # both papers, where it has its own optimizer with the same settings: the same updates).
-    opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": task.module.parameters()}], lr=cfg.lr,
+    opt = torch.optim.SGD([*_backbone_groups(backbone, cfg), {"params": task.module.parameters()}], lr=cfg.lr,
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch(len(labels), cfg.batch_size)))
-    images = to_float(images_u8.to(device))
+    # uint8 images are augmented and normalized per batch; float rows are a frozen backbone's
+    # cached features (tidal.features), read as they are.
+    is_images = not images_u8.is_floating_point()
+    images = to_float(images_u8.to(device)) if is_images else images_u8.to(device)
     labels = labels.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -492,9 +515,9 @@ def train_cycle(
             n = len(idx)  # the global batch
             # Every rank draws the global batch's order and augmentation (the same draws as one
             # process); each keeps its own part.
-            x = augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen)
+            x = augment(images[idx], cfg.crop_pad, cfg.hflip, aug_gen) if is_images else images[idx]
             local = dist.shard(n).to(device)
-            x, idx = prepare_input(normalize(x[local]), device), idx[local]
+            x, idx = prepare_input(normalize(x[local]) if is_images else x[local], device), idx[local]
             y = labels[idx]
             with precision_context(device):
                 logits, features = net(x)

@@ -90,6 +90,7 @@ class Dataset:
     files; empty when the pool is not image files (digits, torchvision sets, npy).
     `mapped`: the memory-mapped arrays behind the tensors (npy source, decoded image files), for
     `release_pages`. `skipped`: (file, reason) of the image files left out (bad_images: skip).
+    `image_shape`: C×H×W of the images, when pool_images holds their features instead.
     """
 
     name: str
@@ -102,6 +103,8 @@ class Dataset:
     pool_files: Sequence[str] = field(default=(), repr=False)
     mapped: tuple[np.memmap, ...] = field(default=(), repr=False)
     skipped: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # C×H×W of the images when pool_images holds something else (a frozen backbone's features)
+    image_shape: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def num_classes(self) -> int:

