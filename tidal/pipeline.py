@@ -17,7 +17,8 @@ import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
-from tidal.data.sources import DataError, Dataset, ImageOptions, hold_out_validation, load_dataset, materialize
+from tidal.data.sources import (DataError, Dataset, ImageOptions, hold_out_validation, imbalanced, load_dataset,
+                                materialize)
 from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
                                 pin_file, pin_lock, pinned_md5, verify_data_version)
 from tidal.device import resolve_device, set_deterministic
@@ -122,7 +123,7 @@ def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None =
     # A pretrained backbone's weights are checked (every key and shape) now; a frozen one's
     # features are extracted now, with a progress bar, instead of inside the flow's first task.
     if frozen(params):
-        model_data(params, data)
+        model_data(params)
     elif params["train"]["backbone_mode"] == "finetune":
         pretrained_backbone(params, data.in_channels, data.num_classes)
 
@@ -156,10 +157,19 @@ def input_size(params: dict[str, Any]) -> int:
 def dataset_for(params: dict[str, Any]) -> Dataset:
     """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
     of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
+    return _experiment_split(params, _whole_dataset(params))
+
+
+def _whole_dataset(params: dict[str, Any]) -> Dataset:
+    """The data set as its source reads it, before the experiment's imbalance and validation split."""
     from dataclasses import replace
 
     images = replace(ImageOptions.from_params(params), size=input_size(params))
-    data = load_dataset(params["data_root"], params["dataset"], params["imbalance_ratio"], seed=0, images=images)
+    return load_dataset(params["data_root"], params["dataset"], 1.0, seed=0, images=images)
+
+
+def _experiment_split(params: dict[str, Any], data: Dataset) -> Dataset:
+    data = imbalanced(data, params["imbalance_ratio"], seed=0, where=f"'{params['dataset']}' under {params['data_root']}")
     if params["validation_size"]:
         return hold_out_validation(data, params["validation_size"], params["seed"])
     return data
@@ -294,17 +304,18 @@ def pretrained_backbone(params: dict[str, Any], in_channels: int, num_classes: i
     return backbone
 
 
-def model_data(params: dict[str, Any], data: Dataset | None = None) -> Dataset:
-    """What the model reads: the data set itself, or, with a frozen backbone, the same data set
+def model_data(params: dict[str, Any]) -> Dataset:
+    """What the model reads: `dataset_for(params)`, or, with a frozen backbone, the same data set
     with each image replaced by its cached pooled stage features (tidal.features), computed on
-    first use; ids, labels and files stay."""
+    first use for the whole data set (so every seed's validation split and the imbalanced pools
+    share one extraction); ids, labels and files stay."""
     from dataclasses import replace
 
     from tidal.features import extract_features, features_key, file_digest, images_identity
 
-    data = data or dataset_for(params)
     if not frozen(params):
-        return data
+        return dataset_for(params)
+    data = _whole_dataset(params)
     backbone = pretrained_backbone(params, data.in_channels, data.num_classes)
     device = resolve_device(params["device"])
     weights = file_digest(weights_file(params))
@@ -314,9 +325,10 @@ def model_data(params: dict[str, Any], data: Dataset | None = None) -> Dataset:
         split_features[split] = extract_features(backbone, images, key, device, params["score_batch_size"],
                                                  desc=f"{split} features")
     pool, test = split_features["pool"], split_features["test"]
-    return replace(data, pool_images=torch.from_numpy(pool), test_images=torch.from_numpy(test),
-                   mapped=tuple(a for a in (pool, test) if hasattr(a, "_mmap")),
-                   image_shape=tuple(data.pool_images.shape[1:]))
+    features = replace(data, pool_images=torch.from_numpy(pool), test_images=torch.from_numpy(test),
+                       mapped=tuple(a for a in (pool, test) if hasattr(a, "_mmap")),
+                       image_shape=tuple(data.pool_images.shape[1:]))
+    return _experiment_split(params, features)
 
 
 def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -582,7 +594,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
     out_dir = workspace(params).cycle_dir(cycle)
     data = dataset_for(params)
-    inputs = model_data(params, data)
+    inputs = model_data(params)
     backbone, _ = load_models(params, out_dir / "model.pt", inputs)
     positions = data.index_of(ids)
     logits = predict_logits(backbone, inputs.pool_images[positions], resolve_device(params["device"]),

@@ -116,6 +116,12 @@ def test_frozen_cache_is_reused_and_rebuilt_when_weights_or_size_change(tmp_path
     monkeypatch.setattr(features_mod, "pooled_stages", lambda s: calls.append(1) or real(s))
     again = pipeline.model_data(params)
     assert calls == [] and torch.equal(again.pool_images, first.pool_images)
+    # every seed's validation split, and the imbalanced pool, read the one extraction
+    for extra in (["validation_size=8", "seed=1"], ["validation_size=8", "seed=2"], ["imbalance_ratio=2.0"]):
+        subset = pipeline.model_data(_params(tmp_path, photos, "frozen", *extra))
+        images = pipeline.dataset_for(_params(tmp_path, photos, "frozen", *extra))
+        assert subset.pool_ids == images.pool_ids and torch.equal(subset.test_labels, images.test_labels)
+    assert calls == []
     # another input size: new features
     bigger = pipeline.model_data(_params(tmp_path, photos, "frozen", "image_size=40"))
     assert calls and not torch.equal(bigger.pool_images, first.pool_images)

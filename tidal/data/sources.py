@@ -651,7 +651,8 @@ def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
     held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
     return Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep], data.pool_images[keep_t],
                    data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
-                   [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped)
+                   [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped,
+                   image_shape=data.image_shape)
 
 
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
@@ -676,12 +677,20 @@ def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1
     if data.num_classes < 2:
         raise DataError(f"'{dataset}' under {src} has {data.num_classes} class ({data.classes}); a classifier "
                         f"needs at least two classes to learn anything")
-    if imbalance_ratio > 1:
-        if bool((data.pool_labels == UNLABELED).any()):
-            raise DataError(f"imbalance_ratio={imbalance_ratio} needs a label for every pool sample, but "
-                            f"'{dataset}' under {src} has unlabeled ones; use imbalance_ratio 1")
-        keep = imbalanced_indices(data.pool_labels.numpy(), imbalance_ratio, data.num_classes, seed)
-        data = Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep],
-                       data.pool_images[keep], data.pool_labels[keep], data.test_images, data.test_labels,
-                       [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped)
-    return data
+    return imbalanced(data, imbalance_ratio, seed, where=f"'{dataset}' under {src}")
+
+
+def imbalanced(data: Dataset, ratio: float, seed: int, where: str = "the pool") -> Dataset:
+    """The data set with the paper's exponential class imbalance on its pool (ratio > 1), the
+    test split untouched; the data set itself for ratio 1."""
+    from dataclasses import replace
+
+    if ratio <= 1:
+        return data
+    if bool((data.pool_labels == UNLABELED).any()):
+        raise DataError(f"imbalance_ratio={ratio} needs a label for every pool sample, but {where} has "
+                        f"unlabeled ones; use imbalance_ratio 1")
+    keep = imbalanced_indices(data.pool_labels.numpy(), ratio, data.num_classes, seed)
+    return replace(data, pool_ids=[data.pool_ids[i] for i in keep], pool_images=data.pool_images[keep],
+                   pool_labels=data.pool_labels[keep],
+                   pool_files=[data.pool_files[i] for i in keep] if data.pool_files else (), mapped=())
