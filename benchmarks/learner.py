@@ -42,7 +42,7 @@ from tidal.data import materialize  # noqa: E402
 from tidal.device import resolve_device, set_deterministic  # noqa: E402
 from tidal.evaluate import accuracy  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
-from tidal.pipeline import dataset_for  # noqa: E402
+from tidal.pipeline import build_models, model_data, weights_file  # noqa: E402
 from tidal.train import TrainConfig, steps_per_epoch, train_cycle  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "learner"
@@ -63,7 +63,7 @@ def split_pool(n_pool: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 def run_cell(params: dict[str, Any], size: int, seed: int, n_val: int, with_test: bool) -> dict[str, Any]:
     materialize(params["data_root"], params["dataset"])  # the embedded digits, written when missing
-    data = dataset_for(params)
+    data = model_data(params)  # the images, or a frozen backbone's cached features of them
     val, rest = split_pool(len(data.pool_ids), n_val, seed)
     if size > len(rest):
         raise SystemExit(f"size {size} is more than the {len(rest)} pool samples outside the validation part")
@@ -71,7 +71,15 @@ def run_cell(params: dict[str, Any], size: int, seed: int, n_val: int, with_test
     device = resolve_device(params["device"])
     set_deterministic(device)
     torch.manual_seed(seed)
-    backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
+    mode = params["train"]["backbone_mode"]
+    if mode == "frozen":  # the head on the cached features (pipeline.build_models)
+        backbone = build_models(params, data)[0]
+    else:
+        backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])
+    if mode == "finetune":
+        from tidal.models.timm_backbone import load_backbone_weights
+
+        load_backbone_weights(backbone, weights_file(params))
     cfg = TrainConfig.from_params(params["train"])
     start = time.perf_counter()
     history = train_cycle(backbone, None, data.pool_images[labeled], data.pool_labels[labeled], cfg, device, seed,
@@ -83,11 +91,12 @@ def run_cell(params: dict[str, Any], size: int, seed: int, n_val: int, with_test
         "steps": len(history) * steps_per_epoch(size, cfg.batch_size),
         "train_s": round(train_s, 2), "train_img_s": round(len(history) * size / train_s, 1),
         "val_accuracy": accuracy(backbone, data.pool_images[val_pos], data.pool_labels[val_pos], device),
-        # The same model evaluated on each image and its mirror (eval_hflip): one training, both numbers.
-        "val_accuracy_hflip": accuracy(backbone, data.pool_images[val_pos], data.pool_labels[val_pos], device,
-                                       hflip=True),
         "final_train_accuracy": history[-1]["accuracy"],
     }
+    if mode != "frozen":  # cached features have no mirror
+        # The same model evaluated on each image and its mirror (eval_hflip): one training, both numbers.
+        record["val_accuracy_hflip"] = accuracy(backbone, data.pool_images[val_pos], data.pool_labels[val_pos],
+                                                device, hflip=True)
     if with_test:
         record["test_accuracy"] = accuracy(backbone, data.test_images, data.test_labels, device,
                                            hflip=params["eval_hflip"])

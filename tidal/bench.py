@@ -72,7 +72,7 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
     device = resolve_device(params["device"])
     info = pipeline.prepare_data(params)
     pipeline.start_experiment(params, info["data_version"], info["pool_version"])
-    data = pipeline.dataset_for(params)
+    data = pipeline.model_data(params)  # with a frozen backbone: its cached features (extracted here, once)
     backbone, _ = pipeline.build_models(params, data)
     flops = train_flops_per_image(backbone, tuple(data.pool_images.shape[1:]), device)
     cycles, start = [], time.perf_counter()
