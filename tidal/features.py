@@ -18,6 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,18 +59,19 @@ def features_key(arch: str, weights_digest: str, pixels: str, split: str) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
-def extract_features(backbone: nn.Module, images: torch.Tensor, key: str, device: torch.device,
+def extract_features(make_backbone: Callable[[], nn.Module], images: torch.Tensor, key: str, device: torch.device,
                      batch_size: int = 256, directory: str | Path | None = None, desc: str = "features"
                      ) -> np.ndarray:
     """The pooled stage features of every image (N × sum(stage_channels), float32, memory-mapped),
-    from the cache, or computed now (resuming an interrupted extraction)."""
+    from the cache, or computed now (resuming an interrupted extraction). The backbone is built
+    (`make_backbone()`, weights loaded) only when something is left to compute."""
     folder = cache_dir(directory) / "features"
     final, meta_path = folder / f"{key}.f32", folder / f"{key}.json"
-    width = sum(backbone.stage_channels)
-    shape = (len(images), width)
-    cached = _open(final, meta_path, shape)
+    cached = _open(final, meta_path, None, len(images))
     if cached is not None:
         return cached
+    backbone = make_backbone()
+    shape = (len(images), sum(backbone.stage_channels))
     folder.mkdir(parents=True, exist_ok=True)
     partial, progress_path = folder / f"{key}.f32.partial", folder / f"{key}.progress"
     done = _resumable_rows(partial, progress_path, shape)
@@ -95,17 +97,21 @@ def extract_features(backbone: nn.Module, images: torch.Tensor, key: str, device
     os.replace(partial, final)
     _write_atomic(meta_path, json.dumps({"format": FEATURES_FORMAT, "shape": list(shape)}))
     progress_path.unlink(missing_ok=True)
-    result = _open(final, meta_path, shape)
+    result = _open(final, meta_path, shape, len(images))
     assert result is not None
     return result
 
 
-def _open(path: Path, meta_path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+def _open(path: Path, meta_path: Path, shape: tuple[int, int] | None, rows: int) -> np.ndarray | None:
+    """The finished entry, when its JSON says `rows` rows (and `shape`, when given) and the file
+    has exactly that size; else None."""
     try:
         meta = json.loads(meta_path.read_text())
-        if tuple(meta["shape"]) != shape or path.stat().st_size != math.prod(shape) * 4:
+        found = tuple(int(d) for d in meta["shape"])
+        if found[0] != rows or (shape is not None and found != shape) or path.stat().st_size != math.prod(found) * 4:
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+        shape = (found[0], found[1])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     if not math.prod(shape):
         return np.zeros(shape, dtype=np.float32)

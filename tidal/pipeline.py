@@ -316,14 +316,14 @@ def model_data(params: dict[str, Any]) -> Dataset:
     if not frozen(params):
         return dataset_for(params)
     data = _whole_dataset(params)
-    backbone = pretrained_backbone(params, data.in_channels, data.num_classes)
     device = resolve_device(params["device"])
     weights = file_digest(weights_file(params))
     split_features = {}
     for split, images in (("pool", data.pool_images), ("test", data.test_images)):
         key = features_key(params["backbone"], weights, images_identity(images, data.mapped), split)
-        split_features[split] = extract_features(backbone, images, key, device, params["score_batch_size"],
-                                                 desc=f"{split} features")
+        split_features[split] = extract_features(
+            lambda: pretrained_backbone(params, data.in_channels, data.num_classes), images, key, device,
+            params["score_batch_size"], desc=f"{split} features")
     pool, test = split_features["pool"], split_features["test"]
     features = replace(data, pool_images=torch.from_numpy(pool), test_images=torch.from_numpy(test),
                        mapped=tuple(a for a in (pool, test) if hasattr(a, "_mmap")),
@@ -337,7 +337,9 @@ def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn
     With a frozen backbone the trainable part is a FrozenHead over the cached stage features
     (`data` from `model_data`), with the stages of the full network."""
     if frozen(params):
-        stages = build_backbone(params["backbone"], 3, data.num_classes).stage_channels
+        from tidal.models.timm_backbone import stage_channels
+
+        stages = list(stage_channels(params["backbone"].removeprefix(TIMM_PREFIX)))
         backbone = FrozenHead(stages, data.num_classes, dropout=params["dropout"])
     else:
         backbone = build_backbone(params["backbone"], data.in_channels, data.num_classes, dropout=params["dropout"])

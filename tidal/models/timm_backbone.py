@@ -7,6 +7,7 @@ the pool's classes. The stage maps come from timm's `forward_intermediates` at i
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -86,6 +87,13 @@ class TimmBackbone(nn.Module):
         features = list(stages) + [pre_logits.reshape(pre_logits.shape[0], -1, 1, 1)]
         logits = self.head(self.dropout(pre_logits.flatten(1)))
         return logits, features
+
+
+@functools.lru_cache(maxsize=16)
+def stage_channels(arch: str) -> tuple[int, ...]:
+    """TimmBackbone(arch, ...).stage_channels, built once per process (a frozen backbone's head
+    needs only the widths, every step)."""
+    return tuple(TimmBackbone(arch, 3, 1).stage_channels)
 
 
 def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
