@@ -27,7 +27,7 @@ from tidal.faults import failpoint
 from tidal.models import build_backbone
 from tidal.models.backbones import TIMM_PREFIX
 from tidal.models.frozen import FrozenHead
-from tidal.scoring import merge_top_k, score_shard, select_candidates, shard_range
+from tidal.scoring import Rows, merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
 from tidal.train import AUX_MODULES, DistributedContext, TrainConfig, aux_kind, train_cycle
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
@@ -483,8 +483,10 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
     # Set strategies that ask for it (CoreSet) also see the labeled set.
     labeled_images = (data.pool_images[data.index_of(list(state["labeled"]))]
                       if getattr(strategy, "uses_labeled", False) else None)
-    pos, scores = select_candidates(backbone, td, data.pool_images[data.index_of(candidates)], strategy, k,
-                                    resolve_device(params["device"]), params["score_batch_size"],
+    # The candidates' images are gathered a batch at a time (Rows), never all at once: scoring
+    # every unlabeled image of a large pool holds one batch of them.
+    pos, scores = select_candidates(backbone, td, Rows(data.pool_images, data.index_of(candidates), data.release_pages),
+                                    strategy, k, resolve_device(params["device"]), params["score_batch_size"],
                                     labeled_u8=labeled_images)
     rows = [{"id": candidates[p], "score": f"{s:.8g}"} for p, s in zip(pos.tolist(), scores.tolist())]
     failpoint("score:before-write")

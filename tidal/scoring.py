@@ -101,7 +101,7 @@ def top_k_uncertain(
 
 
 @torch.inference_mode()
-def embed(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device, batch_size: int = 512,
+def embed(backbone: nn.Module, images_u8: torch.Tensor | Rows, device: torch.device, batch_size: int = 512,
           desc: str = "embed") -> Embeddings:
     """Backbone logits (N×C) and penultimate features (N×D) of every image, on `device`."""
     net = prepare_model(backbone.eval(), device)
@@ -121,7 +121,7 @@ def embed(backbone: nn.Module, images_u8: torch.Tensor, device: torch.device, ba
 @torch.inference_mode()
 def select_set(
     backbone: nn.Module,
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | Rows,
     strategy: SetStrategy,
     k: int,
     device: torch.device,
@@ -140,7 +140,7 @@ def select_set(
 def select_candidates(
     backbone: nn.Module,
     aux_module: nn.Module | None,
-    images_u8: torch.Tensor,
+    images_u8: torch.Tensor | Rows,
     strategy: QueryStrategy,
     k: int,
     device: torch.device,
