@@ -155,7 +155,7 @@ class ExperimentLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
-                if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
+                if owner.get("host") == me["host"] and not pid_alive(int(owner.get("pid", -1))):
                     self.stale_owner = owner
                     self.path.unlink(missing_ok=True)
                     continue
@@ -193,7 +193,8 @@ class ExperimentLock:
             return {}
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie counts as gone)."""
     if pid <= 0:
         return False
     try:

@@ -35,6 +35,7 @@ import numpy as np
 from tidal.data.decode import GRAY_MODES, BadImage, decode, probe
 from tidal.data.errors import DataError
 from tidal.progress import progress
+from tidal.workspace import pid_alive
 
 CACHE_FORMAT = 2  # bump when the decoded layout changes, so old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
@@ -265,18 +266,8 @@ def _remove_stale_temporaries(base: Path) -> None:
     only in the way of disk space."""
     for tmp in base.parent.glob(f"{base.name}.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def bad_images_error(pool: DecodedPool, n_files: int, describe: Callable[[int], str]) -> DataError:
