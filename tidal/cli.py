@@ -138,6 +138,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"data version: {state['data_version']}")
     print(f"cycle:        {state['cycle']} done of {params['cycles']} planned")
     print(f"labeled:      {n_labeled}   unlabeled: {state['pool_size'] - n_labeled}")
+    if state.get("skipped_images"):
+        print(f"skipped:      {state['skipped_images']} image file(s) that cannot be decoded, left out of the "
+              f"pool and test split (bad_images: skip): {ws.skipped_images_path}")
     if history:
         split = "validation" if params["validation_size"] else "test"
         views = ", on each image and its mirror" if params["eval_hflip"] else ""

@@ -102,6 +102,9 @@ def test_a_broken_photo_is_named_and_can_be_skipped(ants_bees, tmp_path, monkeyp
         skipped = list(csv.DictReader(fh))
     assert [row["file"] for row in skipped] == [str(broken)] and skipped[0]["reason"]
     assert broken.with_suffix("").relative_to(root).as_posix() not in set(state["labeled"])
+    capsys.readouterr()
+    assert tidal_main(["status", *_sets(tmp_path, root, "image_size=16", "bad_images=skip")]) == 0
+    assert "skipped:      1 image file(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["frozen", "finetune"])
