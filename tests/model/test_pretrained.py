@@ -187,3 +187,17 @@ def test_a_timm_backbone_takes_its_input_size_from_its_pretrained_config(tmp_pat
     assert pipeline.input_size(params) == 224
     assert pipeline.input_size({**params, "image_size": 48}) == 48
     assert pipeline.input_size(load_params(None, ["dataset=imagefolder", f"data_root={photos}"])) == 0
+
+
+def test_a_frozen_head_starts_the_same_whether_or_not_the_process_built_the_network_before(tmp_path, photos):
+    """The head's seeded init must not depend on what this process did before (a cache of the
+    network's stage widths): two runs of one cycle give the same checkpoint."""
+    from tidal.models.timm_backbone import stage_channels
+
+    heads = []
+    for attempt in range(2):
+        stage_channels.cache_clear() if attempt == 0 else None
+        params = _params(tmp_path, photos, "frozen", f"experiment=again-{attempt}")
+        _run(params)
+        heads.append(torch.load(tmp_path / f"runs/again-{attempt}/cycles/0/model.pt", weights_only=True)["backbone"])
+    assert torch.equal(heads[0]["head.weight"], heads[1]["head.weight"])

@@ -92,8 +92,11 @@ class TimmBackbone(nn.Module):
 @functools.lru_cache(maxsize=16)
 def stage_channels(arch: str) -> tuple[int, ...]:
     """TimmBackbone(arch, ...).stage_channels, built once per process (a frozen backbone's head
-    needs only the widths, every step)."""
-    return tuple(TimmBackbone(arch, 3, 1).stage_channels)
+    needs only the widths, every step). Built on a forked random stream: the network's random
+    init must not move the caller's seeded stream, or a head's init would depend on whether this
+    process had asked before."""
+    with torch.random.fork_rng(devices=[]):
+        return tuple(TimmBackbone(arch, 3, 1).stage_channels)
 
 
 def _classifier_prefixes(net: nn.Module) -> tuple[str, ...]:
