@@ -65,6 +65,7 @@ def main() -> None:
         pipeline.model_data(params)
         extract_s = time.perf_counter() - start
         n_images = len(data.pool_ids) + len(data.test_labels)
+        print(f"feature extraction: {n_images} images in {extract_s:.1f} s, {n_images / extract_s:.2f} img/s", flush=True)
         times: dict[str, list[dict]] = {"frozen": [], "scratch": []}
         for r in range(args.rounds):
             for mode, overrides in (("frozen", frozen), ("scratch", scratch)):
