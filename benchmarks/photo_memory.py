@@ -244,6 +244,7 @@ def child(args: argparse.Namespace, phase: str, n: int) -> dict:
 def measure(args: argparse.Namespace, n: int) -> dict:
     work = Path(args.work).resolve()
     root = work / str(n)
+    code_at_start = code_version()
     shutil.rmtree(root / "cache", ignore_errors=True)
     shutil.rmtree(root / "runs", ignore_errors=True)
     files = generate(root / "data", n, args.test)
@@ -267,7 +268,8 @@ def measure(args: argparse.Namespace, n: int) -> dict:
         "build_s": phases["cache"]["build_s"],
         "files_per_s": round((n + args.test) / phases["cache"]["build_s"], 1),
     }
-    record.update(code=code_version(), command=command(args), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
+    # each step's process imports the code afresh: say if a commit landed while they ran
+    record.update(code=code_at_start, code_at_end=code_version(), command=command(args), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
                   python=platform.python_version(), load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
     return record
 
