@@ -29,6 +29,7 @@ from tidal.faults import failpoint
 from tidal.models.frozen import pooled_stages
 from tidal.progress import progress
 from tidal.train import model_input, precision_context, prepare_input, prepare_model
+from tidal.workspace import atomic_write_text
 
 FEATURES_FORMAT = 1
 
@@ -89,13 +90,13 @@ def extract_features(make_backbone: Callable[[], nn.Module], images: torch.Tenso
                     _, stages = net(x)
                 out[start:start + len(x)] = pooled_stages(stages).float().cpu().numpy()
                 out.flush()  # the rows reach the file before the progress that counts them
-                _write_atomic(progress_path, json.dumps({"done": start + len(x), "shape": list(shape)}))
+                atomic_write_text(progress_path, json.dumps({"done": start + len(x), "shape": list(shape)}))
                 failpoint("features:batch")
         del out
     with open(partial, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(partial, final)
-    _write_atomic(meta_path, json.dumps({"format": FEATURES_FORMAT, "shape": list(shape)}))
+    atomic_write_text(meta_path, json.dumps({"format": FEATURES_FORMAT, "shape": list(shape)}))
     progress_path.unlink(missing_ok=True)
     result = _open(final, meta_path, shape, len(images))
     assert result is not None
@@ -127,9 +128,3 @@ def _resumable_rows(partial: Path, progress_path: Path, shape: tuple[int, int]) 
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

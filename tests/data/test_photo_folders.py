@@ -187,8 +187,14 @@ def test_bad_files_skipped_are_left_out_and_recorded(tmp_path):
     assert data.pool_labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
 
 
-def test_a_parallel_build_equals_one_process(tmp_path):
+def test_a_parallel_build_equals_one_process(tmp_path, monkeypatch):
     """Worker processes write the same bytes, in the same rows, as one process does."""
+    # small files: lower the thresholds, so both passes really go to worker processes
+    monkeypatch.setattr(cache_mod, "PARALLEL_PROBE_FILES", 0)
+    monkeypatch.setattr(cache_mod, "PARALLEL_DECODE_PIXELS", 0)
+    pools = []
+    real_context = cache_mod.multiprocessing.get_context
+    monkeypatch.setattr(cache_mod.multiprocessing, "get_context", lambda m: pools.append(m) or real_context(m))
     sizes = [(20 + i % 7, 18 + i % 5) for i in range(150)]
     root = _folder(tmp_path / "photos", {"a": sizes, "b": sizes})
     (root / "train" / "b" / "077.jpg").write_bytes(b"\xff\xd8 broken")
@@ -200,6 +206,7 @@ def test_a_parallel_build_equals_one_process(tmp_path):
     assert len(serial.bad) == len(parallel.bad) == 1 and serial.bad[0][0] == parallel.bad[0][0]
     assert np.array_equal(np.asarray(serial.images), np.asarray(parallel.images))
     assert parallel.images.shape == (301, 3, 12, 12)
+    assert pools == ["fork", "fork"]  # the parallel build's two passes, none for workers=1
     data = load_dataset(root, "imagefolder", images=options, cache_dir=tmp_path / "cache")
     assert data.pool_images.shape[0] == 299
 

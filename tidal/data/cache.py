@@ -19,7 +19,6 @@ $TIDAL_CACHE_DIR), so the DVC hash of data_root (tidal.data.version.dvc_dir_md5)
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -35,14 +34,17 @@ import numpy as np
 from tidal.data.decode import GRAY_MODES, BadImage, decode, probe
 from tidal.data.errors import DataError
 from tidal.progress import progress
-from tidal.workspace import pid_alive
+from tidal.workspace import atomic_write_text, pid_alive, write_csv
 
 CACHE_FORMAT = 2  # bump when the decoded layout changes, so old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-# Fewer files than this are decoded in this process: starting workers costs more than it saves.
-PARALLEL_MIN_FILES = 256
-CHUNK_FILES = 64
+# Starting a pool of workers costs about 0.05 s (benchmarks/photo_folders.md): the header pass
+# (about 20,000 files/s in one process) goes to workers only for this many files, the decode pass
+# (about 15 ms per megapixel decoded in full) only for this many source pixels in all.
+PARALLEL_PROBE_FILES = 20_000
+PARALLEL_DECODE_PIXELS = 10_000_000
+CHUNK_FILES = 64  # at most; fewer, so that every worker gets about four chunks
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:
@@ -154,14 +156,16 @@ def _decode_chunk(task: tuple[str, tuple[int, ...], bool, int, str, list[tuple[i
     return out
 
 
-def _chunks(items: list, n: int) -> list[list]:
+def _chunks(items: list, workers: int) -> list[list]:
+    """Items in order, in chunks of at most CHUNK_FILES, small enough to share out evenly."""
+    n = max(1, min(CHUNK_FILES, math.ceil(len(items) / (4 * max(1, workers)))))
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def _run(fn: Callable, chunks: list, workers: int, total: int, desc: str) -> Iterator:
-    """fn over the chunks, in order, in worker processes when it pays; one result per file."""
+    """fn over the chunks, in order, in `workers` processes (1: this one); one result per file."""
     def results() -> Iterator:
-        if workers <= 1 or total < PARALLEL_MIN_FILES:
+        if workers <= 1 or len(chunks) <= 1:
             for chunk in chunks:
                 yield from fn(chunk)
             return
@@ -193,7 +197,9 @@ def _build(base: Path, files: list[str], describe: Callable[[int], str], size: i
            workers: int) -> None:
     base.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(base)
-    probes = list(_run(_probe_chunk, _chunks(list(files), CHUNK_FILES), workers, len(files), "read image headers"))
+    probe_workers = workers if len(files) >= PARALLEL_PROBE_FILES else 1
+    probes = list(_run(_probe_chunk, _chunks(list(files), probe_workers), probe_workers, len(files),
+                       "read image headers"))
     bad = {i: p for i, p in enumerate(probes) if isinstance(p, str)}
     good = [i for i in range(len(files)) if i not in bad]
     gray = all(probes[i][0] in GRAY_MODES for i in good)
@@ -205,14 +211,16 @@ def _build(base: Path, files: list[str], describe: Callable[[int], str], size: i
             raise _size_error(probes, good, describe)
         width, height = next(iter(sizes)) if sizes else (1, 1)
     shape = (len(good), 1 if gray else 3, height, width)
+    source_pixels = sum(probes[i][1] * probes[i][2] for i in good)
+    decode_workers = workers if source_pixels >= PARALLEL_DECODE_PIXELS else 1
     pixels = base.with_name(f"{base.name}.u8.{os.getpid()}.tmp")
     try:
         with open(pixels, "wb") as fh:
             fh.truncate(math.prod(shape))  # sparse until written: no time spent zeroing
         tasks = [(str(pixels), shape, gray, size, resize, rows)
-                 for rows in _chunks([(row, str(files[i])) for row, i in enumerate(good)], CHUNK_FILES)]
+                 for rows in _chunks([(row, str(files[i])) for row, i in enumerate(good)], decode_workers)]
         failed = {good[row]: reason for row, reason in
-                  enumerate(_run(_decode_chunk, tasks, workers, len(good), "decode images")) if reason}
+                  enumerate(_run(_decode_chunk, tasks, decode_workers, len(good), "decode images")) if reason}
         if failed:
             shape = _compact(pixels, shape, [row for row, i in enumerate(good) if i not in failed])
             bad.update(failed)
@@ -222,10 +230,11 @@ def _build(base: Path, files: list[str], describe: Callable[[int], str], size: i
     finally:
         pixels.unlink(missing_ok=True)
     listed = sorted(bad.items())
-    _write_atomic(base.with_suffix(".bad.csv"), _bad_csv(listed, describe))
+    write_csv(base.with_suffix(".bad.csv"), ["file", "reason"],
+              [{"file": describe(i), "reason": reason} for i, reason in listed])
     meta = {"format": CACHE_FORMAT, "shape": list(shape), "files": len(files), "image_size": size,
             "resize": resize, "bad": [[i, reason] for i, reason in listed]}
-    _write_atomic(base.with_suffix(".json"), json.dumps(meta))
+    atomic_write_text(base.with_suffix(".json"), json.dumps(meta))
 
 
 def _compact(pixels: Path, shape: tuple[int, ...], keep: list[int]) -> tuple[int, ...]:
@@ -239,26 +248,6 @@ def _compact(pixels: Path, shape: tuple[int, ...], keep: list[int]) -> tuple[int
     new_shape = (len(keep), *shape[1:])
     os.truncate(pixels, math.prod(new_shape))
     return new_shape
-
-
-def _bad_csv(listed: list[tuple[int, str]], describe: Callable[[int], str]) -> str:
-    import io
-
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["file", "reason"])
-    for i, reason in listed:
-        writer.writerow([describe(i), reason])
-    return out.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _remove_stale_temporaries(base: Path) -> None:
