@@ -57,6 +57,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from provenance import code_version  # noqa: E402  (benchmarks/provenance.py, beside this file)
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,16 +286,6 @@ def run_set(name: str, root: Path, work: Path, repeats: int, workers: int, warmu
                                        ("a_ours", "d_decode_1proc"))},
     }
     return record
-
-
-def code_version() -> dict:
-    """The commit measured, and whether tidal/ differed from it."""
-    import subprocess
-
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"), "tidal_modified": bool(git("status", "--porcelain", "tidal"))}
 
 
 def command(args: argparse.Namespace) -> str:

@@ -54,6 +54,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import code_version  # noqa: E402  (benchmarks/provenance.py, beside this file)
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,14 +274,6 @@ def measure(args: argparse.Namespace, n: int) -> dict:
     record.update(code=code_at_start, code_at_end=code_version(), command=command(args), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
                   python=platform.python_version(), load_avg_at_end=[round(x, 2) for x in os.getloadavg()])
     return record
-
-
-def code_version() -> dict:
-    """The commit measured, and whether tidal/ differed from it (other work edits the checkout)."""
-    def git(*argv: str) -> str:
-        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "--short", "HEAD"), "tidal_modified": bool(git("status", "--porcelain", "tidal"))}
 
 
 def command(args: argparse.Namespace) -> str:
