@@ -87,18 +87,18 @@ def experiment_params(seed: int, overrides: list[str]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _counted_candidates(candidates: list[int]) -> Iterator[None]:
     """Record how many candidates each score step draws. Restored on exit."""
-    candidate_ids = pipeline.candidate_ids
+    candidate_positions = pipeline.candidate_positions
 
-    def counted_candidate_ids(*args: Any, **kwargs: Any) -> list[str]:
-        ids = candidate_ids(*args, **kwargs)
-        candidates.append(len(ids))
-        return ids
+    def counted_candidate_positions(*args: Any, **kwargs: Any) -> Any:
+        positions = candidate_positions(*args, **kwargs)
+        candidates.append(len(positions))
+        return positions
 
-    pipeline.candidate_ids = counted_candidate_ids
+    pipeline.candidate_positions = counted_candidate_positions
     try:
         yield
     finally:
-        pipeline.candidate_ids = candidate_ids
+        pipeline.candidate_positions = candidate_positions
 
 
 def run_ours(params: dict[str, Any], overrides: list[str], work: Path, name: str) -> dict[str, Any]:

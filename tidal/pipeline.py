@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
-from tidal.data.pool import candidate_ids, candidate_positions, initial_labeled_ids
+from tidal.data.pool import candidate_positions, initial_labeled_ids
 from tidal.data.sources import DataError, Dataset, materialize
 from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
                                 pin_file, pin_lock, pinned_md5, verify_data_version)
@@ -201,7 +201,9 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
 
 def initial_labeled(params: dict[str, Any], data: Dataset) -> list[str]:
     """The seeded initial labeled ids, drawn from the pool samples whose label the source knows."""
-    known = [i for i, y in zip(data.pool_ids, data.pool_labels.tolist()) if y >= 0]
+    has_label = data.pool_labels >= 0
+    known = (data.pool_ids if bool(has_label.all())  # no list of every id when all are known
+             else [data.pool_ids[i] for i in has_label.nonzero().flatten().tolist()])
     return initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
 
 
@@ -389,8 +391,9 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
         return str(out)
     state = ws.load_state()
     data = model_data(params)
-    taken = _taken_ids(params, state, data)
-    candidates = candidate_ids(data.pool_ids, taken, params["subset_size"], params["seed"], cycle)
+    taken = data.index_of(list(_taken_ids(params, state, data))).numpy()
+    # Positions, not ids: scoring every unlabeled file of a large pool holds no string per file.
+    candidates = candidate_positions(len(data.pool_ids), taken, params["subset_size"], params["seed"], cycle)
     k = params["budget"]
     backbone, td = load_models(params, checkpoint, data)
     strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
@@ -399,10 +402,10 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
                       if getattr(strategy, "uses_labeled", False) else None)
     # The candidates' images are gathered a batch at a time (Rows), never all at once: scoring
     # every unlabeled image of a large pool holds one batch of them.
-    pos, scores = select_candidates(backbone, td, Rows(data.pool_images, data.index_of(candidates), data.release_pages),
+    pos, scores = select_candidates(backbone, td, Rows(data.pool_images, torch.from_numpy(candidates), data.release_pages),
                                     strategy, k, resolve_device(params["device"]), params["score_batch_size"],
                                     labeled_u8=labeled_images)
-    rows = [{"id": candidates[p], "score": f"{s:.8g}"} for p, s in zip(pos.tolist(), scores.tolist())]
+    rows = [{"id": data.pool_ids[int(candidates[p])], "score": f"{s:.8g}"} for p, s in zip(pos.tolist(), scores.tolist())]
     failpoint("score:before-write")
     write_csv(out, ["id", "score"], rows)
     log.info("cycle %d: scored %d candidates with %s", cycle, len(candidates), params["strategy"])

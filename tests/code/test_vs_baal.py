@@ -58,7 +58,7 @@ def test_ours_starts_from_the_ids_baal_is_given_and_scores_subset_size(tmp_path:
     assert cycle["n_labeled"] == 100 and cycle["n_candidates"] == params["subset_size"] == 500
     assert cycle["other_s"] >= 0 and cycle["cycle_s"] >= cycle["train_s"] + cycle["eval_s"] + cycle["score_s"]
     assert 0 < cycle["test_accuracy"] <= 1
-    assert pipeline.candidate_ids.__name__ == "candidate_ids"  # the counting wrapper is gone again
+    assert pipeline.candidate_positions.__name__ == "candidate_positions"  # the counting wrapper is gone again
 
 
 def test_baal_transforms_do_what_our_trainer_does(data_root: Path):

@@ -27,7 +27,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -90,14 +90,15 @@ class DecodedPool:
         return np.flatnonzero(mask)
 
 
-def decoded_pool(source: str, files: list[str], key_entries: list, describe: Callable[[int], str],
+def decoded_pool(source: str, files: Sequence[str], key_entries: list, describe: Callable[[int], str],
                  size: int = 0, resize: str = "center-crop", directory: str | Path | None = None,
                  workers: int | None = None) -> DecodedPool:
     """The cache entry for these files at this size, built first when missing.
 
     `key_entries`: what identifies the files' contents ([relpath, size, mtime_ns] each, plus the
-    source's index files). `describe(i)` names file i in messages. size 0 keeps the files' own
-    size, which must then be the same for all: otherwise a DataError says to set `image_size`.
+    source's index files; or one digest of them, as tidal.data.listing makes). `describe(i)`
+    names file i in messages. size 0 keeps the files' own size, which must then be the same for
+    all: otherwise a DataError says to set `image_size`.
     """
     key = data_key(source, key_entries, {"image_size": size, "resize": resize if size else None})
     base = (cache_dir(directory) / f"{source}-{key}").absolute()
@@ -156,7 +157,7 @@ def _decode_chunk(task: tuple[str, tuple[int, ...], bool, int, str, list[tuple[i
     return out
 
 
-def _chunks(items: list, workers: int) -> list[list]:
+def _chunks(items: Sequence, workers: int) -> list[list]:
     """Items in order, in chunks of at most CHUNK_FILES, small enough to share out evenly."""
     n = max(1, min(CHUNK_FILES, math.ceil(len(items) / (4 * max(1, workers)))))
     return [items[i:i + n] for i in range(0, len(items), n)]
@@ -193,12 +194,12 @@ def _size_error(probes: list, good: list[int], describe: Callable[[int], str]) -
                      f"decoding; `resize` says how: center-crop, pad or stretch); your files stay as they are")
 
 
-def _build(base: Path, files: list[str], describe: Callable[[int], str], size: int, resize: str,
+def _build(base: Path, files: Sequence[str], describe: Callable[[int], str], size: int, resize: str,
            workers: int) -> None:
     base.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(base)
     probe_workers = workers if len(files) >= PARALLEL_PROBE_FILES else 1
-    probes = list(_run(_probe_chunk, _chunks(list(files), probe_workers), probe_workers, len(files),
+    probes = list(_run(_probe_chunk, _chunks(files, probe_workers), probe_workers, len(files),
                        "read image headers"))
     bad = {i: p for i, p in enumerate(probes) if isinstance(p, str)}
     good = [i for i in range(len(files)) if i not in bad]

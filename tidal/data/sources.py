@@ -34,6 +34,7 @@ import torch
 
 from tidal.data.cache import IMAGE_SUFFIXES, DecodedPool, bad_images_error, decoded_pool, file_stat_entry
 from tidal.data.errors import DataError
+from tidal.data.listing import ListedNames, duplicate_stem, list_folders
 
 
 class PositionalIds(Sequence[str]):
@@ -116,7 +117,7 @@ class Dataset:
 
     def index_of(self, ids: list[str]) -> torch.Tensor:
         """Positions of the given ids in the pool arrays (raises on an unknown id)."""
-        if isinstance(self.pool_ids, PositionalIds):
+        if isinstance(self.pool_ids, (PositionalIds, ListedNames)):  # found without a dict of every id
             found = [self.pool_ids.position(i) for i in ids]
         else:
             lookup = self._lookup()
@@ -321,21 +322,13 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def _image_files(folder: Path) -> list[os.DirEntry]:
-    """Visible image files of one folder, sorted by name (os.scandir: no extra stat per file
-    to list them, and string sorting; a 60,000-file pool is listed on every load)."""
-    with os.scandir(folder) as entries:
-        files = [e for e in entries if e.is_file() and not e.name.startswith(".")
-                 and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES]
-    return sorted(files, key=lambda e: e.name)
-
-
 def read_imagefolder(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
     """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name.
 
     Every class folder of train/ needs an image (a class without one could never be learned).
+    The files are listed compactly (tidal.data.listing): ids and paths are made when asked for.
     """
-    root = Path(os.path.abspath(root))  # so each listed entry's path is absolute already
+    root = Path(os.path.abspath(root))  # so each listed path is absolute already
     train_dir, test_dir = root / "train", root / "test"
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
     if not classes:
@@ -347,44 +340,29 @@ def read_imagefolder(root: Path, options: ImageOptions = ImageOptions()) -> Data
     if unknown:
         raise DataError(f"{test_dir} has class folder(s) {unknown} that {train_dir} lacks; "
                         f"the classes are the folders of train/: {classes}")
-    files: list[str] = []  # strings, not Paths: this runs over every file at every load
-    relpaths: list[str] = []
-    stats: list[list] = []
-    ids: list[str] = []
-    labels: list[int] = []
-    counts = {}
-    for split, folder in (("train", train_dir), ("test", test_dir)):
-        start = len(files)
-        for c, name in enumerate(classes):
-            if not (folder / name).is_dir():
-                continue
-            for entry in _image_files(folder / name):
-                relpath = f"{split}/{name}/{entry.name}"
-                st = entry.stat()
-                files.append(entry.path)
-                relpaths.append(relpath)
-                stats.append([relpath, st.st_size, st.st_mtime_ns])
-                ids.append(os.path.splitext(relpath)[0])
-                labels.append(c)
-        counts[split] = len(files) - start
-        if split == "train":
-            empty = [name for c, name in enumerate(classes) if c not in labels[start:]]
-            if empty:
-                raise DataError(f"class folder(s) {[str(train_dir / e) for e in empty]} hold no images: a class "
-                                f"without training images can never be learned; add images or remove the folder")
-        if counts[split] == 0:
-            raise DataError(f"{folder} holds no images; expected {folder}/<class>/<image files>")
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+    folders = [(split, name) for split in ("train", "test") for name in classes]
+    listing = list_folders(str(root), folders, list(range(len(classes))) * 2, IMAGE_SUFFIXES)
+    per_folder = np.diff(listing.starts)
+    empty = [name for c, name in enumerate(classes) if per_folder[c] == 0]
+    if empty:
+        raise DataError(f"class folder(s) {[str(train_dir / e) for e in empty]} hold no images: a class "
+                        f"without training images can never be learned; add images or remove the folder")
+    n_train = int(per_folder[:len(classes)].sum())
+    if n_train == len(listing):
+        raise DataError(f"{test_dir} holds no images; expected {test_dir}/<class>/<image files>")
+    dup = duplicate_stem(listing)
+    if dup is not None:
         raise DataError(f"two images under {root} share the id '{dup}' (same name, different extension); "
                         f"rename one")
-    pool, kept, skipped = _decoded_split("imagefolder", files, stats, lambda i: f"{root}/{relpaths[i]}", options)
-    n = int((kept < counts["train"]).sum())
+    every = ListedNames(listing, np.arange(len(listing)), "file")
+    pool, kept, skipped = _decoded_split("imagefolder", every, [listing.digest],
+                                         lambda i: every[i], options)
+    n = int((kept < n_train).sum())
     images = torch.from_numpy(pool.images)
-    label_t = torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(kept)]
-    kept_ids, kept_files = [ids[i] for i in kept], [files[i] for i in kept]
-    return Dataset("imagefolder", classes, kept_ids[:n], images[:n], label_t[:n], images[n:], label_t[n:],
-                   kept_files[:n], mapped=_mapped(pool), skipped=skipped)
+    label_t = torch.from_numpy(listing.row_labels()[kept])
+    return Dataset("imagefolder", classes, ListedNames(listing, kept[:n], "id"), images[:n], label_t[:n],
+                   images[n:], label_t[n:], ListedNames(listing, kept[:n], "file"), mapped=_mapped(pool),
+                   skipped=skipped)
 
 
 # --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
@@ -649,10 +627,16 @@ def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
     held = np.sort(np.random.default_rng([seed, 1]).choice(known, size=size, replace=False))
     keep = np.setdiff1d(np.arange(len(data.pool_labels)), held)
     held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
-    return Dataset(data.name, data.classes, [data.pool_ids[i] for i in keep], data.pool_images[keep_t],
+    return Dataset(data.name, data.classes, _take(data.pool_ids, keep), data.pool_images[keep_t],
                    data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
-                   [data.pool_files[i] for i in keep] if data.pool_files else (), skipped=data.skipped,
-                   image_shape=data.image_shape)
+                   _take(data.pool_files, keep), skipped=data.skipped, image_shape=data.image_shape)
+
+
+def _take(names: Sequence[str], positions: np.ndarray) -> Sequence[str]:
+    """names[positions], as a view again where names is one (an image folder's ids and paths)."""
+    if isinstance(names, ListedNames):
+        return names.take(positions)
+    return [names[i] for i in positions] if names else ()
 
 
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
@@ -691,6 +675,5 @@ def imbalanced(data: Dataset, ratio: float, seed: int, where: str = "the pool") 
         raise DataError(f"imbalance_ratio={ratio} needs a label for every pool sample, but {where} has "
                         f"unlabeled ones; use imbalance_ratio 1")
     keep = imbalanced_indices(data.pool_labels.numpy(), ratio, data.num_classes, seed)
-    return replace(data, pool_ids=[data.pool_ids[i] for i in keep], pool_images=data.pool_images[keep],
-                   pool_labels=data.pool_labels[keep],
-                   pool_files=[data.pool_files[i] for i in keep] if data.pool_files else (), mapped=())
+    return replace(data, pool_ids=_take(data.pool_ids, keep), pool_images=data.pool_images[keep],
+                   pool_labels=data.pool_labels[keep], pool_files=_take(data.pool_files, keep), mapped=())

@@ -1,0 +1,192 @@
+"""The files of an image folder, listed compactly: a million files are not a million strings.
+
+Every step of a cycle (training, evaluation, scoring, each Dask worker and DDP rank) lists the
+image folder again, to check it and to name the files. Held as Python lists, each file costs a
+path string, an id string, a stat entry and a label (about 600 bytes, 0.6 GB a process at a
+million files, plus what the interpreter keeps of it after it is freed). A `FolderListing`
+holds the file names of every (split, class) folder packed into one UTF-8 blob with their end
+offsets (about 15 bytes a file), and the ids and absolute paths are made when asked for
+(`ListedNames`); an id is found by binary search in its folder's sorted names, never through a
+dict of every id.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+from array import array
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import overload
+
+import numpy as np
+
+
+@dataclass
+class FolderListing:
+    """The image files under root/<split>/<class>/, in order: splits as listed, classes in their
+    order, names sorted within a folder. Folder f holds rows starts[f] .. starts[f+1]-1."""
+
+    root: str
+    folders: list[tuple[str, str]]      # (split, class name) of each folder, in row order
+    labels: list[int]                   # the class number of each folder
+    starts: np.ndarray                  # first row of each folder, and the row count last
+    names: bytes                        # every file name, UTF-8, concatenated in row order
+    ends: np.ndarray                    # end offset of each name in `names`
+    digest: str                         # sha256 of every [relpath, size, mtime_ns], in order
+    _folder_of: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._folder_of = {folder: f for f, folder in enumerate(self.folders)}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def name(self, row: int) -> str:
+        start = int(self.ends[row - 1]) if row else 0
+        return self.names[start:int(self.ends[row])].decode("utf-8", "surrogateescape")
+
+    def folder(self, row: int) -> int:
+        return int(np.searchsorted(self.starts, row, side="right")) - 1
+
+    def relpath(self, row: int) -> str:
+        split, cls = self.folders[self.folder(row)]
+        return f"{split}/{cls}/{self.name(row)}"
+
+    def row_labels(self) -> np.ndarray:
+        """The class number of every row (int64)."""
+        return np.repeat(np.asarray(self.labels, dtype=np.int64), np.diff(self.starts))
+
+    def find(self, relstem: str) -> int | None:
+        """The row of `split/class/stem` (a relative path without its extension), or None."""
+        parts = relstem.split("/")
+        if len(parts) != 3 or not parts[2]:
+            return None
+        f = self._folder_of.get((parts[0], parts[1]))
+        if f is None:
+            return None
+        lo, hi, stem = int(self.starts[f]), int(self.starts[f + 1]), parts[2]
+        # Names are sorted, so every name that starts with `stem.` sits in one run from here.
+        row = bisect.bisect_left(_Names(self), stem + ".", lo, hi)
+        while row < hi and self.name(row).startswith(stem + "."):
+            if os.path.splitext(self.name(row))[0] == stem:
+                return row
+            row += 1
+        return None
+
+
+class _Names(Sequence[str]):
+    """A listing's file names as a sequence, for bisect."""
+
+    def __init__(self, listing: FolderListing) -> None:
+        self.listing = listing
+
+    def __len__(self) -> int:
+        return len(self.listing)
+
+    def __getitem__(self, row):  # type: ignore[override]
+        return self.listing.name(row)
+
+
+def list_folders(root: str, folders: list[tuple[str, str]], labels: list[int],
+                 suffixes: tuple[str, ...]) -> FolderListing:
+    """List the visible files with one of `suffixes` of each root/<split>/<class> folder (a missing
+    folder holds none), names sorted, their [relpath, size, mtime_ns] hashed as they are read."""
+    digest = hashlib.sha256()
+    packed, ends, starts = bytearray(), array("q"), [0]
+    for split, cls in folders:
+        folder = os.path.join(root, split, cls)
+        names = sorted(_image_names(folder, suffixes))
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            relpath = f"{split}/{cls}/{name}"
+            digest.update(f"{len(relpath)}:{relpath}:{st.st_size}:{st.st_mtime_ns};".encode("utf-8", "surrogateescape"))
+            packed += name.encode("utf-8", "surrogateescape")
+            ends.append(len(packed))
+        starts.append(len(ends))
+    return FolderListing(root, folders, labels, np.asarray(starts, dtype=np.int64), bytes(packed),
+                         np.frombuffer(ends, dtype=np.int64).copy(), digest.hexdigest())
+
+
+def _image_names(folder: str, suffixes: tuple[str, ...]) -> Iterator[str]:
+    """Visible files with an image suffix (os.scandir: no stat to tell files from folders)."""
+    if not os.path.isdir(folder):
+        return
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if (not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in suffixes
+                    and entry.is_file()):
+                yield entry.name
+
+
+def duplicate_stem(listing: FolderListing) -> str | None:
+    """The id (split/class/stem) two files of one folder share (same name, other extension), if any.
+
+    Hashes, not a set of every stem: a set of a folder's names would be held at its largest."""
+    for f, (split, cls) in enumerate(listing.folders):
+        rows = range(int(listing.starts[f]), int(listing.starts[f + 1]))
+        hashes = np.fromiter((hash(os.path.splitext(listing.name(r))[0]) for r in rows), np.int64, len(rows))
+        order = np.argsort(hashes, kind="stable")
+        for i in np.flatnonzero(np.diff(hashes[order]) == 0):
+            a, b = (os.path.splitext(listing.name(rows[int(order[j])]))[0] for j in (i, i + 1))
+            if a == b:
+                return f"{split}/{cls}/{a}"
+    return None
+
+
+class ListedNames(Sequence[str]):
+    """The ids (`kind="id"`: split/class/stem) or absolute paths (`kind="file"`) of some rows of a
+    FolderListing, made when asked for; `position` finds an id by binary search."""
+
+    def __init__(self, listing: FolderListing, rows: np.ndarray, kind: str) -> None:
+        if kind not in ("id", "file"):
+            raise ValueError(f"kind must be 'id' or 'file', not {kind!r}")
+        self.listing, self.rows, self.kind = listing, np.asarray(rows, dtype=np.int64), kind
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _make(self, row: int) -> str:
+        relpath = self.listing.relpath(row)
+        return os.path.splitext(relpath)[0] if self.kind == "id" else f"{self.listing.root}/{relpath}"
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self._make(int(r)) for r in self.rows[index]]
+        return self._make(int(self.rows[index]))
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._make(int(r)) for r in self.rows)
+
+    def __contains__(self, sid: object) -> bool:
+        return self.kind == "id" and isinstance(sid, str) and self.position(sid) is not None
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ListedNames) and other.listing is self.listing and other.kind == self.kind:
+            return bool(np.array_equal(self.rows, other.rows))
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence, like a list
+
+    def take(self, positions: np.ndarray | Sequence[int]) -> "ListedNames":
+        """These names at `positions`, still made when asked for."""
+        return ListedNames(self.listing, self.rows[np.asarray(positions, dtype=np.int64)], self.kind)
+
+    def position(self, sid: str) -> int | None:
+        """Where the id `sid` is in this sequence, or None."""
+        row = self.listing.find(sid) if self.kind == "id" else None
+        if row is None:
+            return None
+        # rows ascend (a listing's rows, some left out, some taken in order), so search them;
+        # otherwise look for the row itself.
+        at = int(np.searchsorted(self.rows, row))
+        if at < len(self.rows) and self.rows[at] == row:
+            return at
+        hits = np.flatnonzero(self.rows == row)
+        return int(hits[0]) if len(hits) else None
