@@ -31,8 +31,8 @@ class FolderListing:
     folders: list[tuple[str, str]]      # (split, class name) of each folder, in row order
     labels: list[int]                   # the class number of each folder
     starts: np.ndarray                  # first row of each folder, and the row count last
-    names: bytes                        # every file name, UTF-8, concatenated in row order
-    ends: np.ndarray                    # end offset of each name in `names`
+    names: bytes | bytearray            # every file name, UTF-8, concatenated in row order
+    ends: np.ndarray                    # end offset of each name in `names` (int32 when it fits)
     digest: str                         # sha256 of every [relpath, size, mtime_ns], in order
     _folder_of: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
@@ -53,9 +53,11 @@ class FolderListing:
         split, cls = self.folders[self.folder(row)]
         return f"{split}/{cls}/{self.name(row)}"
 
-    def row_labels(self) -> np.ndarray:
-        """The class number of every row (int64)."""
-        return np.repeat(np.asarray(self.labels, dtype=np.int64), np.diff(self.starts))
+    def row_labels(self, rows: np.ndarray | range) -> np.ndarray:
+        """The class number (int64) of each of `rows`."""
+        rows = np.arange(rows.start, rows.stop) if isinstance(rows, range) else rows
+        folders = np.searchsorted(self.starts, rows, side="right") - 1
+        return np.asarray(self.labels, dtype=np.int64)[folders]
 
     def find(self, relstem: str) -> int | None:
         """The row of `split/class/stem` (a relative path without its extension), or None."""
@@ -93,6 +95,7 @@ def list_folders(root: str, folders: list[tuple[str, str]], labels: list[int],
     """List the visible files with one of `suffixes` of each root/<split>/<class> folder (a missing
     folder holds none), names sorted, their [relpath, size, mtime_ns] hashed as they are read."""
     digest = hashlib.sha256()
+    # array("q") and a bytearray grow in place; both are handed to the listing without a copy.
     packed, ends, starts = bytearray(), array("q"), [0]
     for split, cls in folders:
         folder = os.path.join(root, split, cls)
@@ -104,8 +107,11 @@ def list_folders(root: str, folders: list[tuple[str, str]], labels: list[int],
             packed += name.encode("utf-8", "surrogateescape")
             ends.append(len(packed))
         starts.append(len(ends))
-    return FolderListing(root, folders, labels, np.asarray(starts, dtype=np.int64), bytes(packed),
-                         np.frombuffer(ends, dtype=np.int64).copy(), digest.hexdigest())
+    offsets = np.frombuffer(ends, dtype=np.int64)
+    if len(packed) < 2**31:  # half the memory for the offsets of any folder of names under 2 GB
+        offsets = offsets.astype(np.int32)
+    return FolderListing(root, folders, labels, np.asarray(starts, dtype=np.int64), packed, offsets,
+                         digest.hexdigest())
 
 
 def _image_names(folder: str, suffixes: tuple[str, ...]) -> Iterator[str]:
@@ -136,12 +142,17 @@ def duplicate_stem(listing: FolderListing) -> str | None:
 
 class ListedNames(Sequence[str]):
     """The ids (`kind="id"`: split/class/stem) or absolute paths (`kind="file"`) of some rows of a
-    FolderListing, made when asked for; `position` finds an id by binary search."""
+    FolderListing, made when asked for; `position` finds an id by binary search.
 
-    def __init__(self, listing: FolderListing, rows: np.ndarray, kind: str) -> None:
+    `rows`: ascending row numbers, or a `range` (no array at all when no file was left out)."""
+
+    def __init__(self, listing: FolderListing, rows: np.ndarray | range, kind: str) -> None:
         if kind not in ("id", "file"):
             raise ValueError(f"kind must be 'id' or 'file', not {kind!r}")
-        self.listing, self.rows, self.kind = listing, np.asarray(rows, dtype=np.int64), kind
+        if isinstance(rows, range) and rows.step != 1:
+            rows = np.asarray(rows, dtype=np.int64)
+        self.rows = rows if isinstance(rows, range) else np.asarray(rows, dtype=np.int64)
+        self.listing, self.kind = listing, kind
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -169,20 +180,25 @@ class ListedNames(Sequence[str]):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ListedNames) and other.listing is self.listing and other.kind == self.kind:
-            return bool(np.array_equal(self.rows, other.rows))
+            return len(self.rows) == len(other.rows) and bool(np.array_equal(np.asarray(self.rows), np.asarray(other.rows)))
         return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence, like a list
 
     def take(self, positions: np.ndarray | Sequence[int]) -> "ListedNames":
         """These names at `positions`, still made when asked for."""
-        return ListedNames(self.listing, self.rows[np.asarray(positions, dtype=np.int64)], self.kind)
+        positions = np.asarray(positions, dtype=np.int64)
+        if isinstance(self.rows, range):
+            return ListedNames(self.listing, positions + self.rows.start, self.kind)
+        return ListedNames(self.listing, self.rows[positions], self.kind)
 
     def position(self, sid: str) -> int | None:
         """Where the id `sid` is in this sequence, or None."""
         row = self.listing.find(sid) if self.kind == "id" else None
         if row is None:
             return None
+        if isinstance(self.rows, range):
+            return row - self.rows.start if row in self.rows else None
         # rows ascend (a listing's rows, some left out, some taken in order), so search them;
         # otherwise look for the row itself.
         at = int(np.searchsorted(self.rows, row))

@@ -303,13 +303,15 @@ class ImageOptions:
         return cls(params["image_size"], params["resize"], params["bad_images"], cache_dir)
 
 
-def _decoded_split(source: str, files: list[str], key_entries: list, describe: Callable[[int], str],
-                   options: ImageOptions) -> tuple[DecodedPool, np.ndarray, tuple[tuple[str, str], ...]]:
-    """The decoded images, the indices of the files behind their rows, and the files skipped."""
+def _decoded_split(source: str, files: Sequence[str], key_entries: list, describe: Callable[[int], str],
+                   options: ImageOptions) -> tuple[DecodedPool, np.ndarray | range, tuple[tuple[str, str], ...]]:
+    """The decoded images, the indices of the files behind their rows (a range when every file
+    was decoded: no array of a million indices), and the files skipped."""
     pool = decoded_pool(source, files, key_entries, describe, options.size, options.resize, options.cache_dir)
     if pool.bad and options.bad_images == "refuse":
         raise bad_images_error(pool, len(files), describe)
-    return pool, pool.kept(len(files)), tuple((str(files[i]), reason) for i, reason in pool.bad)
+    kept = pool.kept(len(files)) if pool.bad else range(len(files))
+    return pool, kept, tuple((str(files[i]), reason) for i, reason in pool.bad)
 
 
 def _mapped(pool: DecodedPool) -> tuple[np.memmap, ...]:
@@ -354,12 +356,11 @@ def read_imagefolder(root: Path, options: ImageOptions = ImageOptions()) -> Data
     if dup is not None:
         raise DataError(f"two images under {root} share the id '{dup}' (same name, different extension); "
                         f"rename one")
-    every = ListedNames(listing, np.arange(len(listing)), "file")
-    pool, kept, skipped = _decoded_split("imagefolder", every, [listing.digest],
-                                         lambda i: every[i], options)
-    n = int((kept < n_train).sum())
+    every = ListedNames(listing, range(len(listing)), "file")
+    pool, kept, skipped = _decoded_split("imagefolder", every, [listing.digest], lambda i: every[i], options)
+    n = n_train if isinstance(kept, range) else int((kept < n_train).sum())
     images = torch.from_numpy(pool.images)
-    label_t = torch.from_numpy(listing.row_labels()[kept])
+    label_t = torch.from_numpy(listing.row_labels(kept))
     return Dataset("imagefolder", classes, ListedNames(listing, kept[:n], "id"), images[:n], label_t[:n],
                    images[n:], label_t[n:], ListedNames(listing, kept[:n], "file"), mapped=_mapped(pool),
                    skipped=skipped)
