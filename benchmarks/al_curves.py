@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None, configure_env: bool = True) -> dict[str,
 
 
 if __name__ == "__main__":
-    from tidal.cli import exit_on_sigterm
+    from tidal.signals import exit_on_sigterm
 
     exit_on_sigterm()  # `kill PID` stops the grid and its Prefect server; the cell resumes later
     main()

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from tidal.cli import exit_on_sigterm
+    from tidal.signals import exit_on_sigterm
 
     exit_on_sigterm()  # `kill PID` stops the benchmark and its Prefect server
     sys.exit(main())

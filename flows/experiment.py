@@ -20,6 +20,7 @@ from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tidal import pipeline, tracking
+from tidal.config import string_override
 from tidal.memory import peak_rss_mb
 from tidal.workspace import ExperimentLock, read_json
 
@@ -319,7 +320,7 @@ def labels_arrived(experiment: str, params_path: str | None = "params.yaml", ove
 
     from tidal.workspace import ExperimentLocked
 
-    params, overrides = pipeline.experiment_params(params_path, list(overrides or []) + [f"experiment={experiment}"])
+    params, overrides = pipeline.experiment_params(params_path, list(overrides or []) + [string_override("experiment", experiment)])
     logger = get_run_logger()
     deadline = time.monotonic() + wait_s
     while True:

@@ -13,7 +13,6 @@ processes sharing the machine, e.g. one GPU).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -30,7 +29,7 @@ from tidal import pipeline
 from tidal.config import load_params
 from tidal.device import resolve_device
 from tidal.train import TrainConfig
-from tidal.workspace import write_json
+from tidal.workspace import write_csv, write_json
 
 
 def cell_name(strategy: str, seed: int) -> str:
@@ -119,10 +118,7 @@ def summarize(out: str | Path) -> Path:
                          "train_s": round(c["train_s"], 3), "train_img_s": round(c["train_img_s"], 1),
                          "mfu": c["mfu"], "score_s": round(c["score_s"], 3), "wall_s": round(rec["wall_s"], 1)})
     path = out / "cycles.csv"
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["strategy"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, list(rows[0]) if rows else ["strategy"], rows)
     return path
 
 

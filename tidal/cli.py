@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
-from tidal.config import ConfigError, load_params
+from tidal.config import ConfigError, check_name, load_params, string_override
+from tidal.signals import exit_on_sigterm
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -49,7 +48,9 @@ def _experiment_params(args: argparse.Namespace) -> dict:
     """The params of the experiment the command names: its recorded overrides applied again."""
     from tidal.pipeline import experiment_params
 
-    overrides = list(args.set) + ([f"experiment={args.experiment}"] if getattr(args, "experiment", None) else [])
+    # --experiment is a name, taken as it is (string_override), not YAML; load_params checks it.
+    named = getattr(args, "experiment", None)
+    overrides = list(args.set) + ([string_override("experiment", named)] if named is not None else [])
     return experiment_params(_params_path(args.params), overrides)[0]
 
 
@@ -330,6 +331,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     """Register the best (or last) cycle model of an experiment under an alias."""
     from tidal.tracking import MlflowTracker
 
+    if args.name is not None:  # a new name in the model registry, and in every models:/ URI
+        check_name("--name (the registered model)", args.name)
     try:
         uri = MlflowTracker().register_cycle_model(args.experiment, args.name or args.experiment, args.alias,
                                                    args.pick)
@@ -453,21 +456,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a folder with prefect.yaml: also its work pool, deployments and a worker")
     p_stack.set_defaults(func=cmd_stack)
     return parser
-
-
-def exit_on_sigterm() -> None:
-    """Make SIGTERM (`kill PID`, a scheduler stopping the job) unwind like an exception.
-
-    By default SIGTERM ends Python at once: no `finally`, no atexit, so Prefect's temporary API
-    server (a child process, stopped at exit) kept running after every killed run. Prefect's
-    flow engine marks the run Crashed and then hands the signal on to this handler. The
-    workspace is safe either way: every step writes atomically and a rerun resumes.
-    """
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
-        signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -52,6 +53,22 @@ class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the key."""
 
 
+# A name that becomes a folder and a file name (runs/<experiment>/, data/labels/<experiment>.csv),
+# an MLflow experiment and a registered model: letters, digits, '.', '_' and '-', starting with a
+# letter or digit. So never '.' or '..' (runs/ itself, or the repository root), no '/', no
+# hidden file, no option-like '-x', no spreadsheet formula; 128 characters leave room in a
+# file name's 255 bytes.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(what: str, value: Any) -> str:
+    """`value` if it is a safe name (NAME_PATTERN); else ConfigError naming `what` and the value."""
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
+        raise ConfigError(f"{what} must be a name of at most 128 letters, digits, '.', '_' and '-' that starts "
+                          f"with a letter or digit, got {value!r}")
+    return value
+
+
 def _merge(base: dict, update: dict, prefix: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -82,7 +99,9 @@ def _check_type(name: str, default: Any, value: Any) -> Any:
         if default is None or name in NULLABLE:
             return None
         raise ConfigError(f"params key '{name}' must not be empty or null")
-    if default is None:
+    if default is None:  # every key whose default is null holds a string: a name, a path, an address
+        if not isinstance(value, str):
+            raise ConfigError(f"params key '{name}' must be a string or null, got {value!r}")
         return value
     if name in FALSE_OR_CHOICE:
         if value is not False and value not in FALSE_OR_CHOICE[name]:
@@ -114,19 +133,32 @@ def _check_type(name: str, default: Any, value: Any) -> Any:
 
 def parse_override(text: str) -> dict[str, Any]:
     """Turn 'train.epochs=5' into {'train': {'epochs': 5}} (the value is read as YAML)."""
-    if "=" not in text:
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if "=" not in text or not all(part.strip() for part in parts):
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.epochs=5")
-    key, raw = text.split("=", 1)
     # Read as YAML (5 -> int, true -> bool, [30] -> list); number-like strings such as 5e-4
     # become floats later, only where the key expects a number (_coerce_numbers).
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        # YAML's own message spans several lines with a caret under the text: one line is enough.
+        reason = getattr(err, "problem", None) or type(err).__name__
+        raise ConfigError(f"override '{text}': the value {raw!r} of params key '{key.strip()}' is not valid YAML "
+                          f"({reason}); write a list as [30, 60] and quote a string that holds YAML syntax, "
+                          f"e.g. {key.strip()}=\"'...'\"") from None
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+def string_override(key: str, value: str) -> str:
+    """An override that sets `key` to the string `value` as it is: `--experiment 2024` names the
+    experiment "2024", where the YAML of `--set experiment=2024` reads the number 2024."""
+    return f"{key}='" + value.replace("'", "''") + "'"  # a YAML single-quoted scalar
 
 
 def _deep_update(base: dict, update: dict) -> dict:
@@ -179,6 +211,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
     params = _merge(DEFAULTS, file_values)
     preset = override_values.get("preset", params["preset"])
     if preset is not None:
+        _check_type("preset", DEFAULTS["preset"], preset)
         if preset not in PRESETS:
             raise ConfigError(f"params key 'preset': unknown preset '{preset}'; "
                               f"choose one of {sorted(PRESETS)} or null (the files of {PARAMS_DIR / 'presets'})")
@@ -205,8 +238,8 @@ def validate(params: dict[str, Any]) -> None:
          f"must be one of {sorted(STRATEGIES)}, got {params['strategy']!r}")
     need(params["dataset"] in SOURCES, "dataset", f"must be one of {sorted(SOURCES)}, got {params['dataset']!r}")
     _validate_backbone(params, need)
-    need(isinstance(params["experiment"], str) and params["experiment"].strip() != ""
-         and "/" not in params["experiment"], "experiment", "must be a non-empty name without '/'")
+    check_name("params key 'experiment' (the folder runs/<experiment>/ and the MLflow experiment)",
+               params["experiment"])
     for key in ("cycles", "initial_size", "budget", "score_batch_size"):
         need(params[key] >= 1, key, f"must be at least 1, got {params[key]}")
     need(params["subset_size"] is None or params["subset_size"] >= params["budget"], "subset_size",

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-from tidal.workspace import atomic_write_bytes, atomic_write_text
+from tidal.workspace import atomic_write_bytes, atomic_write_text, csv_rows, restore_cell
 
 FORMATS = ("csv", "jsonl", "label-studio")
 QUERY_COLUMNS = ["experiment", "cycle", "query_id", "id", "path", "score", "rank", "suggested_label", "label"]
@@ -164,7 +164,7 @@ def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str
         })
 
     paths = {fmt: out_dir / name for fmt, name in EXPORT_FILES.items()}
-    atomic_write_text(paths["csv"], ",".join(QUERY_COLUMNS) + "\n" + _csv_text(
+    atomic_write_text(paths["csv"], ",".join(QUERY_COLUMNS) + "\n" + csv_rows(
         QUERY_COLUMNS, [{**rec, "score": repr(rec["score"]), "label": ""} for rec in records]))
 
     atomic_write_text(paths["jsonl"], "".join(json.dumps(rec) + "\n" for rec in records))
@@ -442,7 +442,7 @@ def _read_csv(text: str, col: _Collector) -> None:
 
     def cell(values: list[str], name: str) -> str | None:
         i = pos.get(name)
-        return values[i] if i is not None and i < len(values) else None
+        return restore_cell(values[i]) if i is not None and i < len(values) else None
 
     while True:
         try:
@@ -597,18 +597,6 @@ def check_against_state(ann: Annotations, *, experiment: str, pool_ids: set[str]
 
 # --- provenance log -------------------------------------------------------------------------
 
-def _csv_text(columns: list[str], rows: list[dict]) -> str:
-    """CSV rows with "\\n" line ends that read back as written: csv's minimal quoting does not quote a
-    lone "\\r" (it is not in the line terminator), which a reader takes for a line end, so a row
-    holding one is written fully quoted."""
-    buf = io.StringIO()
-    plain = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    quoted = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    for row in rows:
-        (quoted if any("\r" in str(v) for v in row.values()) else plain).writerow(row)
-    return buf.getvalue()
-
-
 def _other_labels(a: Annotation, classes: list[str] | None) -> str:
     """The id's other answers as compact JSON: [{"annotator": ..., "label": ..., "label_name": ...}]."""
     if not a.others:
@@ -675,7 +663,7 @@ def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str,
             "other_labels": _other_labels(a, classes),
         })
     try:
-        data = prefix + _csv_text(PROVENANCE_COLUMNS, rows).encode()
+        data = prefix + csv_rows(PROVENANCE_COLUMNS, rows).encode()
     except UnicodeEncodeError as err:  # only from hand-built plans: read_annotations refuses such text
         raise LabelImportError(f"cannot write {labels_csv}: a value is not text ({err})") from None
     if _labels_of(_parse_log(data.decode("utf-8-sig"), labels_csv), labels_csv) != {**before, **plan.updates()}:
@@ -722,8 +710,7 @@ def _parse_log(text: str, labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
     for _, row in rows:
         row.pop(None, None)  # extra fields of a hand-edited row
         for key in PROVENANCE_COLUMNS:
-            if row.get(key) is None:
-                row[key] = ""
+            row[key] = "" if row.get(key) is None else restore_cell(row[key])
     return rows
 
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tidal.dynamics import TDRecorder
+from tidal.models.classifier import normalize
 from tidal.models.loss_module import LossPredictor, loss_ranking_loss
 from tidal.models.td_module import TDPredictor
 from tidal.progress import progress
@@ -122,10 +123,6 @@ def model_input(batch: torch.Tensor) -> torch.Tensor:
     """What the model reads: uint8 images normalized to floats; float rows (a frozen backbone's
     cached features, tidal.features) as they are."""
     return batch if batch.is_floating_point() else normalize(to_float(batch))
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    return (x - 0.5) / 0.5
 
 
 def augment(x: torch.Tensor, crop_pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,9 @@ import errno
 import io
 import json
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,29 @@ def write_error(path: Path, err: OSError) -> WorkspaceWriteError | OSError:
         f"--set runs_dir=DIR), then run the same command again: it resumes.")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it; elsewhere set to a
+    strict 0o077 and back under a lock (os.umask has no read-only form, and a file another thread
+    creates in between is then only stricter)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write `path` whole or not at all. `mode`: its permission bits, by default what open() gives
+    (0o666 less the umask); a secret passes 0o600, which it has from its first byte on."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +70,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as fh:
+            # mkstemp makes the file 0600; by default it gets the mode open() gives, so annotators
+            # and a Label Studio under other accounts read what the umask lets them.
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask() if mode is None else mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -62,8 +89,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), mode)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -74,17 +101,59 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def write_csv(path: str | Path, columns: list[str], rows: list[dict]) -> None:
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection; OWASP).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# A plain decimal number starts with '-' or '+' and runs as nothing but itself: it stays a number,
+# so scores, seeds and accuracies read as numbers in DVC plots, pandas and a spreadsheet's sort.
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def neutralize_cell(value: Any) -> str:
+    """The text of a CSV cell that no spreadsheet runs: "'" before a cell that starts a formula
+    (FORMULA_STARTS, unless a plain number), and before a cell that starts with "'" followed by
+    one of those or by "'" (so that `restore_cell` tells the two apart). `restore_cell` undoes it.
+    """
+    text = "" if value is None else str(value)
+    if text[:1] in FORMULA_STARTS and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
+    if text[:1] == "'" and text[1:2] in (*FORMULA_STARTS, "'"):
+        return "'" + text
+    return text
+
+
+def restore_cell(text: str) -> str:
+    """The value `neutralize_cell` wrote: a cell of "'" followed by a formula start or "'" loses
+    its first "'" (also the spreadsheet way to type such text). Other cells, those of files
+    written before the rule included, are read as they are."""
+    if text[:1] == "'" and text[1:2] in (*FORMULA_STARTS, "'"):
+        return text[1:]
+    return text
+
+
+def csv_rows(columns: list[str], rows: list[dict]) -> str:
+    """CSV lines with "\\n" line ends, no header, each cell neutralized (`neutralize_cell`): people
+    open these files in spreadsheets. They read back as written: csv's minimal quoting does not
+    quote a lone "\\r" (it is not in the line terminator), which a reader takes for a line end, so a
+    row holding one is written fully quoted."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    plain = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    quoted = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    for row in rows:
+        cells = {key: neutralize_cell(value) for key, value in row.items()}
+        (quoted if any("\r" in cell for cell in cells.values()) else plain).writerow(cells)
+    return buf.getvalue()
+
+
+def write_csv(path: str | Path, columns: list[str], rows: list[dict]) -> None:
+    """A CSV file with a header line (`csv_rows`), written atomically; `read_csv` reads it back."""
+    atomic_write_text(path, csv_rows(columns, [{c: c for c in columns}]) + csv_rows(columns, rows))
 
 
 def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows `write_csv` wrote, each cell as it was given (`restore_cell`)."""
     with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+        return [{key: restore_cell(value) if isinstance(value, str) else value for key, value in row.items()}
+                for row in csv.DictReader(fh)]
 
 
 class Workspace:

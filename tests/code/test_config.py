@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tidal.config import DEFAULTS, PRESETS, ConfigError, flatten, load_params, parse_override
+from tidal.config import DEFAULTS, PRESETS, ConfigError, flatten, load_params, parse_override, string_override
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS_DIR = REPO / "tidal" / "params"
@@ -294,3 +294,60 @@ def test_dvc_stage_names_every_params_key_that_changes_a_result():
 
     absent = [k for k in named if not present(k)]
     assert not absent, f"params.yaml lacks {absent}, which dvc.yaml names"
+
+
+# --- names that become folders, override values that are not YAML (issue #31, items 4 and 7) ---
+
+@pytest.mark.parametrize("name", ["digits-tidal", "a", "Exp_2.v3", "0", "grid-entropy-s1", "x" * 128])
+def test_safe_experiment_names_are_accepted(name):
+    assert load_params(None, [string_override("experiment", name)])["experiment"] == name
+
+
+@pytest.mark.parametrize("name", [".", "..", "", " ", "a/b", "../x", "-x", ".hidden", "_x", "a b", "a\\b", "x\n",
+                                  "é", "a:b", "a*", "x" * 129, "=1+17"])
+def test_experiment_names_that_are_not_safe_folder_names_are_refused(name, tmp_path):
+    """`experiment=..` made the repository root the workspace, `experiment=.` made runs/ it:
+    the name is checked when params are read, from --set and from a params file alike."""
+    with pytest.raises(ConfigError, match="'experiment'"):
+        load_params(None, [string_override("experiment", name)])
+    with pytest.raises(ConfigError, match="'experiment'"):
+        load_params(_write(tmp_path, yaml.safe_dump({"experiment": name})))
+
+
+def test_string_override_keeps_the_value_a_string():
+    """`--experiment 2024` or `--experiment yes` names an experiment; YAML would read 2024 and true."""
+    for name in ("2024", "yes", "007", "null", "1e3", "2024-01-01"):
+        assert load_params(None, [string_override("experiment", name)])["experiment"] == name
+
+
+@pytest.mark.parametrize("override", ["train.milestones=[1", "experiment={a", "strategy='x", "seed=@x",
+                                      "experiment=a: b: c", "seed=!!python/object:os.system x"])
+def test_override_that_is_not_yaml_is_one_config_error_naming_key_and_value(override):
+    key, value = override.split("=", 1)
+    with pytest.raises(ConfigError) as err:
+        load_params(None, [override])
+    message = str(err.value)
+    assert f"'{key}'" in message and value in message and "\n" not in message
+
+
+@pytest.mark.parametrize("override", ["=1", ".=1", "train.=1", "a..b=1", " =1"])
+def test_override_without_a_key_is_a_config_error(override):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_params(None, [override])
+
+
+@pytest.mark.parametrize("value", ["[1]", "{a: 1}", "1", "true"])
+def test_preset_that_is_not_a_name_is_a_config_error(value, tmp_path):
+    with pytest.raises(ConfigError, match="'preset'"):
+        load_params(None, [f"preset={value}"])
+    with pytest.raises(ConfigError, match="'preset'"):
+        load_params(_write(tmp_path, f"preset: {value}\n"))
+
+
+@pytest.mark.parametrize("key", [k for k, v in flatten(DEFAULTS).items() if v is None])
+@pytest.mark.parametrize("value", ["[1]", "{a: 1}", "5", "true"])
+def test_a_key_whose_default_is_null_takes_a_string_or_null(key, value):
+    """These keys name a preset, a file or an address; a list or a number crashed far from the input."""
+    with pytest.raises(ConfigError, match=f"'{key}' must be a string or null"):
+        load_params(None, [f"{key}={value}"])
+    load_params(None, [f"{key}=null"])

@@ -867,3 +867,81 @@ def test_append_upgrades_an_old_log_with_cr_line_ends(tmp_path):
     append_provenance(log, _plan(new=[("s2", 0, None)]), cycle_of={}, query_of={}, source="x", imported_at="t")
     assert log.read_bytes().startswith(",".join(PROVENANCE_COLUMNS).encode() + b"\n" + old.split(b"\r", 1)[1])
     assert current_labels(log) == {"s0": 2, "s1": 1, "s2": 0}
+
+
+# --- spreadsheet formulas (issue #31, item 5) ------------------------------------------------
+
+FORMULA_IDS = ["=1+17", "@SUM(1+1)", "-1", "+1", "'=x", "''=x", "'abc", "-2+3+cmd|' /C calc'!A0", "plain"]
+FORMULA_CLASSES = ["=cmd|' /C calc'!A0", "-neg", "@home", "ok"]
+TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cells(path):
+    with open(path, newline="") as fh:
+        return [cell for row in csv.reader(fh) for cell in row]
+
+
+def _formulas(cells):
+    """Cells a spreadsheet would evaluate: a formula start, unless the cell is a plain number."""
+    def number(text):
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+    return [c for c in cells if c[:1] in TRIGGERS and not number(c)]
+
+
+def test_query_csv_holds_no_formula_and_its_ids_and_labels_read_back_exactly(tmp_path):
+    rows = [{"id": sid, "path": f"=IMAGE(\"{i}\")" if i == 0 else "", "score": -0.5 + i, "rank": i + 1,
+             "suggested_label": i % 4} for i, sid in enumerate(FORMULA_IDS)]
+    out = export_query_files(tmp_path / "q", EXP, 1, "q-1", rows, FORMULA_CLASSES)
+    cells = _cells(out["csv"])
+    assert not _formulas(cells), _formulas(cells)
+    assert "'=1+17" in cells and "'@SUM(1+1)" in cells and "''=x" in cells and "-0.5" in cells
+    # annotators copy the suggestion into `label`, as the spreadsheet shows it, and save
+    with open(out["csv"], newline="") as fh:
+        table = list(csv.reader(fh))
+    header = table[0]
+    for row in table[1:]:
+        row[header.index("label")] = row[header.index("suggested_label")]
+    filled = tmp_path / "filled.csv"
+    with open(filled, "w", newline="") as fh:
+        csv.writer(fh, lineterminator="\n").writerows(table)
+    ann = read_annotations(filled, FORMULA_CLASSES)
+    assert [(a.id, a.label) for a in ann.labels] == [(sid, i % 4) for i, sid in enumerate(FORMULA_IDS)]
+    assert ann.experiment == EXP and ann.query_id == "q-1" and ann.cycle == 1
+
+
+def test_provenance_log_holds_no_formula_and_reads_back_exactly(tmp_path):
+    """The annotator is Label Studio's e-mail, as the annotator set it: the log opens in a spreadsheet."""
+    who = "=HYPERLINK(\"http://evil\",\"x\")@example.org"
+    plan = _plan(new=[(sid, n % 4, who if n % 2 else "@SUM(1+1)") for n, sid in enumerate(FORMULA_IDS)])
+    plan.new["-1"].others = [Vote("-cmd@x.org", 1, 3)]
+    log = tmp_path / "labels.csv"
+    append_provenance(log, plan, cycle_of={}, query_of={}, source="=evil.csv", imported_at="t",
+                      classes=FORMULA_CLASSES)
+    cells = _cells(log)
+    assert not _formulas(cells), _formulas(cells)
+    assert current_labels(log) == {sid: n % 4 for n, sid in enumerate(FORMULA_IDS)}
+    first = label_history(log, "=1+17")[0]
+    assert (first["annotator"], first["label_name"], first["source"]) == ("@SUM(1+1)", "=cmd|' /C calc'!A0",
+                                                                          "=evil.csv")
+    assert label_history(log, "@SUM(1+1)")[0]["annotator"] == who
+    assert label_history(log, "'=x")[0]["id"] == "'=x" and label_history(log, "'abc")[0]["id"] == "'abc"
+    # appending keeps the bytes and still reads the earlier rows back
+    before = log.read_bytes()
+    append_provenance(log, _plan(new=[("=2", 3, "-a@b")]), cycle_of={}, query_of={}, source="x", imported_at="t")
+    assert log.read_bytes().startswith(before)
+    assert current_labels(log)["=2"] == 3 and label_history(log, "=2")[0]["annotator"] == "-a@b"
+
+
+def test_a_log_written_before_the_formula_rule_still_reads_and_appends(tmp_path):
+    log = tmp_path / "labels.csv"
+    old = (",".join(PROVENANCE_COLUMNS) + "\n=1+17,0,cat,@alice,1,q-1,t,a.csv,,single,\n").encode()
+    log.write_bytes(old)
+    assert current_labels(log) == {"=1+17": 0}
+    append_provenance(log, _plan(new=[("@x", 1, None)]), cycle_of={}, query_of={}, source="b", imported_at="t")
+    assert log.read_bytes().startswith(old)
+    assert current_labels(log) == {"=1+17": 0, "@x": 1}
+    assert label_history(log, "=1+17")[0]["annotator"] == "@alice"

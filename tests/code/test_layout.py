@@ -82,3 +82,15 @@ def test_tidal_never_imports_prefect_and_only_tracking_imports_mlflow():
     graph = _graph()
     assert not [m for m, deps in graph.items() if "prefect" in deps]
     assert sorted(m for m, deps in graph.items() if "mlflow" in deps) == ["tidal.tracking"]
+
+
+def test_models_and_data_import_nothing_above_them():
+    """Models and data sources are the floor: the trainer, the steps and the CLI build on them,
+    never the other way (a model that reached up into tidal.train would drag the trainer into
+    every process that loads a logged model)."""
+    graph = _graph()
+    floor = ("tidal.models", "tidal.data")
+    allowed = floor + ("tidal.progress", "tidal.workspace")  # progress bars; atomic writes of the cache
+    upward = {m: sorted(d for d in deps if d.startswith("tidal") and not d.startswith(allowed) and d != "tidal")
+              for m, deps in graph.items() if m.startswith(floor)}
+    assert {m: d for m, d in upward.items() if d} == {}

@@ -12,7 +12,7 @@ from tidal import pipeline
 from tidal.config import load_params
 from tidal.pipeline import ExperimentMismatch
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text,
-                             read_csv, read_json, write_csv, write_json)
+                             neutralize_cell, read_csv, read_json, restore_cell, write_csv, write_json)
 
 
 # --- atomic files ---------------------------------------------------------------------------
@@ -187,3 +187,80 @@ def test_changed_data_version_is_refused(tmp_path, data_root):
     with pytest.raises(DataError, match="pool data .* changed since experiment"):
         pipeline.start_experiment(params, "another-version")
     assert pipeline.workspace(params).state_path.read_bytes() == before
+
+
+# --- spreadsheet formulas in CSV cells, file modes (issue #31, items 5 and 6) -------------------
+
+CELLS = ["-1", "=1+17", "@SUM(1+1)", "+1", "-", "=", "\t=x", "\r=x", "'=x", "''=x", "'-1", "'", "''", "'abc",
+         "abc", "", "a=b", "-0.5", "+3e-4", "-2+3+cmd|' /C calc'!A0", "=HYPERLINK(\"http://x\")", "@", "\t", "\r"]
+
+
+@pytest.mark.parametrize("value", CELLS)
+def test_cell_rule_round_trips_and_no_cell_starts_a_formula(value):
+    written = neutralize_cell(value)
+    assert restore_cell(written) == value
+    if value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _plain_number(value):
+        assert written == "'" + value
+    assert written[:1] not in ("=", "+", "-", "@", "\t", "\r") or _plain_number(written)
+
+
+def _plain_number(text):
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in text)
+
+
+def test_write_csv_neutralizes_formulas_and_read_csv_restores_them(tmp_path):
+    rows = [{"id": value, "score": i - 3.5} for i, value in enumerate(CELLS)]
+    write_csv(tmp_path / "scores.csv", ["id", "score"], rows)
+    with open(tmp_path / "scores.csv", newline="") as fh:
+        cells = [c for row in csv.reader(fh) for c in row]
+    # what a spreadsheet sees: no formula, and plain numbers stay numbers (DVC plots, pandas)
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r") and not _plain_number(c)]
+    assert "-3.5" in cells and "'=1+17" in cells
+    assert read_csv(tmp_path / "scores.csv") == [{"id": r["id"], "score": str(r["score"])} for r in rows]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o027, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, umask):
+    """mkstemp makes its file 0600: annotators under other accounts could not read the query."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "query.csv", "id\n")
+        write_json(tmp_path / "state.json", {})
+        atomic_write_bytes(tmp_path / "images" / "00001.png", b"\x89PNG")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "query.csv", tmp_path / "state.json", tmp_path / "images" / "00001.png"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+def test_rewriting_a_file_takes_the_umask_again(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text("{}")
+    target.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        write_json(target, {"a": 1})
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_secret_is_written_with_its_own_mode_from_the_first_byte(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):  # the temporary file, complete, just before it takes the name
+        seen.append(os.stat(src).st_mode & 0o777)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "webhook.secret", "s3cret\n", mode=0o600)
+    finally:
+        os.umask(old)
+    assert seen == [0o600] and (tmp_path / "webhook.secret").stat().st_mode & 0o777 == 0o600

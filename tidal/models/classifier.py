@@ -4,7 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tidal.train import normalize
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] to [-1, 1]: what every backbone is trained on (tidal.train)."""
+    return (x - 0.5) / 0.5
 
 
 class Classifier(nn.Module):
