@@ -1,13 +1,15 @@
 """`tidal serve`: the deployments of prefect.yaml, served from one process with `flow.serve`.
 
 prefect.yaml stays the one description of the deployments (names, entrypoints, parameters,
-schedules, event triggers); this module only turns it into runner deployments for users without a work pool.
+schedules, event triggers, concurrency limits); this module only turns it into runner deployments
+for users without a work pool.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
@@ -26,9 +28,12 @@ def deployments_from_prefect_yaml(path: str | Path = "prefect.yaml",
         schedules = [Cron(s["cron"], timezone=s.get("timezone")) for s in dep.get("schedules") or []
                      if "cron" in s]
         triggers = [DeploymentEventTrigger(**t) for t in dep.get("triggers") or []]
+        limit = dep.get("concurrency_limit")
         out.append(flow.to_deployment(name=dep["name"], description=dep.get("description"),
                                       parameters=parameters, schedules=schedules or None,
-                                      triggers=triggers or None))
+                                      triggers=triggers or None,
+                                      concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict)
+                                      else limit))
     return out
 
 

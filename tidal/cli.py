@@ -222,11 +222,22 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from flows.listener import Listener
+        from flows.listener import SPOOL_DIR, Listener
 
-        listener = Listener(args.host, args.port, Path(args.inbox) if args.inbox else None)
+        runs_dir = Path(params["runs_dir"])
+        secret_file = labelstudio.secret_path(params)
+        try:
+            listener = Listener(args.host, args.port, secret_file, runs_dir / SPOOL_DIR,
+                                Path(args.inbox) if args.inbox else None, runs_dir=runs_dir)
+        except (OSError, OverflowError) as err:  # the port taken or out of range, an address not here
+            reason = getattr(err, "strerror", None) or err
+            raise labelstudio.LabelStudioError(f"cannot listen on {args.host}:{args.port}: {reason}; choose another "
+                                               "--port or --host") from None
         print(f"listening for Label Studio webhooks on http://{args.host}:{args.port}/webhook"
               + (f" and labels files in {args.inbox}/<experiment>/" if args.inbox else ""), flush=True)
+        if labelstudio.read_webhook_secret(secret_file) is None:
+            print(f"note: no webhook secret in {secret_file} yet: webhooks are refused until "
+                  "`tidal labelstudio connect` writes it", flush=True)
         listener.serve_forever()
         return 0
     if args.action == "connect":
@@ -234,7 +245,7 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
             raise labelstudio.LabelStudioError("connect needs --url, e.g. --url http://127.0.0.1:8080")
         saved = labelstudio.connect(params, args.url, args.token_env, args.document_root, args.webhook_url)
         print(f"connected to Label Studio at {saved['url']} as {saved['user']} (token from ${saved['token_env']}); "
-              f"saved in {labelstudio.connection_path(params)}")
+              f"saved in {labelstudio.connection_path(params)}; the webhook's secret is in {saved['secret_file']}")
         if not saved["document_root"]:
             print("note: without --document-root the query images cannot be served; give Label Studio's "
                   "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")

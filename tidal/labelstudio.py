@@ -6,7 +6,9 @@ is the `labelstudio.*` params keys, or, when `labelstudio.url` is null, the file
 id lives in its workspace (`runs/<experiment>/labelstudio.json`).
 
 - `push_query`: the cycle's `query_labelstudio.json` tasks go to the experiment's project
-  (created once, titled after the experiment, found again by that title after a crash), each
+  (created once, found by the id recorded in the workspace; a random key recorded before the
+  project is created, and written in its description, finds it again after a crash and proves on
+  every later call that tidal created it: a project any other way is refused), each
   with the model's guess as a pre-annotation and its score and rank in the task data. Images are
   served by Label Studio from a local-files storage: Label Studio runs on this machine with
   `LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true` and `LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`
@@ -18,13 +20,20 @@ id lives in its workspace (`runs/<experiment>/labelstudio.json`).
   path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending, disagreeing
   annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the provenance).
 
+The token goes only to Label Studio's own origin: a redirect to another scheme, host or port is
+refused before anything is sent there. The webhook carries a shared secret (`webhook_secret`,
+written by `connect` with mode 0600) as the custom header `SECRET_HEADER`, which
+`tidal labelstudio listen` checks.
+
 Every failure is a `LabelStudioError` naming what to do; nothing is written before the server
 has answered, so a rerun after any failure resumes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import secrets
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +44,9 @@ from tidal.workspace import atomic_write_text, read_json, write_json
 
 CONNECTION_FILE = "labelstudio.json"  # in runs_dir (the connection) and in a workspace (the project)
 EXPORT_FILE = "labelstudio_export.json"  # in the cycle's folder: what pull_labels imported
+SECRET_FILE = "labelstudio_webhook.secret"  # in runs_dir: the webhook's shared secret, mode 0600
+SECRET_HEADER = "X-Tidal-Webhook-Secret"  # the webhook's custom header carrying it
+PROJECT_KEY_TAG = "tidal-project-key:"  # in a project's description, before the key tidal recorded
 TIMEOUT_S = 30.0
 
 
@@ -46,6 +58,32 @@ def connection_path(params: dict[str, Any]) -> Path:
     return Path(params["runs_dir"]) / CONNECTION_FILE
 
 
+def secret_path(params: dict[str, Any]) -> Path:
+    return Path(params["runs_dir"]) / SECRET_FILE
+
+
+def read_webhook_secret(path: Path) -> str | None:
+    """The webhook secret in `path`; None when there is none (yet)."""
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return secret or None
+
+
+def webhook_secret(params: dict[str, Any]) -> str:
+    """The shared secret of the webhook, created (32 random bytes, hex, mode 0600) the first time;
+    kept afterwards, so the webhooks already registered stay valid."""
+    path = secret_path(params)
+    secret = read_webhook_secret(path)
+    if secret is None:
+        secret = secrets.token_hex(32)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, secret + "\n", mode=0o600)  # 0600 from its first byte
+    os.chmod(path, 0o600)  # a copied or hand-made file may be readable by others
+    return secret
+
+
 def settings(params: dict[str, Any]) -> dict[str, Any] | None:
     """url, token_env, document_root of the Label Studio to use; None when there is none."""
     keys = params["labelstudio"]
@@ -54,6 +92,29 @@ def settings(params: dict[str, Any]) -> dict[str, Any] | None:
                 "webhook_url": keys["webhook_url"]}
     saved = connection_path(params)
     return read_json(saved) if saved.is_file() else None
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port: what a browser would call the URL's origin."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the origin asked: the Authorization header would otherwise go
+    to whichever server the first one names."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if origin(newurl) != origin(req.full_url):
+            raise LabelStudioError(f"Label Studio at {req.full_url} redirected to another origin ({newurl}); the "
+                                   "API token is not sent there: point labelstudio.url (or `tidal labelstudio "
+                                   "connect --url`) at the server that answers itself")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_SameOriginRedirects)
 
 
 class Client:
@@ -75,7 +136,7 @@ class Client:
         request = urllib.request.Request(url, data=data, method=method, headers={
             "Authorization": f"Token {self.token}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:300]
@@ -121,34 +182,68 @@ def connect(params: dict[str, Any], url: str, token_env: str, document_root: str
              "webhook_url": webhook_url}
     connection_path(params).parent.mkdir(parents=True, exist_ok=True)
     write_json(connection_path(params), saved)
-    return {**saved, "user": who.get("email") or who.get("username")}
+    webhook_secret(params)  # the listener checks it; push_query registers it on each project's webhook
+    return {**saved, "user": who.get("email") or who.get("username"), "secret_file": str(secret_path(params))}
 
 
 def project_title(experiment: str) -> str:
-    """Label Studio wants 3 to 50 characters."""
-    return f"tidal {experiment}"[:50]
+    """Label Studio wants 3 to 50 characters; a longer name is cut and keeps a hash of the whole, so
+    two long names still read apart (the title is for people: tidal finds projects by id and key)."""
+    title = f"tidal {experiment}"
+    if len(title) <= 50:
+        return title
+    return f"{title[:41]}~{hashlib.sha256(experiment.encode()).hexdigest()[:8]}"
+
+
+def project_key_of(project: dict[str, Any]) -> str | None:
+    """The key tidal wrote in the description of a project it created; None for any other."""
+    parts = (project.get("description") or "").split(PROJECT_KEY_TAG, 1)
+    after = parts[1].split() if len(parts) == 2 else []
+    return after[0] if after else None
+
+
+def _checked_project(client: Client, params: dict[str, Any], recorded: Path) -> int:
+    """The project id recorded in the workspace, once Label Studio shows it is still there and
+    still the one tidal created (its description has the recorded key)."""
+    record = read_json(recorded)
+    project_id = record["project_id"]
+    try:
+        project = client.call("GET", f"/api/projects/{project_id}")
+    except LabelStudioError as err:
+        if "answered 404" not in str(err):
+            raise
+        raise LabelStudioError(
+            f"Label Studio project {project_id} of experiment {params['experiment']!r} is gone (deleted "
+            f"in Label Studio?): delete {recorded} to push the pending query to a new project, then run "
+            "the same command again") from None
+    # A record from before tidal kept keys has none: that id was saved by tidal, keep trusting it.
+    key = record.get("project_key")
+    if key is not None and (not isinstance(project, dict) or project_key_of(project) != key):
+        raise LabelStudioError(
+            f"Label Studio project {project_id} at {client.url} is not the project tidal created for experiment "
+            f"{params['experiment']!r} (its description lacks the key recorded in {recorded}; another server, "
+            "or a project made by someone else?): tidal will not push to or pull from it. Connect the Label "
+            f"Studio that has the experiment's project, or delete {recorded} to create a new project")
+    return project_id
 
 
 def _project(client: Client, params: dict[str, Any], workspace_root: Path, label_config: str) -> int:
-    """The experiment's project: the one recorded in the workspace, else the one with its title
-    (a crash after creating it), else a new one."""
+    """The experiment's project: the one recorded in the workspace, else the one whose description
+    has the key recorded before it was created (a crash after creating it), else a new one. A
+    project tidal did not create is never adopted, whatever its title."""
     recorded = workspace_root / CONNECTION_FILE
-    if recorded.is_file():
-        project_id = read_json(recorded)["project_id"]
-        try:
-            client.call("GET", f"/api/projects/{project_id}")
-        except LabelStudioError as err:
-            if "answered 404" not in str(err):
-                raise
-            raise LabelStudioError(
-                f"Label Studio project {project_id} of experiment {params['experiment']!r} is gone (deleted "
-                f"in Label Studio?): delete {recorded} to push the pending query to a new project, then run "
-                "the same command again") from None
-        return project_id
-    title = project_title(params["experiment"])
-    same = [p for p in client.projects() if p.get("title") == title]
-    project = same[0] if same else client.call("POST", "/api/projects", {"title": title, "label_config": label_config})
-    write_json(recorded, {"url": client.url, "project_id": project["id"]})
+    record = read_json(recorded) if recorded.is_file() else {}
+    if record.get("project_id") is not None:
+        return _checked_project(client, params, recorded)
+    key = record.get("project_key")
+    if key is None:
+        key = secrets.token_hex(16)
+        write_json(recorded, {"url": client.url, "project_id": None, "project_key": key})
+    same = [p for p in client.projects() if project_key_of(p) == key]
+    project = same[0] if same else client.call("POST", "/api/projects", {
+        "title": project_title(params["experiment"]), "label_config": label_config,
+        "description": f"Queries of the tidal experiment {params['experiment']!r}. {PROJECT_KEY_TAG} {key}"})
+    write_json(recorded, {"url": client.url, "project_id": project["id"], "project_key": key})
     return project["id"]
 
 
@@ -166,13 +261,19 @@ def _storage_for(client: Client, project_id: int, folder: Path) -> None:
 WEBHOOK_ACTIONS = ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]
 
 
-def _webhook_for(client: Client, project_id: int, url: str) -> None:
-    """The project's webhook to `tidal labelstudio listen` (registered once)."""
+def _webhook_for(client: Client, project_id: int, url: str, secret: str) -> None:
+    """The project's webhook to `tidal labelstudio listen`, carrying the shared secret (registered
+    once; a webhook registered before the secret, or with another one, gets the current one)."""
     hooks = client.call("GET", "/api/webhooks", query={"project": project_id})
-    if any(h.get("url") == url and h.get("project") == project_id for h in hooks):
-        return
-    client.call("POST", "/api/webhooks", {"project": project_id, "url": url, "send_payload": True,
-                                          "send_for_all_actions": False, "actions": WEBHOOK_ACTIONS})
+    ours = [h for h in hooks if h.get("url") == url and h.get("project") == project_id]
+    headers = {SECRET_HEADER: secret}
+    if not ours:
+        client.call("POST", "/api/webhooks", {"project": project_id, "url": url, "send_payload": True,
+                                              "send_for_all_actions": False, "actions": WEBHOOK_ACTIONS,
+                                              "headers": headers})
+    elif (ours[0].get("headers") or {}).get(SECRET_HEADER) != secret:
+        client.call("PATCH", f"/api/webhooks/{ours[0]['id']}", {"headers": {**(ours[0].get("headers") or {}),
+                                                                             **headers}})
 
 
 def image_url(path: str, document_root: Path) -> str:
@@ -208,7 +309,7 @@ def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) ->
         ws = workspace_root.resolve()
         _storage_for(client, project_id, ws if common.is_relative_to(ws) else common)
     if conn.get("webhook_url"):
-        _webhook_for(client, project_id, conn["webhook_url"])
+        _webhook_for(client, project_id, conn["webhook_url"], webhook_secret(params))
     there = {(t["data"].get("query_id"), str(t["data"].get("sample_id"))) for t in client.export(project_id)}
     new = []
     for task in tasks:
@@ -229,11 +330,11 @@ def pull_export(params: dict[str, Any], workspace_root: Path, out_paths: dict[st
     id or query id in its data) is an error. Returns {query_id: annotated tasks written}."""
     conn = settings(params)
     recorded = workspace_root / CONNECTION_FILE
-    if conn is None or not recorded.is_file():
+    if conn is None or not recorded.is_file() or read_json(recorded).get("project_id") is None:
         raise LabelStudioError(f"experiment {params['experiment']!r} has no Label Studio project yet: run it in "
                                "human mode with Label Studio connected first (`tidal run --set label_mode=human`)")
     client = Client(conn["url"], conn["token_env"])
-    project_id = read_json(recorded)["project_id"]
+    project_id = _checked_project(client, params, recorded)
     tasks = client.export(project_id)
     users = client.users()
     by_query: dict[str, list[dict[str, Any]]] = {q: [] for q in out_paths}
