@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test repro install labelstudio browser bench-deps
+.PHONY: run test repro install labelstudio browser postgres bench-deps
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,19 +34,28 @@ labelstudio: $(LS_VENV)/.installed
 # download at run time does not work here); as root, or through sudo.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
-	@command -v chromium > /dev/null || $(SUDO) apt-get install -y --no-install-recommends chromium \
-		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium; }
+	@command -v chromium > /dev/null || $(SUDO) apt-get install -y -o DPkg::Lock::Timeout=600 --no-install-recommends chromium \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y -o DPkg::Lock::Timeout=600 --no-install-recommends chromium; }
 	@chromium --version
 
-# The main job: a TiDAL experiment on the embedded digits data, tracked in ./mlflow.db.
-run: install
-	$(BIN)/tidal run
+# PostgreSQL for `tidal stack` and tests/integration/test_stack.py: Debian's package through apt,
+# as for the browser. The stack runs its own cluster; the package's default cluster is not needed.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || $(SUDO) apt-get install -y -o DPkg::Lock::Timeout=600 --no-install-recommends postgresql \
+		|| { $(SUDO) apt-get update && $(SUDO) apt-get install -y -o DPkg::Lock::Timeout=600 --no-install-recommends postgresql; }
+	@ls /usr/lib/postgresql/*/bin/initdb
 
-# The whole test suite (CI runs exactly this through .ci/run): the three installs side by side,
+# The main job: a TiDAL experiment on the embedded digits data, tracked in ./mlflow.db. One torch
+# thread: CPU training is bit-for-bit repeatable only at a fixed thread count, and torch's default
+# (one per core) differs between machines; README's table is this command's output.
+run: install
+	OMP_NUM_THREADS=1 $(BIN)/tidal run
+
+# The whole test suite (CI runs exactly this through .ci/run): the four installs side by side,
 # then pytest on 2 workers, a test file to one worker (the integration tests spend much of their
 # time waiting on the servers they start), the longest files first (tests/conftest.py).
 test:
-	$(MAKE) -j3 install labelstudio browser
+	$(MAKE) -j4 install labelstudio browser postgres
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.

@@ -12,15 +12,27 @@ as the `postgres` user (every parent of DIR must then be enterable by it). Prefe
 server stores its state in the database `prefect`, MLflow's tracking server in `mlflow` with its
 artifacts in DIR/artifacts; both bind to 127.0.0.1. The servers run in the background, their
 output in DIR/logs/, their process ids in DIR/stack.json, so `down` and `status` find them from any
-shell. `up` prints the two variables that point clients (`tidal run`, workers, `prefect deploy`)
-at the stack. With `--project DIR` (a folder with prefect.yaml) it also creates the work pool,
-deploys prefect.yaml's deployments and starts a worker. Prefect and MLflow run as their own
+shell.
+
+Both servers ask for credentials, generated at the first `up` of DIR and kept in
+DIR/credentials.json (mode 0600): Prefect's server checks `PREFECT_SERVER_API_AUTH_STRING` on
+every API call but its health check; MLflow runs its basic-auth app (`--app-name basic-auth`,
+users in the database `mlflow_auth`, the admin created from the generated password on the first
+start). Without them any user of the machine could create deployments (whose pull steps run shell
+commands on the worker) or replace the cycle models people load. `up` prints the variables that
+point clients (`tidal run`, workers, `prefect deploy`) at the stack, credentials included;
+DIR/stack.json holds them too and is also 0600. Secrets reach the servers through their
+environment, never their command lines (which every user can read in /proc).
+
+With `--project DIR` (a folder with prefect.yaml) `up` also creates the work pool, deploys
+prefect.yaml's deployments and starts a worker. Prefect and MLflow run as their own
 command-line programs, never imported.
 """
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -31,7 +43,10 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "stack.json"
-DATABASES = ("prefect", "mlflow")
+CREDENTIALS_FILE = "credentials.json"
+MLFLOW_AUTH_CONFIG = "mlflow-auth.ini"
+MLFLOW_ADMIN = "admin"
+DATABASES = ("prefect", "mlflow", "mlflow_auth")
 
 
 class StackError(RuntimeError):
@@ -102,6 +117,51 @@ def urls(prefect_port: int, mlflow_port: int) -> dict[str, str]:
             "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}"}
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (0600), also when it existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(text)
+
+
+def credentials(dir_: Path) -> dict[str, str]:
+    """The stack's credentials: generated at the first `up` of dir_, the same ones afterwards
+    (MLflow keeps its admin's password in its user database from the first start on)."""
+    path = dir_ / CREDENTIALS_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    found = {"prefect_auth_string": f"tidal:{secrets.token_urlsafe(24)}",
+             "mlflow_username": MLFLOW_ADMIN, "mlflow_password": secrets.token_urlsafe(24),
+             "mlflow_secret_key": secrets.token_urlsafe(32)}
+    write_private(path, json.dumps(found, indent=2) + "\n")
+    return found
+
+
+def client_env(creds: dict[str, str]) -> dict[str, str]:
+    """What Prefect and MLflow clients read their credentials from."""
+    return {"PREFECT_API_AUTH_STRING": creds["prefect_auth_string"],
+            "MLFLOW_TRACKING_USERNAME": creds["mlflow_username"],
+            "MLFLOW_TRACKING_PASSWORD": creds["mlflow_password"]}
+
+
+def prefect_server_env(creds: dict[str, str]) -> dict[str, str]:
+    """The Prefect server's side: every API call but the health check must carry the string."""
+    return {"PREFECT_SERVER_API_AUTH_STRING": creds["prefect_auth_string"]}
+
+
+def mlflow_auth_env(creds: dict[str, str], config: Path, database_uri: str) -> dict[str, str]:
+    """The environment of `mlflow server --app-name basic-auth`: its config file (written here,
+    0600), the admin's password for the first start and the key of its CSRF tokens."""
+    write_private(config, "[mlflow]\n"
+                          "default_permission = READ\n"
+                          f"database_uri = {database_uri}\n"
+                          f"admin_username = {creds['mlflow_username']}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": creds["mlflow_password"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["mlflow_secret_key"]}
+
+
 def _wait(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -152,11 +212,12 @@ def up(dir_: str | Path = ".stack", prefect_port: int = 4200, mlflow_port: int =
                          f"stop it with `tidal stack down --dir {dir_}`")
     dir_.mkdir(parents=True, exist_ok=True)
     logs = dir_ / "logs"
-    state = {"dir": str(dir_), "pids": {}, "env": urls(prefect_port, mlflow_port)}
+    creds = credentials(dir_)
+    state = {"dir": str(dir_), "pids": {}, "env": {**urls(prefect_port, mlflow_port), **client_env(creds)}}
 
     def started(name: str, proc: subprocess.Popen) -> None:
         state["pids"][name] = proc.pid  # saved at once: `down` stops whatever has started
-        (dir_ / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        write_private(dir_ / STATE_FILE, json.dumps(state, indent=2) + "\n")  # it holds the credentials
 
     try:
         postgres = _start_postgres(dir_, logs / "postgres.log")
@@ -171,20 +232,27 @@ def up(dir_: str | Path = ".stack", prefect_port: int = 4200, mlflow_port: int =
                "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_HOME": str(dir_ / "prefect-home"),
                "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@/prefect?host={socket_dir}"}
         env.pop("PREFECT_API_URL", None)
+        # The UI's own API address: without it the browser's calls go to :4200 whatever the port.
+        ui = {"PREFECT_UI_API_URL": state["env"]["PREFECT_API_URL"]}
         prefect = _start([_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-                         env, logs / "prefect.log")
+                         {**env, **ui, **prefect_server_env(creds)}, logs / "prefect.log")
         started("prefect", prefect)
-        mlflow = _start([_bin("mlflow"), "server", "--backend-store-uri",
+        # Clients upload artifacts through the server: nobody else needs to see the files.
+        (dir_ / "artifacts").mkdir(exist_ok=True)
+        (dir_ / "artifacts").chmod(0o700)
+        mlflow_env = {**env, **mlflow_auth_env(creds, dir_ / MLFLOW_AUTH_CONFIG,
+                                               f"postgresql+psycopg2://postgres@/mlflow_auth?host={socket_dir}")}
+        mlflow = _start([_bin("mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri",
                          f"postgresql+psycopg2://postgres@/mlflow?host={socket_dir}",
                          "--artifacts-destination", str(dir_ / "artifacts"), "--host", "127.0.0.1",
-                         "--port", str(mlflow_port), "--workers", "1"], env, logs / "mlflow.log")
+                         "--port", str(mlflow_port), "--workers", "1"], mlflow_env, logs / "mlflow.log")
         started("mlflow", mlflow)
         _wait(f"http://127.0.0.1:{prefect_port}/api/health", timeout_s, prefect, logs / "prefect.log")
         _wait(f"http://127.0.0.1:{mlflow_port}/health", timeout_s, mlflow, logs / "mlflow.log")
         if project is not None:
-            client_env = {**env, **state["env"]}
-            client_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
-            started("worker", _deploy_and_work(Path(project), client_env, logs))
+            worker_env = {**env, **state["env"]}
+            worker_env.pop("PREFECT_API_DATABASE_CONNECTION_URL")
+            started("worker", _deploy_and_work(Path(project), worker_env, logs))
     except BaseException:
         down(dir_)
         raise

@@ -104,3 +104,17 @@ def test_each_step_matches_the_reference(reference, ours, quantity):
     for k, (mine, theirs) in enumerate(zip(ours, reference["steps"], strict=True)):
         torch.testing.assert_close(torch.tensor(mine[quantity]), torch.tensor(theirs[quantity]), rtol=0, atol=ATOL,
                                    msg=lambda m: f"step {k}, {quantity}: {m}")
+
+
+def test_the_script_that_made_the_fixture_is_in_the_repository(reference):
+    """The fixture's made_by names a script of this repository, with the fixture's own setup."""
+    import importlib.util
+
+    script = Path(reference["made_by"]["command"].split()[1])
+    repo = FIXTURE.parents[2]
+    assert not script.is_absolute() and (repo / script).is_file(), reference["made_by"]["command"]
+    spec = importlib.util.spec_from_file_location("make_td_reference", repo / script)
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    assert maker.SETUP == reference["setup"]
+    assert maker.REFERENCE_COMMIT == reference["made_by"]["reference_commit"]
