@@ -134,7 +134,7 @@ def test_label_import_repins_the_data(on_harness):
 
 
 def test_a_shared_directory_remote_moves_the_pinned_data_between_clones(project_copy, tmp_path):
-    """README "Scaling out": `dvc remote add -d` + `dvc push` on one machine, `dvc pull` on
+    """docs/scaling.md: `dvc remote add -d` + `dvc push` on one machine, `dvc pull` on
     another restores exactly the pinned data (a shared directory stands in for S3)."""
     repo, env = project_copy
     dvc = str(BIN / "dvc")

@@ -18,7 +18,7 @@ ANTS_BEES = Path(__file__).resolve().parents[2].parent / "shared/data/ants-bees.
 @pytest.fixture(scope="module")
 def ants_bees(tmp_path_factory) -> Path:
     if not ANTS_BEES.is_file():  # a development or CI machine without ../shared is misconfigured
-        pytest.fail(f"{ANTS_BEES} is missing: the real-photo tests need it (see README, Development)")
+        pytest.fail(f"{ANTS_BEES} is missing: the real-photo tests need it (see docs/development.md)")
     root = tmp_path_factory.mktemp("photos")
     with tarfile.open(ANTS_BEES) as tar:
         tar.extractall(root, filter="data")
