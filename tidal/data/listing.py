@@ -140,9 +140,42 @@ def duplicate_stem(listing: FolderListing) -> str | None:
     return None
 
 
-class ListedNames(Sequence[str]):
+class MadeNames(Sequence[str]):
+    """Strings made when asked for, never held: a pool's ids or file paths. A subclass says how
+    many there are (`__len__`), how the i-th is made (`_name`) and where an id is (`position`)."""
+
+    def _name(self, i: int) -> str:
+        raise NotImplementedError
+
+    def position(self, sid: str) -> int | None:
+        """Where the id `sid` is, or None when it is not one of these."""
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        n = len(self)
+        if isinstance(index, slice):
+            return [self._name(i) for i in range(*index.indices(n))]
+        i = int(index)
+        if not -n <= i < n:
+            raise IndexError(f"position {i} is outside the {n} names")
+        return self._name(i % n)
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._name(i) for i in range(len(self)))
+
+    def __contains__(self, sid: object) -> bool:
+        return isinstance(sid, str) and self.position(sid) is not None
+
+
+class ListedNames(MadeNames):
     """The ids (`kind="id"`: split/class/stem) or absolute paths (`kind="file"`) of some rows of a
-    FolderListing, made when asked for; `position` finds an id by binary search.
+    FolderListing; `position` finds an id by binary search.
 
     `rows`: ascending row numbers, or a `range` (no array at all when no file was left out)."""
 
@@ -157,26 +190,9 @@ class ListedNames(Sequence[str]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _make(self, row: int) -> str:
-        relpath = self.listing.relpath(row)
+    def _name(self, i: int) -> str:
+        relpath = self.listing.relpath(int(self.rows[i]))
         return os.path.splitext(relpath)[0] if self.kind == "id" else f"{self.listing.root}/{relpath}"
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self._make(int(r)) for r in self.rows[index]]
-        return self._make(int(self.rows[index]))
-
-    def __iter__(self) -> Iterator[str]:
-        return (self._make(int(r)) for r in self.rows)
-
-    def __contains__(self, sid: object) -> bool:
-        return self.kind == "id" and isinstance(sid, str) and self.position(sid) is not None
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ListedNames) and other.listing is self.listing and other.kind == self.kind:
@@ -193,7 +209,6 @@ class ListedNames(Sequence[str]):
         return ListedNames(self.listing, self.rows[positions], self.kind)
 
     def position(self, sid: str) -> int | None:
-        """Where the id `sid` is in this sequence, or None."""
         row = self.listing.find(sid) if self.kind == "id" else None
         if row is None:
             return None

@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, overload
+from typing import Callable
 
 import numpy as np
 import torch
 
 from tidal.data.cache import IMAGE_SUFFIXES, DecodedPool, bad_images_error, decoded_pool, file_stat_entry
 from tidal.data.errors import DataError
-from tidal.data.listing import ListedNames, duplicate_stem, list_folders
+from tidal.data.listing import ListedNames, MadeNames, duplicate_stem, list_folders
 
 
-class PositionalIds(Sequence[str]):
+class PositionalIds(MadeNames):
     """The ids `<prefix>-<position>` (7+ digits) of a pool of n samples, made when asked for.
 
     A pool of a million samples then holds no list of a million strings (about 70 MB per
@@ -50,25 +50,8 @@ class PositionalIds(Sequence[str]):
     def __len__(self) -> int:
         return self.n
 
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self._format(i) for i in range(*index.indices(self.n))]
-        i = int(index)
-        if not -self.n <= i < self.n:
-            raise IndexError(f"position {i} is outside the pool of {self.n}")
-        return self._format(i % self.n)
-
-    def __iter__(self) -> Iterator[str]:
-        return (self._format(i) for i in range(self.n))
-
-    def __contains__(self, sid: object) -> bool:
-        return isinstance(sid, str) and self.position(sid) is not None
+    def _name(self, i: int) -> str:
+        return self._format(i)
 
     def _format(self, i: int) -> str:
         return f"{self.prefix}-{i:07d}"
@@ -117,7 +100,7 @@ class Dataset:
 
     def index_of(self, ids: list[str]) -> torch.Tensor:
         """Positions of the given ids in the pool arrays (raises on an unknown id)."""
-        if isinstance(self.pool_ids, (PositionalIds, ListedNames)):  # found without a dict of every id
+        if isinstance(self.pool_ids, MadeNames):  # found without a dict of every id
             found = [self.pool_ids.position(i) for i in ids]
         else:
             lookup = self._lookup()
