@@ -199,12 +199,14 @@ class Listener:
             timeout = limits.request_timeout_s  # each read and write; the watchdog bounds the whole request
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                refused = False
                 try:
                     body = listener.read_delivery(self.path, self.headers, self.rfile)
                     status, answer = listener.accept(body)
                 except Refused as err:
                     log.warning("refused a request from %s: %d %s", self.client_address[0], err.status, err.reason)
                     status, answer = err.status, {"ok": False, "error": err.reason}
+                    refused = True
                 except OSError as err:  # the spool cannot be written: Label Studio should not think it arrived
                     log.error("could not spool a delivery: %s", err)
                     status, answer = 503, {"ok": False, "error": "cannot keep the delivery now"}
@@ -216,6 +218,22 @@ class Listener:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.wfile.write(raw)
+                if refused:
+                    self.drain()
+
+            def drain(self, seconds: float = 2.0) -> None:
+                """Drop what the client still sends (a refused body, never read) for a moment before
+                closing: a socket closed with unread data sends a reset, and a client still writing
+                its body (urllib, Label Studio's requests) then never reads the answer."""
+                try:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_WR)
+                    self.connection.settimeout(0.5)
+                    deadline = time.monotonic() + seconds
+                    while time.monotonic() < deadline and self.connection.recv(1 << 16):
+                        pass
+                except OSError:
+                    pass
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug(fmt, *args)
