@@ -448,11 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.set_defaults(func=cmd_serve)
     p_compare = sub.add_parser("compare", help="compare strategies' learning curves from MLflow")
     p_compare.add_argument("--experiment", action="append", default=[],
-                           help="MLflow experiment name or shell pattern, e.g. 'grid-*' (repeatable; default: all)")
+                           help="MLflow experiment name or shell pattern, e.g. 'grid-*', or a study's name "
+                                "(repeatable; default: all)")
     p_compare.add_argument("--out", default="reports", help="output folder (default: reports/)")
     p_compare.set_defaults(func=cmd_compare)
     p_register = sub.add_parser("register", help="register a cycle's model under an alias")
-    p_register.add_argument("--experiment", required=True, help="MLflow experiment (= params 'experiment')")
+    p_register.add_argument("--experiment", required=True, help="the experiment (params 'experiment'; found in its study too)")
     p_register.add_argument("--alias", default="champion", help="alias to set (default: champion)")
     p_register.add_argument("--pick", choices=["best", "last"], default="best",
                             help="the cycle with the best test accuracy, or the last one")

@@ -240,6 +240,8 @@ def validate(params: dict[str, Any]) -> None:
     _validate_backbone(params, need)
     check_name("params key 'experiment' (the folder runs/<experiment>/ and the MLflow experiment)",
                params["experiment"])
+    if params["study"] is not None:
+        check_name("params key 'study' (the MLflow experiment of a group of experiments)", params["study"])
     for key in ("cycles", "initial_size", "budget", "score_batch_size"):
         need(params[key] >= 1, key, f"must be at least 1, got {params[key]}")
     need(params["subset_size"] is None or params["subset_size"] >= params["budget"], "subset_size",

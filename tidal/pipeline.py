@@ -36,7 +36,7 @@ from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_byt
 log = logging.getLogger("tidal")
 
 # Keys that may change between runs of one experiment; every other key defines it.
-RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking",
+RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking", "study",
                   "train.compile", "distributed", "scoring", "label_conflicts", "labelstudio"}
 
 

@@ -39,7 +39,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 # one strategy, which the table averages.
 STRATEGY_OWN_KEY_PREFIXES = ("train.td_", "train.lloss_", "bald_")
 # What a comparison compares (strategy, seed) and what names or versions a run, not its protocol.
-COMPARED_KEYS = {"experiment", "strategy", "seed", "data_version"}
+COMPARED_KEYS = {"experiment", "study", "strategy", "seed", "data_version"}
 
 
 class NotComparable(ValueError):

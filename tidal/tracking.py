@@ -23,6 +23,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_SPEC_TAG = "tidal.model_spec"
 RUN_KEY_TAG = "tidal.run_key"  # the workspace's key for its parent run, saved before the run exists
+EXPERIMENT_TAG = "tidal.experiment"  # on every run: the experiment it belongs to (a study holds several)
+
+
+def mlflow_experiment(params: dict[str, Any]) -> str:
+    """The MLflow experiment an experiment's runs go to: its study, else its own name."""
+    return params.get("study") or params["experiment"]
 
 
 def tracking_uri() -> str:
@@ -72,13 +78,13 @@ class MlflowTracker:
         (the pool's content alone, which `tidal compare` needs equal across the runs it averages)."""
         from tidal.config import flatten
 
-        experiment_id = self._experiment_id(params["experiment"])
+        experiment_id = self._experiment_id(mlflow_experiment(params))
         if run_key and (found := self._existing_run(experiment_id, {RUN_KEY_TAG: run_key})):
             return found
         run = self.client.create_run(
             experiment_id,
             run_name=f"{params['strategy']}-seed{params['seed']}",
-            tags={"strategy": params["strategy"], "dataset": params["dataset"],
+            tags={"strategy": params["strategy"], "dataset": params["dataset"], EXPERIMENT_TAG: params["experiment"],
                   "data_version": data_version, "tidal.kind": "experiment",
                   "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key})
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
@@ -99,7 +105,7 @@ class MlflowTracker:
         run = self.client.create_run(
             parent.info.experiment_id, run_name=f"cycle-{cycle}",
             tags={"mlflow.parentRunId": parent_run_id, "cycle": str(cycle), "tidal.kind": "cycle",
-                  "data_version": parent.data.tags.get("data_version", ""),
+                  EXPERIMENT_TAG: experiment, "data_version": parent.data.tags.get("data_version", ""),
                   "strategy": parent.data.tags.get("strategy", ""),
                   "prefect.flow_run_id": prefect_flow_run_id})
         self._log(run.info.run_id, params={"cycle": cycle, "n_labeled": n_labeled})
@@ -280,16 +286,18 @@ class MlflowTracker:
                               order_by=["attributes.start_time DESC"])
         newest: dict[tuple[str, str, int], Any] = {}
         for run in parents:
-            key = (run.info.experiment_id, run.data.params.get("strategy", "?"), int(run.data.params.get("seed", 0)))
+            # the experiment a run belongs to: its tag (a study holds several), else its MLflow experiment
+            experiment = run.data.tags.get(EXPERIMENT_TAG) or names[run.info.experiment_id]
+            key = (experiment, run.data.params.get("strategy", "?"), int(run.data.params.get("seed", 0)))
             if key in newest:
-                superseded.append(f"{names[run.info.experiment_id]}/{run.info.run_id}")
+                superseded.append(f"{experiment}/{run.info.run_id}")
             else:
                 newest[key] = run
-        for (experiment_id, strategy, seed), run in newest.items():
+        for (experiment, strategy, seed), run in newest.items():
             for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
-                rows.append({"experiment": names[experiment_id], "strategy": strategy, "seed": seed, "n_labeled": m.step,
+                rows.append({"experiment": experiment, "strategy": strategy, "seed": seed, "n_labeled": m.step,
                              "test_accuracy": m.value, "run_id": run.info.run_id,
-                             "experiment_id": experiment_id, "params": run.data.params})
+                             "experiment_id": run.info.experiment_id, "params": run.data.params})
         return rows, superseded
 
     def log_report(self, files: list[str | Path], experiment: str = "tidal-comparisons") -> str:
@@ -304,11 +312,7 @@ class MlflowTracker:
     def register_cycle_model(self, experiment: str, registered_name: str, alias: str, pick: str = "best") -> str:
         """Register one cycle's model of an experiment (the best test accuracy, or the last
         cycle) and point `alias` at it; return `models:/<name>@<alias>`."""
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ValueError(f"no MLflow experiment named '{experiment}' at {self.uri}")
-        cycles = self.client.search_runs([exp.experiment_id], filter_string="tags.`tidal.kind` = 'cycle'",
-                                         max_results=5000)
+        cycles = self._cycle_runs(experiment)
         cycles = [r for r in cycles if "test_accuracy" in r.data.metrics]
         if not cycles:
             raise ValueError(f"experiment '{experiment}' has no finished cycle with a model yet")
@@ -319,11 +323,24 @@ class MlflowTracker:
         else:
             raise ValueError(f"pick must be 'best' or 'last', got {pick!r}")
         models = self.client.search_logged_models(
-            experiment_ids=[exp.experiment_id], filter_string=f"source_run_id = '{chosen.info.run_id}'")
+            experiment_ids=[chosen.info.experiment_id], filter_string=f"source_run_id = '{chosen.info.run_id}'")
         model_uri = models[0].model_uri if models else self._log_model_from_checkpoint(chosen)
         version = self._mlflow.register_model(model_uri, registered_name)
         self.client.set_registered_model_alias(registered_name, alias, version.version)
         return f"models:/{registered_name}@{alias}"
+
+    def _cycle_runs(self, experiment: str) -> list[Any]:
+        """The cycle runs of a tidal experiment, in its study or in the MLflow experiment of its name."""
+        ids = [e.experiment_id for e in _every_page(self.client.search_experiments, max_results=1000)]
+        tagged = _every_page(self.client.search_runs, experiment_ids=ids, max_results=5000,
+                             filter_string=f"tags.`tidal.kind` = 'cycle' and tags.`{EXPERIMENT_TAG}` = '{experiment}'")
+        if tagged:
+            return tagged
+        exp = self.client.get_experiment_by_name(experiment)  # runs logged without the tag
+        if exp is None:
+            raise ValueError(f"no MLflow experiment named '{experiment}' at {self.uri}")
+        return self.client.search_runs([exp.experiment_id], filter_string="tags.`tidal.kind` = 'cycle'",
+                                       max_results=5000)
 
     def _log(self, run_id: str, params: dict | None = None, metrics: list[tuple] | None = None,
              model_id: str | None = None) -> None:
