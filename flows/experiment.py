@@ -41,8 +41,8 @@ OUTSIDE = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5], ret
 COMPUTE = dict(cache_policy=NO_CACHE)
 
 
-@task(name="verify-data-version", **OUTSIDE)
-def verify_data_version(params: dict) -> dict:
+@task(name="prepare-data", **OUTSIDE)
+def prepare_data(params: dict) -> dict:
     return pipeline.prepare_data(params)
 
 
@@ -171,8 +171,8 @@ def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_label
                        test_accuracy, query_path, checkpoint)
 
 
-@task(name="commit-state", task_run_name="commit-state-cycle-{cycle}", **OUTSIDE)
-def commit_state(params: dict, cycle: int, test_accuracy: float, query_path: str,
+@task(name="commit-cycle", task_run_name="commit-cycle-{cycle}", **OUTSIDE)
+def commit_cycle(params: dict, cycle: int, test_accuracy: float, query_path: str,
                  labels: dict[str, int] | None, run_id: str, ids: list[str]) -> dict:
     return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
                                  tracking={"mlflow_run_id": run_id,
@@ -204,7 +204,6 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     run costs Prefect ~1.4 s here (creation, state calls, joining its heartbeat thread), a
     task run ~30 ms (the profile in benchmarks/README.md, overhead section)."""
     logger = get_run_logger()
-    verify_data_version(params)
     run_id = start_cycle_run(params, cycle, parent_run_id, flow_run.get_id() or "")
     n_labeled = len(pipeline.load_state(params)["labeled"])
     trained = train(params, cycle, run_id)
@@ -220,11 +219,21 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     # Oracle: the data set's own labels now. Human: the query waits for annotators.
     labels = reveal_oracle_labels(params, ids) if params["label_mode"] == "oracle" else None
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
-    record = commit_state(params, cycle, acc, query, labels, run_id, ids)
+    record = commit_cycle(params, cycle, acc, query, labels, run_id, ids)
     publish_learning_curve(params)
     split = "validation" if params["validation_size"] else "test"  # the held-out part stands in for test
     logger.info("cycle %d: %d labeled, %s accuracy %.4f, query %s", cycle, n_labeled, split, acc, query)
     return record
+
+
+def open_experiment(params: dict, overrides: list[str]) -> dict:
+    """What every flow does first, under the experiment's lock: finish an import a crash left
+    open, check the data against its pin (once per flow run: the cycles that follow change no
+    data, and a label import inside a flow comes before this), start or resume the workspace and
+    its MLflow parent run. Returns start_experiment's record."""
+    pipeline.finish_import(params, tracking.data_version_recorder(params))
+    version = prepare_data(params)
+    return start_experiment(params, version["data_version"], version["pool_version"], overrides)
 
 
 @flow(name="tidal-experiment")
@@ -232,9 +241,7 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
     """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
     params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
-        pipeline.finish_import(params, tracking.data_version_recorder(params))  # one a crash left open
-        version = verify_data_version(params)
-        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
+        started = open_experiment(params, overrides)
         for cycle in range(started["cycle"], params["cycles"]):
             if _waiting(params):
                 break
@@ -263,28 +270,10 @@ def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | Non
     score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
     params, overrides = pipeline.experiment_params(params_path, overrides)
     with ExperimentLock(pipeline.workspace(params).root):
-        pipeline.finish_import(params, tracking.data_version_recorder(params))  # one a crash left open
-        version = verify_data_version(params)
-        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
+        started = open_experiment(params, overrides)
         if _waiting(params):
             return {"waiting_for_labels": pipeline.waiting_for_labels(params)}
         return run_cycle(params, started["cycle"], started["parent_run_id"])
-
-
-@task(name="merge-labels", **COMPUTE)
-def merge_labels(params: dict, path: str, fmt: str | None, force: bool, relabel: bool) -> dict:
-    return pipeline.import_labels(params, path, fmt, force=force, relabel=relabel,
-                                  on_version=tracking.data_version_recorder(params))
-
-
-@flow(name="import-labels")
-def import_labels(path: str, params_path: str | None = "params.yaml", overrides: list[str] | None = None,
-                  fmt: str | None = None, force: bool = False, relabel: bool = False) -> dict:
-    """Validate and merge annotations, re-pin the data with DVC, record the version in MLflow
-    (`tidal.pipeline.import_labels`, as `tidal import-labels` runs it without Prefect)."""
-    params, _ = pipeline.experiment_params(params_path, overrides)
-    with ExperimentLock(pipeline.workspace(params).root):
-        return merge_labels(params, path, fmt, force, relabel)
 
 
 LABELS_ARRIVED = "tidal.labels.arrived"  # the event flows/listener.py emits; prefect.yaml's trigger expects it
@@ -316,33 +305,16 @@ def labels_arrived(experiment: str, params_path: str | None = "params.yaml", ove
     run at a time (a later one waits up to `wait_s` for it), and the state decides: once a cycle
     has run on the labels, its new query is pending and a second delivery finds nothing to import.
     A delivery that finds too few answers leaves them in Label Studio for the next one."""
-    import time
-
-    from tidal.workspace import ExperimentLocked
-
     params, overrides = pipeline.experiment_params(params_path, list(overrides or []) + [string_override("experiment", experiment)])
     logger = get_run_logger()
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            lock = ExperimentLock(pipeline.workspace(params).root).__enter__()
-            break
-        except ExperimentLocked:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-    try:
+    with ExperimentLock(pipeline.workspace(params).root, wait_s=wait_s):
         pulled = pull_labels(params, file)
         if not pulled["ready"]:
             logger.info("%d of %d pending id(s) answered, %d needed: no cycle yet", pulled["answered"],
                         pulled["pending"], pulled["needed"])
             return {"cycle": None, **pulled}
-        pipeline.finish_import(params, tracking.data_version_recorder(params))
-        version = verify_data_version(params)
-        started = start_experiment(params, version["data_version"], version["pool_version"], overrides)
+        started = open_experiment(params, overrides)
         if _waiting(params):
             return {"cycle": None, **pulled}
         record = run_cycle(params, started["cycle"], started["parent_run_id"])
         return {"cycle": record["cycle"], **pulled}
-    finally:
-        lock.__exit__(None, None, None)

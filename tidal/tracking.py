@@ -71,7 +71,7 @@ class MlflowTracker:
                                         order_by=["attributes.start_time ASC"])
         return found[0].info.run_id if found else None
 
-    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
+    def start_parent_run(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
                          run_key: str = "", pool_version: str = "") -> str:
         """Create the parent run, or find the one tagged with `run_key`; return its id. Its params
         are every params key plus data_version (the experiment's pool and labels) and pool_version
@@ -362,7 +362,7 @@ class NullTracker:
     uri = "none"
     enabled = False
 
-    def start_experiment(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
+    def start_parent_run(self, params: dict[str, Any], data_version: str, prefect_flow_run_id: str = "",
                          run_key: str = "", pool_version: str = "") -> str:
         return ""
 
@@ -418,7 +418,7 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
     if not run_key:
         run_key = uuid.uuid4().hex
         record_tracking(params, "run_key", run_key)
-    parent = tracker.start_experiment(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
+    parent = tracker.start_parent_run(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
                                       pool_version=str(load_state(params).get("pool_version", "")))
     failpoint("tracking:parent-created")
     record_tracking(params, "parent_run_id", parent)

@@ -201,15 +201,31 @@ class ExperimentLock:
     """`runs/<experiment>/.lock` holding the owner's pid and host, taken with O_EXCL.
 
     A lock whose process is gone (same host, pid not alive) is stale: it is reported and taken
-    over. A lock from another host is never broken automatically.
+    over. A lock from another host is never broken automatically. `wait_s`: how long to wait
+    for a live owner to finish before ExperimentLocked (0: not at all).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    POLL_S = 2.0
+
+    def __init__(self, root: str | Path, wait_s: float = 0.0) -> None:
         self.path = Path(root) / ".lock"
+        self.wait_s = wait_s
         self.stale_owner: dict | None = None
         self.created_root = False
 
     def __enter__(self) -> "ExperimentLock":
+        import time
+
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                return self._take()
+            except ExperimentLocked:
+                if time.monotonic() + self.POLL_S > deadline:
+                    raise
+                time.sleep(self.POLL_S)
+
+    def _take(self) -> "ExperimentLock":
         import socket
         import time
 

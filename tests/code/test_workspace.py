@@ -264,3 +264,38 @@ def test_a_secret_is_written_with_its_own_mode_from_the_first_byte(tmp_path, mon
     finally:
         os.umask(old)
     assert seen == [0o600] and (tmp_path / "webhook.secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_lock_waits_for_a_live_owner_up_to_its_wait_time(tmp_path):
+    """labels-arrived waits for a running cycle of its experiment (ExperimentLock's wait_s)
+    instead of failing at once; with no wait the second opener is refused at once."""
+    import json
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from tidal.workspace import ExperimentLock, ExperimentLocked
+
+    owner = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lock
+    try:
+        lock_file = tmp_path / ".lock"
+        lock_file.write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "since": "now"}))
+        began = time.monotonic()
+        with pytest.raises(ExperimentLocked, match=f"pid {owner.pid}"):
+            ExperimentLock(tmp_path).__enter__()
+        assert time.monotonic() - began < 1.0
+
+        threading.Timer(1.0, lock_file.unlink).start()  # the owner finishes after a second
+        with ExperimentLock(tmp_path, wait_s=30) as lock:
+            assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        assert not lock_file.exists()
+
+        lock_file.write_text(json.dumps({"pid": owner.pid, "host": socket.gethostname(), "since": "now"}))
+        began = time.monotonic()
+        with pytest.raises(ExperimentLocked):
+            ExperimentLock(tmp_path, wait_s=3).__enter__()  # it never finishes: refused after the wait
+        assert 2.0 <= time.monotonic() - began < 10.0
+    finally:
+        owner.kill()
+        owner.wait()

@@ -201,7 +201,7 @@ def _tracked_experiment(tracker, tmp: Path, accs: list[float], *overrides: str, 
     from tidal.config import load_params
 
     params = load_params(None, ["preset=debug", *overrides])
-    parent = tracker.start_experiment(params, data_version="md5-of-data", pool_version=pool_version)
+    parent = tracker.start_parent_run(params, data_version="md5-of-data", pool_version=pool_version)
     query = tmp / "query.csv"
     query.write_text("id,label\n")
     for cycle, acc in enumerate(accs):

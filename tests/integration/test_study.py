@@ -14,7 +14,7 @@ from tidal.config import ConfigError, load_params
 def _tracked(tracker, tmp: Path, accs: list[float], *overrides: str) -> tuple[str, list[str]]:
     """A parent run with one cycle run per accuracy, as the flow logs them; its id and the cycles'."""
     params = load_params(None, ["preset=debug", *overrides])
-    parent = tracker.start_experiment(params, data_version="md5-of-data", pool_version="md5-pool")
+    parent = tracker.start_parent_run(params, data_version="md5-of-data", pool_version="md5-pool")
     query = tmp / "query.csv"
     query.write_text("id,label\n")
     children = []
