@@ -56,6 +56,7 @@ run: install
 # time waiting on the servers they start), the longest files first (tests/conftest.py).
 test:
 	$(MAKE) -j4 install labelstudio browser postgres
+	$(MAKE) bench-deps
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Rerun the experiment through DVC: write the pinned data if missing, then reproduce.
@@ -65,7 +66,10 @@ repro: install
 
 # benchmarks/vs_baal.py: the `bench` extra's pins from pyproject.toml, installed with --no-deps
 # (baal 2.1.0 declares jupyter, which it does not need; see the comment there).
-bench-deps: install
+# make test installs them too: tests/code/test_vs_baal.py runs one tiny cycle of baal beside ours.
+bench-deps: $(BIN)/.bench-installed
+$(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])" \
-		| xargs $(BIN)/pip install -q --no-deps
+		| xargs $(BIN)/pip install -q --no-deps 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	$(BIN)/python -c "import baal.active, baal.modelwrapper"
+	touch $@
