@@ -210,61 +210,81 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
     """connect: check and save the connection; push: (re)push the pending query; pull: import the
     annotations made there (see tidal/labelstudio.py); listen: webhook and inbox to Prefect events
     (flows/listener.py)."""
+    actions = {"connect": _labelstudio_connect, "push": _labelstudio_push, "pull": _labelstudio_pull,
+               "listen": _labelstudio_listen}
+    return actions[args.action](args)
+
+
+def _labelstudio_listen(args: argparse.Namespace) -> int:
     from tidal import labelstudio
-    from tidal.pipeline import pull_labels, push_query
+
+    params = load_params(_params_path(args.params), args.set)
+    _offline_defaults()
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flows.listener import SPOOL_DIR, Listener
+
+    runs_dir = Path(params["runs_dir"])
+    secret_file = labelstudio.secret_path(params)
+    try:
+        listener = Listener(args.host, args.port, secret_file, runs_dir / SPOOL_DIR,
+                            Path(args.inbox) if args.inbox else None, runs_dir=runs_dir)
+    except (OSError, OverflowError) as err:  # the port taken or out of range, an address not here
+        reason = getattr(err, "strerror", None) or err
+        raise labelstudio.LabelStudioError(f"cannot listen on {args.host}:{args.port}: {reason}; choose another "
+                                           "--port or --host") from None
+    print(f"listening for Label Studio webhooks on http://{args.host}:{args.port}/webhook"
+          + (f" and labels files in {args.inbox}/<experiment>/" if args.inbox else ""), flush=True)
+    if labelstudio.read_webhook_secret(secret_file) is None:
+        print(f"note: no webhook secret in {secret_file} yet: webhooks are refused until "
+              "`tidal labelstudio connect` writes it", flush=True)
+    listener.serve_forever()
+    return 0
+
+
+def _labelstudio_connect(args: argparse.Namespace) -> int:
+    from tidal import labelstudio
+
+    params = load_params(_params_path(args.params), args.set)
+    if not args.url:
+        raise labelstudio.LabelStudioError("connect needs --url, e.g. --url http://127.0.0.1:8080")
+    saved = labelstudio.connect(params, args.url, args.token_env, args.document_root, args.webhook_url)
+    print(f"connected to Label Studio at {saved['url']} as {saved['user']} (token from ${saved['token_env']}); "
+          f"saved in {labelstudio.connection_path(params)}; the webhook's secret is in {saved['secret_file']}")
+    if not saved["document_root"]:
+        print("note: without --document-root the query images cannot be served; give Label Studio's "
+              "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+    return 0
+
+
+def _labelstudio_push(args: argparse.Namespace) -> int:
+    from tidal import labelstudio
+    from tidal.pipeline import push_query, workspace
+    from tidal.workspace import ExperimentLock
+
+    params = _experiment_params(args)
+    ws = workspace(params)
+    with ExperimentLock(ws.root):
+        pending = ws.load_state().get("pending", {}) if ws.exists() else {}
+        if not pending:
+            print("no query has pending ids: nothing to push")
+            return 0
+        pushed = push_query(params, max(q["cycle"] for q in pending.values()))
+    if pushed is None:
+        raise labelstudio.LabelStudioError("push needs label_mode=human and a Label Studio connected "
+                                           "(`tidal labelstudio connect --url URL`)")
+    print(f"pushed {pushed['pushed']} task(s) ({pushed['already_there']} already there) to {pushed['url']}")
+    return 0
+
+
+def _labelstudio_pull(args: argparse.Namespace) -> int:
+    from tidal.pipeline import pull_labels, workspace
     from tidal.tracking import data_version_recorder
     from tidal.workspace import ExperimentLock
 
-    params = (load_params(_params_path(args.params), args.set) if args.action in ("connect", "listen")
-              else _experiment_params(args))
-    if args.action == "listen":
-        _offline_defaults()
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from flows.listener import SPOOL_DIR, Listener
-
-        runs_dir = Path(params["runs_dir"])
-        secret_file = labelstudio.secret_path(params)
-        try:
-            listener = Listener(args.host, args.port, secret_file, runs_dir / SPOOL_DIR,
-                                Path(args.inbox) if args.inbox else None, runs_dir=runs_dir)
-        except (OSError, OverflowError) as err:  # the port taken or out of range, an address not here
-            reason = getattr(err, "strerror", None) or err
-            raise labelstudio.LabelStudioError(f"cannot listen on {args.host}:{args.port}: {reason}; choose another "
-                                               "--port or --host") from None
-        print(f"listening for Label Studio webhooks on http://{args.host}:{args.port}/webhook"
-              + (f" and labels files in {args.inbox}/<experiment>/" if args.inbox else ""), flush=True)
-        if labelstudio.read_webhook_secret(secret_file) is None:
-            print(f"note: no webhook secret in {secret_file} yet: webhooks are refused until "
-                  "`tidal labelstudio connect` writes it", flush=True)
-        listener.serve_forever()
-        return 0
-    if args.action == "connect":
-        if not args.url:
-            raise labelstudio.LabelStudioError("connect needs --url, e.g. --url http://127.0.0.1:8080")
-        saved = labelstudio.connect(params, args.url, args.token_env, args.document_root, args.webhook_url)
-        print(f"connected to Label Studio at {saved['url']} as {saved['user']} (token from ${saved['token_env']}); "
-              f"saved in {labelstudio.connection_path(params)}; the webhook's secret is in {saved['secret_file']}")
-        if not saved["document_root"]:
-            print("note: without --document-root the query images cannot be served; give Label Studio's "
-                  "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-        return 0
-    from tidal.pipeline import workspace
-
+    params = _experiment_params(args)
     with ExperimentLock(workspace(params).root):
-        if args.action == "push":
-            ws = workspace(params)
-            pending = ws.load_state().get("pending", {}) if ws.exists() else {}
-            if not pending:
-                print("no query has pending ids: nothing to push")
-                return 0
-            pushed = push_query(params, max(q["cycle"] for q in pending.values()))
-            if pushed is None:
-                raise labelstudio.LabelStudioError("push needs label_mode=human and a Label Studio connected "
-                                                   "(`tidal labelstudio connect --url URL`)")
-            print(f"pushed {pushed['pushed']} task(s) ({pushed['already_there']} already there) to {pushed['url']}")
-            return 0
         result = pull_labels(params, args.min_new, data_version_recorder(params))
     if not result["imported"]:
         print(f"{result['answered']} of {result['pending']} pending id(s) answered in Label Studio; "
@@ -292,10 +312,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV, an HTML report."""
     from tidal.pipeline import RESUMABLE_KEYS
-    from tidal.report import (CURVE_COLUMNS, check_one_protocol, html_report, markdown_table, plot_curves,
-                              summarize)
+    from tidal.report import check_one_protocol, write_report
     from tidal.tracking import MlflowTracker
-    from tidal.workspace import atomic_write_text, write_csv
 
     tracker = MlflowTracker()
     try:
@@ -314,27 +332,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if superseded:
         print(f"left out {len(superseded)} older parent run(s) of experiments started over "
               f"(the newest of each strategy and seed counts): {', '.join(superseded)}")
-    out = Path(args.out)
-    # One protocol (checked above), so one validation_size: the split the accuracies are on.
-    split = "validation" if any(r["params"].get("validation_size", "0") != "0" for r in rows) else "test"
-    summary = summarize(rows, split)
-    png = plot_curves(summary, out / "learning_curves.png",
-                      title=", ".join(sorted({r["experiment"] for r in rows}))[:60])
-    md = out / "learning_curves.md"
-    atomic_write_text(md, markdown_table(summary))
-    csv_path = out / "learning_curves.csv"
-    write_csv(csv_path, CURVE_COLUMNS, [{k: r[k] for k in CURVE_COLUMNS} for r in
-                                        sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["n_labeled"]))])
-    # Links to the runs in the MLflow UI: the tracking server itself, or `mlflow ui`'s default
-    # address for a sqlite store.
-    ui = tracker.uri.rstrip("/") if tracker.uri.startswith("http") else "http://127.0.0.1:5000"
-    runs = {r["run_id"]: {"experiment": r["experiment"], "strategy": r["strategy"], "seed": r["seed"],
-                          "url": f"{ui}/#/experiments/{r['experiment_id']}/runs/{r['run_id']}"} for r in rows}
-    html_path = html_report(summary, png, list(runs.values()), out / "report.html")
-    run_id = tracker.log_report([png, md, csv_path, html_path])
-    print(md.read_text())
-    print(f"plot: {png}\ntable: {md}\ncurves: {csv_path}\nreport: {html_path}\nlogged to MLflow run {run_id} "
-          f"(experiment 'tidal-comparisons')")
+    files = write_report(rows, args.out, lambda r: tracker.run_url(r["experiment_id"], r["run_id"]))
+    run_id = tracker.log_report(list(files.values()))
+    print(files["table"].read_text())
+    print(f"plot: {files['plot']}\ntable: {files['table']}\ncurves: {files['curves']}\nreport: {files['report']}\n"
+          f"logged to MLflow run {run_id} (experiment 'tidal-comparisons')")
     return 0
 
 

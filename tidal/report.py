@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -311,3 +312,25 @@ cycles. Intervals: 95 % Student t over seeds (none with one seed).</p>
 """
     atomic_write_text(path, page)
     return Path(path)
+
+
+def write_report(rows: list[dict], out: str | Path, run_url: Callable[[dict], str]) -> dict[str, Path]:
+    """`tidal compare`'s files from the learning-curve rows of one protocol: the plot
+    (learning_curves.png), the table (.md), the curves (.csv) and report.html linking each run
+    (`run_url(row)`: its page in the MLflow UI). Returns their paths by kind."""
+    from tidal.workspace import atomic_write_text, write_csv
+
+    out = Path(out)
+    # One protocol (checked before), so one validation_size: the split the accuracies are on.
+    split = "validation" if any(r["params"].get("validation_size", "0") != "0" for r in rows) else "test"
+    summary = summarize(rows, split)
+    png = plot_curves(summary, out / "learning_curves.png", title=", ".join(sorted({r["experiment"] for r in rows}))[:60])
+    md = out / "learning_curves.md"
+    atomic_write_text(md, markdown_table(summary))
+    curves = out / "learning_curves.csv"
+    write_csv(curves, CURVE_COLUMNS, [{k: r[k] for k in CURVE_COLUMNS}
+                                      for r in sorted(rows, key=lambda r: (r["strategy"], r["seed"], r["n_labeled"]))])
+    runs = {r["run_id"]: {"experiment": r["experiment"], "strategy": r["strategy"], "seed": r["seed"],
+                          "url": run_url(r)} for r in rows}
+    page = html_report(summary, png, list(runs.values()), out / "report.html")
+    return {"plot": png, "table": md, "curves": curves, "report": page}

@@ -300,6 +300,12 @@ class MlflowTracker:
                              "experiment_id": run.info.experiment_id, "params": run.data.params})
         return rows, superseded
 
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        """A run's page in the MLflow UI: on the tracking server itself, or at `mlflow ui`'s
+        default address for a local store."""
+        ui = self.uri.rstrip("/") if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{ui}/#/experiments/{experiment_id}/runs/{run_id}"
+
     def log_report(self, files: list[str | Path], experiment: str = "tidal-comparisons") -> str:
         """Log a comparison report's files as artifacts of a new run; return its id."""
         run = self.client.create_run(self._experiment_id(experiment), run_name=time.strftime("compare-%Y%m%d-%H%M%S"),
