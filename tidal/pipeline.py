@@ -226,14 +226,6 @@ def _check_resumable(state: dict, params: dict, pool_version: str, ws: Workspace
             f"restore it with `dvc checkout` or start a new experiment")
 
 
-def record_tracking(params: dict[str, Any], key: str, value: Any) -> None:
-    """Remember a tracking id (e.g. the MLflow parent run) in the state, for resumes."""
-    ws = workspace(params)
-    state = ws.load_state()
-    state["tracking"][key] = value
-    ws.save_state(state)
-
-
 def load_state(params: dict[str, Any]) -> dict[str, Any]:
     return workspace(params).load_state()
 

@@ -19,6 +19,8 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from tidal.workspace import Workspace
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
 MODEL_SPEC_TAG = "tidal.model_spec"
@@ -406,6 +408,18 @@ def make_tracker(enabled: bool = True) -> Tracker:
 
 # --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
 
+def _state(params: dict) -> dict[str, Any]:
+    return Workspace(params["runs_dir"], params["experiment"]).load_state()
+
+
+def _remember(params: dict, key: str, value: Any) -> None:
+    """Keep a tracking id (the parent run, a cycle's run) in state.json, for resumes."""
+    ws = Workspace(params["runs_dir"], params["experiment"])
+    state = ws.load_state()
+    state["tracking"][key] = value
+    ws.save_state(state)
+
+
 def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_flow_run_id: str = "") -> str:
     """The experiment's parent run id: the one state.json records, else found or created.
 
@@ -415,19 +429,18 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
     import uuid
 
     from tidal.faults import failpoint
-    from tidal.pipeline import load_state, record_tracking
 
-    saved = load_state(params)["tracking"]
+    saved = _state(params)["tracking"]
     if not tracker.enabled or saved.get("parent_run_id"):
         return saved.get("parent_run_id", "")
     run_key = saved.get("run_key")
     if not run_key:
         run_key = uuid.uuid4().hex
-        record_tracking(params, "run_key", run_key)
+        _remember(params, "run_key", run_key)
     parent = tracker.start_parent_run(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
-                                      pool_version=str(load_state(params).get("pool_version", "")))
+                                      pool_version=str(_state(params).get("pool_version", "")))
     failpoint("tracking:parent-created")
-    record_tracking(params, "parent_run_id", parent)
+    _remember(params, "parent_run_id", parent)
     return parent
 
 
@@ -435,16 +448,15 @@ def cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, pr
     """The cycle's child run id: the one state.json records, else found under the parent or
     created. "" with tracking off."""
     from tidal.faults import failpoint
-    from tidal.pipeline import load_state, record_tracking
 
-    state = load_state(params)
+    state = _state(params)
     runs = state["tracking"].get("cycle_runs", {})
     if not tracker.enabled or str(cycle) in runs:
         return runs.get(str(cycle), "")
     run_id = tracker.start_cycle(parent_run_id, params["experiment"], cycle, len(state["labeled"]),
                                  prefect_flow_run_id=prefect_flow_run_id)
     failpoint("tracking:cycle-created")
-    record_tracking(params, "cycle_runs", {**runs, str(cycle): run_id})
+    _remember(params, "cycle_runs", {**runs, str(cycle): run_id})
     return run_id
 
 
@@ -469,9 +481,8 @@ def data_version_recorder(params: dict) -> Callable[[str], None]:
     records it (nothing with tracking off or before the parent run exists; MLflow is imported
     only then, so an import without tracking stays fast)."""
     def record(data_version: str) -> None:
-        from tidal.pipeline import load_state
 
-        parent = load_state(params)["tracking"].get("parent_run_id")
+        parent = _state(params)["tracking"].get("parent_run_id")
         if parent:
             make_tracker(params["tracking"]).record_data_version(parent, data_version)
     return record
