@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,6 +210,41 @@ def test_a_parallel_build_equals_one_process(tmp_path, monkeypatch):
     assert pools == ["fork", "fork"]  # the parallel build's two passes, none for workers=1
     data = load_dataset(root, "imagefolder", images=options, cache_dir=tmp_path / "cache")
     assert data.pool_images.shape[0] == 299
+
+
+def _chunk_pids(chunk: list[int]) -> list[tuple[int, int]]:
+    time.sleep(0.02)  # long enough that the forked helper starts before this process has taken every chunk
+    return [(i, os.getpid()) for i in chunk]
+
+
+def test_the_build_shares_chunks_between_this_process_and_its_helpers():
+    """Every chunk is done once, results come back in file order, and both processes work."""
+    chunks = cache_mod._chunks(list(range(320)), 2)
+    assert len(chunks) == 32  # CHUNKS_PER_WORKER a worker, so the last chunk is a small part of the work
+    out = list(cache_mod._run(_chunk_pids, chunks, 2, 320, "test"))
+    assert [i for i, _ in out] == list(range(320))
+    assert os.getpid() in {pid for _, pid in out} and len({pid for _, pid in out}) == 2
+
+
+def test_a_helper_that_fails_or_dies_is_an_error_not_a_hang():
+    parent = os.getpid()
+
+    def fails(chunk: list[int]) -> list[int]:
+        if os.getpid() != parent:
+            raise MemoryError("no room")
+        time.sleep(0.05)
+        return chunk
+
+    def dies(chunk: list[int]) -> list[int]:
+        if os.getpid() != parent:
+            os._exit(3)
+        time.sleep(0.05)
+        return chunk
+
+    with pytest.raises(RuntimeError, match="MemoryError: no room"):
+        list(cache_mod._run(fails, [[i] for i in range(40)], 2, 40, "test"))
+    with pytest.raises(RuntimeError, match="died \\(exit code 3\\)"):
+        list(cache_mod._run(dies, [[i] for i in range(40)], 2, 40, "test"))
 
 
 def test_a_torn_cache_is_never_read(tmp_path):

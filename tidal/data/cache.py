@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 # (about 15 ms per megapixel decoded in full) only for this many source pixels in all.
 PARALLEL_PROBE_FILES = 20_000
 PARALLEL_DECODE_PIXELS = 10_000_000
-CHUNK_FILES = 64  # at most; fewer, so that every worker gets about four chunks
+CHUNK_FILES = 64  # at most; fewer, so that every worker gets about CHUNKS_PER_WORKER chunks
+CHUNKS_PER_WORKER = 16
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:
@@ -152,33 +154,85 @@ def _decode_chunk(task: tuple[str, tuple[int, ...], bool, int, str, list[tuple[i
             out.append(None)
         except BadImage as err:
             out.append(str(err))
-    target.flush()
-    del target
+    del target  # no msync per chunk: the builder fsyncs the whole file once, at the end
     return out
 
 
 def _chunks(items: Sequence, workers: int) -> list[list]:
-    """Items in order, in chunks of at most CHUNK_FILES, small enough to share out evenly."""
-    n = max(1, min(CHUNK_FILES, math.ceil(len(items) / (4 * max(1, workers)))))
+    """Items in order, in chunks of at most CHUNK_FILES, small enough to share out evenly: with
+    chunks taken one at a time, the last one finishes at most a chunk after the others."""
+    n = max(1, min(CHUNK_FILES, math.ceil(len(items) / (CHUNKS_PER_WORKER * max(1, workers)))))
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 def _run(fn: Callable, chunks: list, workers: int, total: int, desc: str) -> Iterator:
-    """fn over the chunks, in order, in `workers` processes (1: this one); one result per file."""
-    def results() -> Iterator:
-        if workers <= 1 or len(chunks) <= 1:
-            for chunk in chunks:
-                yield from fn(chunk)
-            return
-        # fork, not spawn or forkserver: those re-run the caller's main script in every worker,
-        # which breaks (and respawns workers forever) in a script without an
-        # `if __name__ == "__main__"` guard. The workers only run Pillow and numpy.
-        context = multiprocessing.get_context("fork")
-        with context.Pool(min(workers, len(chunks))) as pool:
-            for part in pool.imap(fn, chunks):
-                yield from part
+    """fn over the chunks in `workers` processes, this one included; one result per file, in order."""
+    return iter(progress(_results(fn, chunks, workers), desc=desc, total=total, unit="files"))
 
-    return iter(progress(results(), desc=desc, total=total, unit="files"))
+
+def _results(fn: Callable, chunks: list, workers: int) -> Iterator:
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            yield from fn(chunk)
+        return
+    # This process works too, beside workers - 1 forked helpers: every process takes the next
+    # chunk nobody has taken, so no core waits while another has work, and one process fewer is
+    # forked (forking a process that has torch loaded is most of a small folder's overhead).
+    # fork, not spawn or forkserver: those re-run the caller's main script in every worker,
+    # which breaks (and respawns workers forever) in a script without an
+    # `if __name__ == "__main__"` guard. The helpers only run Pillow and numpy.
+    context = multiprocessing.get_context("fork")
+    handed_out = context.Value("q", 0)
+    finished = context.Queue()
+
+    def take() -> int:
+        with handed_out.get_lock():
+            handed_out.value += 1
+            return handed_out.value - 1
+
+    def helper() -> None:
+        try:
+            while (i := take()) < len(chunks):
+                finished.put((i, fn(chunks[i])))
+        except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises it
+            finished.put((-1, f"{type(err).__name__}: {err}"))
+
+    helpers = [context.Process(target=helper, daemon=True) for _ in range(min(workers, len(chunks)) - 1)]
+    for process in helpers:
+        process.start()
+    results: dict[int, list] = {}
+    yielded = 0
+    try:
+        while yielded < len(chunks):
+            i = take()
+            if i < len(chunks):
+                results[i] = fn(chunks[i])
+            while not finished.empty() or (i >= len(chunks) and yielded not in results):
+                j, part = _next_finished(finished, helpers)
+                results[j] = part
+            while yielded in results:
+                yield from results.pop(yielded)
+                yielded += 1
+    finally:
+        for process in helpers:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+
+
+def _next_finished(finished: "multiprocessing.Queue", helpers: list) -> tuple[int, list]:
+    """The next (chunk index, results) a helper sent; a helper's error, or its death, raised."""
+    while True:
+        try:
+            i, part = finished.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p.exitcode for p in helpers if not p.is_alive() and p.exitcode != 0]
+            if dead:
+                raise RuntimeError(f"a decoding worker process died (exit code {dead[0]})") from None
+            continue
+        if i < 0:
+            raise RuntimeError(f"a decoding worker process failed: {part}")
+        return i, part
 
 
 def _size_error(probes: list, good: list[int], describe: Callable[[int], str]) -> DataError:

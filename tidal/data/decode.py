@@ -130,9 +130,10 @@ def decode(path: str, gray: bool, size: int = 0, resize: str = "center-crop") ->
                 width, height = im.size
                 im.draft(im.mode, _draft_size(width, height, size, resize))
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: an upright photo is not copied
             im = _eight_bit(im)
-            im = im.convert("L" if gray else "RGB")
+            if im.mode != ("L" if gray else "RGB"):  # convert() to the mode it has copies the pixels
+                im = im.convert("L" if gray else "RGB")
             if size:
                 im = _resized(im, size, resize)
             array = np.array(im, dtype=np.uint8)
