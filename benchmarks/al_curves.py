@@ -218,6 +218,11 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
         counterparts = counterpart_table(summary)
         if counterparts:
             lines += ["## TiDAL against the plain score it builds on", "", counterparts]
+        over_entropy = counterpart_table(summary, [(s, "entropy") for s in summary["strategies"] if s != "entropy"])
+        if over_entropy:
+            # random is the floor every strategy should clear; entropy is the plain uncertainty
+            # score a user would try first, so a strategy worth its cost has to beat it too
+            lines += ["## Paired gains over entropy", "", over_entropy]
         queried = [r for r in rows if int(r["cycle"]) > 0]
         if queried:
             # Cycle 0 is trained on the random initial set before any strategy chose a label; it
