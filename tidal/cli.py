@@ -488,7 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.labels import LabelImportError
     from tidal.labelstudio import LabelStudioError
 
-    errors += (LabelImportError, LabelStudioError)
+    from tidal.models.timm_backbone import WeightsError
+
+    errors += (LabelImportError, LabelStudioError, WeightsError)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, so a closed pipe is a BrokenPipeError this handler sees

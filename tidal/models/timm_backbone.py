@@ -8,12 +8,15 @@ the pool's classes. The stage maps come from timm's `forward_intermediates` at i
 from __future__ import annotations
 
 import functools
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+from tidal.workspace import atomic_write_bytes
 
 
 def pretrained_config(arch: str) -> dict:
@@ -29,6 +32,40 @@ def pretrained_config(arch: str) -> dict:
         cfg = timm.models.PretrainedCfg()
     return {"mean": tuple(float(v) for v in cfg.mean), "std": tuple(float(v) for v in cfg.std),
             "input_size": tuple(int(v) for v in cfg.input_size)}
+
+
+class WeightsError(ValueError):
+    """Pretrained weights that cannot be had or do not fit the backbone: an input error, whose
+    message says which file or which keys (tidal's CLI prints it as one line, exit code 2)."""
+
+
+# The `backbone_weights` value for timm's own pretrained weights of the architecture.
+HUB_WEIGHTS = "timm"
+
+
+def hub_weights(arch: str, directory: Path) -> Path:
+    """timm's own pretrained weights for `arch` (its default tag), as a state_dict file in
+    `directory`: timm fetches them through the Hugging Face hub and its cache (`HF_HOME`), which
+    needs the network the first time; the file written here is read from then on, offline."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):  # timm would start from random weights
+        raise WeightsError(f"timm has no pretrained weights for {arch}: choose a backbone that has them "
+                         f"(timm.list_pretrained()) or give a weights file, --set backbone_weights=PATH")
+    tag = cfg.tag or "default"
+    out = Path(directory) / f"{arch}.{tag}-timm.pth"
+    if out.is_file():
+        return out
+    try:
+        model = timm.create_model(arch, pretrained=True)
+    except Exception as error:  # no network, no such file on the hub, a proxy's refusal: all one case here
+        raise WeightsError(f"timm could not load the pretrained weights of {arch} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}). timm downloads them once "
+                         f"into its Hugging Face cache; without network, give a weights file instead: "
+                         f"--set backbone_weights=PATH") from None
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    atomic_write_bytes(out, buffer.getvalue())
+    return out
 
 
 class TimmBackbone(nn.Module):
@@ -118,11 +155,11 @@ def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and torch errors alike: the file is not usable
-        raise ValueError(f"{path} is not a torch weights file (torch.load failed: {type(error).__name__}: "
+        raise WeightsError(f"{path} is not a torch weights file (torch.load failed: {type(error).__name__}: "
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if not isinstance(state, Mapping) or not state or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of name -> tensor), "
+        raise WeightsError(f"{path} does not hold a state_dict (a dict of name -> tensor), "
                          f"but a {type(state).__name__}")
     prefixes = _classifier_prefixes(backbone.net)
     state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
@@ -132,14 +169,14 @@ def load_backbone_weights(backbone: TimmBackbone, path: str | Path) -> None:
 
     missing = [k for k in expected if k not in state]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} key(s) of {backbone.arch} missing: {_listing(missing, wanted)}")
+        raise WeightsError(f"{path}: {len(missing)} key(s) of {backbone.arch} missing: {_listing(missing, wanted)}")
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} unexpected key(s) for {backbone.arch}: "
+        raise WeightsError(f"{path}: {len(unexpected)} unexpected key(s) for {backbone.arch}: "
                          f"{_listing(unexpected, given)}")
     wrong = [k for k in expected if given[k] != wanted[k]]
     if wrong:
         shown = ", ".join(f"{k} {list(given[k])} (expected {list(wanted[k])})" for k in wrong[:3])
         more = f", … ({len(wrong) - 3} more)" if len(wrong) > 3 else ""
-        raise ValueError(f"{path}: {len(wrong)} tensor(s) of the wrong shape for {backbone.arch}: {shown}{more}")
+        raise WeightsError(f"{path}: {len(wrong)} tensor(s) of the wrong shape for {backbone.arch}: {shown}{more}")
     backbone.net.load_state_dict(state, strict=True)
