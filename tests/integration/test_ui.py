@@ -1,6 +1,12 @@
 """The UIs users look at, in a real headless Chromium (Debian's package; `make browser` installs
 it): the MLflow UI and the Prefect UI served by real servers on 127.0.0.1 over a small grid
-(random and entropy, the debug preset), and the HTML report of `tidal compare` opened from disk.
+(random and entropy, the debug preset) logged as one study, and the HTML report of `tidal compare`
+opened from disk.
+
+The grid is the path a user takes to compare strategies: both experiments (`ui-random`,
+`ui-entropy`) run with `--set study=ui-grid`, so MLflow holds ONE experiment, `ui-grid`, with a
+parent run per cell (`random-seed0`, `entropy-seed0`); its runs page and its chart view show both
+runs, their test_accuracy overlaid against the number of labels, with no second experiment to tick.
 
 The servers ask for credentials as `tidal stack up` starts them (tidal/stack.py: Prefect's API
 auth string, MLflow's basic-auth app), and the browser gives them as a user does: the Prefect
@@ -30,6 +36,7 @@ from tidal.stack import client_env, credentials, mlflow_auth_env, prefect_server
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STRATEGIES = ["random", "entropy"]
+STUDY = "ui-grid"
 
 
 def chromium() -> str:
@@ -158,13 +165,14 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
                                mlflow_auth), 180, "MLflow server")
         for strategy in STRATEGIES:
             done = subprocess.run([str(BIN / "tidal"), "run", "--set", "preset=debug", "--set", f"strategy={strategy}",
-                                   "--set", f"experiment=ui-{strategy}", "--set", f"runs_dir={tmp}/runs",
+                                   "--set", f"experiment=ui-{strategy}", "--set", f"study={STUDY}",
+                                   "--set", f"runs_dir={tmp}/runs",
                                    "--set", f"data_root={tmp}/data"], cwd=tmp, env=env, capture_output=True,
                                   text=True, timeout=600)
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        report = subprocess.run([str(BIN / "tidal"), "compare", "--experiment", "ui-random", "--experiment",
-                                 "ui-entropy", "--out", str(tmp / "reports")], cwd=tmp, env=env,
-                                capture_output=True, text=True, timeout=300)
+        # the study's name selects every experiment of it, as a user compares a grid
+        report = subprocess.run([str(BIN / "tidal"), "compare", "--experiment", STUDY, "--out", str(tmp / "reports")],
+                                cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
         assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         for key, value in client_env(creds).items():  # this process's MLflow client, not the next file's
@@ -172,15 +180,21 @@ def grid(tmp_path_factory: pytest.TempPathFactory):
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-        experiments = {s: client.get_experiment_by_name(f"ui-{s}") for s in STRATEGIES}
-        runs = {s: client.search_runs([e.experiment_id]) for s, e in experiments.items()}
+        # one MLflow experiment, the study's, holds both parent runs and their cycle runs; none
+        # is named after an experiment of the grid
+        study = client.get_experiment_by_name(STUDY)
+        assert study is not None and all(client.get_experiment_by_name(f"ui-{s}") is None for s in STRATEGIES)
+        runs = client.search_runs([study.experiment_id], max_results=1000)
+        parents = {s: [r for r in runs if r.data.tags.get("tidal.kind") == "experiment"
+                       and r.data.tags.get("tidal.experiment") == f"ui-{s}"] for s in STRATEGIES}
+        assert all(len(p) == 1 for p in parents.values()), parents
+        parents = {s: p[0] for s, p in parents.items()}
+        assert {s: p.info.run_name for s, p in parents.items()} == {s: f"{s}-seed0" for s in STRATEGIES}
+        models = client.search_logged_models(experiment_ids=[study.experiment_id])
         yield {"tmp": tmp, "env": env, "mlflow": env["MLFLOW_TRACKING_URI"],
-               "prefect": f"http://127.0.0.1:{prefect_port}", "experiments": experiments, "runs": runs,
+               "prefect": f"http://127.0.0.1:{prefect_port}", "study": study, "runs": runs, "parents": parents,
+               "models": list(models),
                "prefect_auth": creds["prefect_auth_string"], "mlflow_auth": mlflow_auth}
-
-
-def _parent(runs: list) -> object:
-    return next(r for r in runs if r.data.tags.get("tidal.kind") == "experiment")
 
 
 def mlflow_page(grid: dict, path: str, shot: Path, needles: list[str]) -> str:
@@ -205,38 +219,50 @@ def test_the_uis_ask_for_credentials(grid):
 
 
 def test_mlflow_experiment_page_lists_the_grids_runs(grid):
-    for strategy, exp in grid["experiments"].items():
-        shot = grid["tmp"] / f"mlflow-runs-{strategy}.png"
-        needles = [f"{strategy}-seed0"]
-        dom = mlflow_page(grid, f"#/experiments/{exp.experiment_id}/runs", shot, needles)
-        expect(dom, needles, f"MLflow runs page of ui-{strategy}", shot)
-        assert shot.stat().st_size > 10_000
+    # The study's one experiment page lists both strategies' parent runs, each linked inside that
+    # experiment: had they gone to an experiment each, this page would hold one of them.
+    study_id = grid["study"].experiment_id
+    shot = grid["tmp"] / "mlflow-runs-study.png"
+    needles = [f">{STUDY}<", *(f"{s}-seed0" for s in STRATEGIES),
+               *(f"#/experiments/{study_id}/runs/{p.info.run_id}\"" for p in grid["parents"].values())]
+    dom = mlflow_page(grid, f"#/experiments/{study_id}/runs", shot, needles)
+    expect(dom, needles, f"MLflow runs page of {STUDY}", shot)
+    assert shot.stat().st_size > 10_000
 
 
 def test_mlflow_compares_the_strategies_runs(grid):
-    parents = [_parent(grid["runs"][s]) for s in STRATEGIES]
+    parents = [grid["parents"][s] for s in STRATEGIES]
+    study_id = grid["study"].experiment_id
     shot = grid["tmp"] / "mlflow-compare.png"
     compare = urllib.parse.urlencode({"runs": json.dumps([p.info.run_id for p in parents]),
-                                      "experiments": json.dumps([e.experiment_id for e in grid["experiments"].values()])})
-    needles = ["test_accuracy", "random-seed0", "entropy-seed0"]
+                                      "experiments": json.dumps([study_id])})
+    needles = ["Comparing 2 Runs from 1 Experiment", f">{STUDY}<", "test_accuracy", "random-seed0", "entropy-seed0"]
     dom = mlflow_page(grid, f"#/compare-runs?{compare}", shot, needles)
     expect(dom, needles, "MLflow run comparison", shot)
-    # Both experiments' runs in the chart view: test_accuracy plotted against the step, which is
-    # the number of labels (40 and 60 in the debug preset).
-    ids = json.dumps([e.experiment_id for e in grid["experiments"].values()]).replace(" ", "")
+    # The chart view of the study's one experiment, nothing ticked: the test_accuracy chart holds
+    # both strategies' runs (its legend names each), plotted against the step, which is the number
+    # of labels (40 and 60 in the debug preset).
     shot = grid["tmp"] / "mlflow-charts.png"
-    needles = ["Displaying Runs from 2 Experiments", "random-seed0", "entropy-seed0", "test_accuracy",
-               "main-svg", ">Step<", ">60<"]
-    dom = mlflow_page(grid, f"#/compare-experiments/s?experiments={ids}&compareRunsMode=CHART", shot, needles)
-    expect(dom, needles, "MLflow chart view of both strategies", shot)
+    needles = [f">{STUDY}<", "random-seed0", "entropy-seed0", "title=\"test_accuracy\"", "main-svg",
+               *(f">{s}-seed0 (test_accuracy)<" for s in STRATEGIES), ">Step<", ">40<", ">60<"]
+    dom = mlflow_page(grid, f"#/experiments/{study_id}/runs?compareRunsMode=CHART", shot, needles)
+    expect(dom, needles, f"MLflow chart view of {STUDY}", shot)
 
 
 def test_mlflow_models_view_lists_one_model_per_cycle(grid):
-    exp = grid["experiments"]["random"]
+    # The study's Models view: one model per cycle of each strategy (cycle-0 and cycle-1 twice),
+    # each linked by its own id.
+    study_id = grid["study"].experiment_id
+    models = grid["models"]
+    parent_of = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in grid["runs"]}
+    for strategy, parent in grid["parents"].items():
+        names = sorted(m.name for m in models if parent_of.get(m.source_run_id) == parent.info.run_id)
+        assert names == ["cycle-0", "cycle-1"], (strategy, names)
+    assert len(models) == 2 * len(STRATEGIES)
     shot = grid["tmp"] / "mlflow-models.png"
-    needles = ["cycle-0", "cycle-1"]
-    dom = mlflow_page(grid, f"#/experiments/{exp.experiment_id}/models", shot, needles)
-    expect(dom, needles, "MLflow Models view of ui-random", shot)
+    needles = [f">{STUDY}<", *(f"#/experiments/{study_id}/models/{m.model_id}\">{m.name}<" for m in models)]
+    dom = mlflow_page(grid, f"#/experiments/{study_id}/models", shot, needles)
+    expect(dom, needles, f"MLflow Models view of {STUDY}", shot)
 
 
 def test_prefect_ui_shows_the_flow_run_its_tasks_and_the_learning_curve(grid):
@@ -259,10 +285,13 @@ def test_prefect_ui_shows_the_flow_run_its_tasks_and_the_learning_curve(grid):
 
 
 def test_compare_html_report_renders_from_disk(grid):
+    # `tidal compare --experiment ui-grid` tells the study's experiments apart and links each to
+    # its parent run in the study's MLflow experiment.
     report = grid["tmp"] / "reports" / "report.html"
     shot = grid["tmp"] / "report.png"
-    parents = {s: _parent(grid["runs"][s]) for s in STRATEGIES}
+    study_id = grid["study"].experiment_id
     needles = ["<table id=\"aubc\"", ">random<", ">entropy<", "data:image/png;base64,",
-               *(p.info.run_id for p in parents.values())]
+               *(f"href=\"{grid['mlflow']}/#/experiments/{study_id}/runs/{p.info.run_id}\">ui-{s}: {s}, seed 0<"
+                 for s, p in grid["parents"].items())]
     dom = render(report.as_uri(), shot, needles, timeout_s=10)
     expect(dom, needles, "tidal compare HTML report", shot)
