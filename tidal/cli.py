@@ -162,7 +162,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_history(params: dict, sample_id: str) -> int:
-    from tidal.labels import label_history
+    from tidal.labeling.provenance import label_history
     from tidal.pipeline import labels_file, workspace
 
     state = workspace(params).load_state()
@@ -208,7 +208,7 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
 
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     """connect: check and save the connection; push: (re)push the pending query; pull: import the
-    annotations made there (see tidal/labelstudio.py); listen: webhook and inbox to Prefect events
+    annotations made there (see tidal/labeling/labelstudio.py); listen: webhook and inbox to Prefect events
     (flows/listener.py)."""
     actions = {"connect": _labelstudio_connect, "push": _labelstudio_push, "pull": _labelstudio_pull,
                "listen": _labelstudio_listen}
@@ -216,7 +216,7 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_listen(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     params = load_params(_params_path(args.params), args.set)
     _offline_defaults()
@@ -244,7 +244,7 @@ def _labelstudio_listen(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_connect(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     params = load_params(_params_path(args.params), args.set)
     if not args.url:
@@ -259,7 +259,7 @@ def _labelstudio_connect(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_push(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
     from tidal.pipeline import push_query, workspace
     from tidal.workspace import ExperimentLock
 
@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
                                            DistributedTrainingFailed, ExperimentLocked, WorkspaceWriteError,
                                            StackError, FileNotFoundError)
-    from tidal.labels import LabelImportError
-    from tidal.labelstudio import LabelStudioError
+    from tidal.labeling.annotations import LabelImportError
+    from tidal.labeling.labelstudio import LabelStudioError
 
     errors += (LabelImportError, LabelStudioError)
     try:

@@ -502,7 +502,7 @@ def query_id(params: dict[str, Any], cycle: int) -> str:
 def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list[str]) -> str:
     """Write the query for annotators in cycles/<k>/: query.csv (id, path, score, rank,
     suggested_label), query.jsonl and Label Studio tasks; return the path of query.csv."""
-    from tidal.labels import export_query_files, write_query_images
+    from tidal.labeling.queries import export_query_files, write_query_images
 
     scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
     out_dir = workspace(params).cycle_dir(cycle)
@@ -528,7 +528,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
 def push_query(params: dict[str, Any], cycle: int) -> dict[str, Any] | None:
     """Human mode with Label Studio connected: the cycle's query goes to the experiment's
     project as tasks (idempotent: a task already there is not pushed again). None otherwise."""
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     if params["label_mode"] != "human" or labelstudio.settings(params) is None:
         return None
@@ -545,7 +545,7 @@ def pull_labels(params: dict[str, Any], min_new: int | None = None,
     folder). Every answer is checked first, whatever the count; with fewer than `min_new` new
     labels (default: the `labelstudio.min_new` key; 0 = every pending id) nothing is imported.
     Returns answered/pending/needed counts, `imported` and the import summaries."""
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     ws = workspace(params)
     if not ws.exists():
@@ -572,7 +572,7 @@ def query_progress(params: dict[str, Any]) -> dict[str, int]:
     """Of the last query: how many of its ids have labels in the labels log (`answered`), how many
     still wait (`pending`), and how many the next cycle needs (`needed`: `labelstudio.min_new`,
     0 = the whole query)."""
-    from tidal.labels import provenance_rows
+    from tidal.labeling.provenance import provenance_rows
 
     state = load_state(params)
     query_id = str(state["history"][-1]["query_id"]) if state["history"] else None
@@ -703,7 +703,8 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     """
     import time
 
-    from tidal.labels import LabelImportError, append_provenance, check_against_state, current_labels, read_annotations
+    from tidal.labeling.annotations import LabelImportError, check_against_state, read_annotations
+    from tidal.labeling.provenance import append_provenance, current_labels
 
     ws = workspace(params)
     if not ws.exists():
@@ -756,7 +757,7 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
     A journal whose labels are not in the log (a crash before the log was written) is dropped
     and nothing is committed: that import never happened, and running it again does it.
     """
-    from tidal.labels import current_labels
+    from tidal.labeling.provenance import current_labels
 
     ws = workspace(params)
     journal = ws.root / IMPORT_JOURNAL

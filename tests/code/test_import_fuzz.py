@@ -36,10 +36,11 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tidal import labels as labels_mod
-from tidal.labels import (CONFLICT_POLICIES, LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, Annotation, ImportPlan,
-                          LabelImportError, Vote, append_provenance, check_against_state, current_labels,
-                          label_history, read_annotations)
+from tidal.labeling import provenance, queries
+from tidal.labeling.annotations import (CONFLICT_POLICIES, Annotation, ImportPlan, LabelImportError, Vote,
+                                       check_against_state, read_annotations)
+from tidal.labeling.provenance import (LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, append_provenance,
+                                       current_labels, label_history)
 
 CLASSES = ["cat", "dog", "bird"]
 EXP, QID = "exp1", "q-2"
@@ -430,8 +431,9 @@ def _forbid_writes(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"reading or checking annotations wrote a file: {args[:1]}")
 
-    monkeypatch.setattr(labels_mod, "atomic_write_bytes", refuse)
-    monkeypatch.setattr(labels_mod, "atomic_write_text", refuse)
+    monkeypatch.setattr(queries, "atomic_write_bytes", refuse)
+    monkeypatch.setattr(queries, "atomic_write_text", refuse)
+    monkeypatch.setattr(provenance, "atomic_write_bytes", refuse)
 
 
 def check_import(fmt: str, data: bytes, state: dict, base: Path, clean: bool = False) -> str:

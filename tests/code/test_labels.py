@@ -1,4 +1,4 @@
-"""tidal.labels: query export, annotation import (csv/jsonl/Label Studio), checks, provenance log."""
+"""tidal.labeling: query export, annotation import (csv/jsonl/Label Studio), checks, provenance log."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from tidal.labels import (LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, Annotation, Annotations, ImportPlan,
-                          LabelImportError, Vote, append_provenance, check_against_state, current_labels,
-                          export_query_files, label_history, read_annotations)
+from tidal.labeling.annotations import (Annotation, Annotations, ImportPlan, LabelImportError, Vote,
+                                       check_against_state, read_annotations)
+from tidal.labeling.provenance import (LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, append_provenance,
+                                       current_labels, label_history)
+from tidal.labeling.queries import export_query_files
 
 CLASSES = ["cat", "dog", "bird"]
 EXP = "exp1"
@@ -813,15 +815,16 @@ REFUSED_FILES = [
 @pytest.mark.parametrize("name,content", REFUSED_FILES)
 def test_a_refused_file_reaches_no_writer(tmp_path, monkeypatch, name, content):
     """Reading and checking never write: a refused file cannot reach append_provenance or any other
-    writer of tidal.labels, and the log and the workspace stay byte-identical."""
-    from tidal import labels
+    writer of tidal.labeling, and the log and the workspace stay byte-identical."""
+    from tidal.labeling import provenance, queries
 
     def no_write(*args, **kwargs):
         raise AssertionError("a writer was called while reading or checking annotations")
 
-    monkeypatch.setattr(labels, "atomic_write_bytes", no_write)
-    monkeypatch.setattr(labels, "atomic_write_text", no_write)
-    monkeypatch.setattr(labels, "append_provenance", no_write)
+    monkeypatch.setattr(queries, "atomic_write_bytes", no_write)
+    monkeypatch.setattr(queries, "atomic_write_text", no_write)
+    monkeypatch.setattr(provenance, "atomic_write_bytes", no_write)
+    monkeypatch.setattr(provenance, "append_provenance", no_write)
     (tmp_path / "labels.csv").write_bytes(LEGACY_LOG)
     path = tmp_path / name
     path.write_bytes(content)

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tidal import labelstudio
-from tidal.labelstudio import Client, LabelStudioError
+from tidal.labeling import labelstudio
+from tidal.labeling.labelstudio import Client, LabelStudioError
 
 TOKEN = "t0ken" * 8
 

@@ -40,7 +40,7 @@ def test_each_queried_array_sample_is_a_png_the_query_files_name(tmp_path, data_
 
 
 def test_colour_samples_keep_their_three_channels(tmp_path):
-    from tidal.labels import write_query_images
+    from tidal.labeling.queries import write_query_images
 
     images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     paths = write_query_images(tmp_path, images)

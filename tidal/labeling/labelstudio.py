@@ -284,7 +284,7 @@ def image_url(path: str, document_root: Path) -> str:
 
 def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) -> dict[str, Any]:
     """Push the cycle's query to the experiment's Label Studio project; returns counts."""
-    from tidal.labels import EXPORT_FILES, LABELSTUDIO_CONFIG
+    from tidal.labeling.queries import EXPORT_FILES, LABELSTUDIO_CONFIG
 
     conn = settings(params)
     if conn is None:
