@@ -37,17 +37,19 @@ def run_experiment(work: Path, data_root: Path) -> tuple[float, list[str], dict[
     """The default experiment in a fresh workspace; its wall time and each cycle's checkpoint."""
     from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import prepare_data, start_experiment
+    from tidal.workspace import workspace
 
     shutil.rmtree(work / "runs", ignore_errors=True)
     params = load_params(REPO / "params.yaml", ["tracking=false", f"runs_dir={work / 'runs'}",
                                                 f"data_root={data_root}"])
     start = time.perf_counter()
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     for cycle in range(params["cycles"]):
         pipeline.run_cycle(params, cycle)
     seconds = time.perf_counter() - start
-    ws = pipeline.workspace(params)
+    ws = workspace(params)
     return seconds, [str(ws.cycle_dir(k) / "model.pt") for k in range(params["cycles"])], params
 
 

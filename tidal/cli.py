@@ -46,7 +46,7 @@ def format_lineage(history: list[dict], data_version: str) -> str:
 
 def _experiment_params(args: argparse.Namespace) -> dict:
     """The params of the experiment the command names: its recorded overrides applied again."""
-    from tidal.pipeline import experiment_params
+    from tidal.experiment import experiment_params
 
     # --experiment is a name, taken as it is (string_override), not YAML; load_params checks it.
     named = getattr(args, "experiment", None)
@@ -72,9 +72,9 @@ def next_command(params: dict, command: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     params_path = _params_path(args.params)
     params = _experiment_params(args)  # fail fast, before Prefect starts
-    from tidal.pipeline import preflight, workspace
+    from tidal.experiment import preflight
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     with ExperimentLock(workspace(params).root):
         preflight(params, data_version_recorder(params))
@@ -84,11 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     history = experiment(params_path=params_path, overrides=args.set)
     elapsed = time.perf_counter() - start
-    from tidal.pipeline import workspace
+    from tidal.workspace import workspace
     from tidal.tracking import tracking_uri
 
     ws = workspace(params)
-    from tidal.pipeline import waiting_for_labels
+    from tidal.labeling.imports import waiting_for_labels
 
     waiting = waiting_for_labels(params)
     done = "is waiting for labels after" if waiting else "finished in"
@@ -120,7 +120,7 @@ def _print_waiting(waiting: dict, params: dict) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     params = _experiment_params(args)
-    from tidal.pipeline import workspace
+    from tidal.workspace import workspace
 
     ws = workspace(params)
     if ws.exists() and args.history:
@@ -153,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     parent = state.get("tracking", {}).get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
-    from tidal.pipeline import waiting_for_labels
+    from tidal.labeling.imports import waiting_for_labels
 
     waiting = waiting_for_labels(params)
     if waiting:
@@ -162,8 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_history(params: dict, sample_id: str) -> int:
+    from tidal.labeling.imports import labels_file
     from tidal.labeling.provenance import label_history
-    from tidal.pipeline import labels_file, workspace
+    from tidal.workspace import workspace
 
     state = workspace(params).load_state()
     rows = label_history(labels_file(params), sample_id) if labels_file(params).is_file() else []
@@ -183,11 +184,11 @@ def _print_history(params: dict, sample_id: str) -> int:
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    """A local transaction (tidal.pipeline.import_labels): no Prefect server to wait for."""
+    """A local transaction (tidal.labeling.imports.import_labels): no Prefect server to wait for."""
     params = _experiment_params(args)
-    from tidal.pipeline import import_labels, workspace
+    from tidal.labeling.imports import import_labels
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     start = time.perf_counter()
     with ExperimentLock(workspace(params).root):
@@ -260,8 +261,8 @@ def _labelstudio_connect(args: argparse.Namespace) -> int:
 
 def _labelstudio_push(args: argparse.Namespace) -> int:
     from tidal.labeling import labelstudio
-    from tidal.pipeline import push_query, workspace
-    from tidal.workspace import ExperimentLock
+    from tidal.pipeline import push_query
+    from tidal.workspace import ExperimentLock, workspace
 
     params = _experiment_params(args)
     ws = workspace(params)
@@ -279,9 +280,9 @@ def _labelstudio_push(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_pull(args: argparse.Namespace) -> int:
-    from tidal.pipeline import pull_labels, workspace
+    from tidal.labeling.imports import pull_labels
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     params = _experiment_params(args)
     with ExperimentLock(workspace(params).root):
@@ -301,7 +302,7 @@ def _labelstudio_pull(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     params = load_params(_params_path(args.params), args.set)
-    from tidal.pipeline import prepare_data
+    from tidal.experiment import prepare_data
 
     info = prepare_data(params)
     pinned = "matches its DVC pin" if info["pinned"] else "not pinned by DVC here"
@@ -311,7 +312,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV, an HTML report."""
-    from tidal.pipeline import RESUMABLE_KEYS
+    from tidal.experiment import RESUMABLE_KEYS
     from tidal.report import check_one_protocol, write_report
     from tidal.tracking import MlflowTracker
 
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()
     from tidal.data.sources import DataError
-    from tidal.pipeline import ExperimentMismatch
+    from tidal.experiment import ExperimentMismatch
     from tidal.train import TrainingDiverged
     from tidal.launch import DistributedTrainingFailed
     from tidal.stack import StackError

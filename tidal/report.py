@@ -52,7 +52,7 @@ def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> dic
     experiment, strategy, seed and `params` (the run's flat params as MLflow stores them).
 
     Runs may differ in strategy, seed, experiment name and `unchanged_result_keys` (keys, or
-    top-level prefixes, that never change a result: pipeline.RESUMABLE_KEYS); a strategy's own
+    top-level prefixes, that never change a result: experiment.RESUMABLE_KEYS); a strategy's own
     keys may differ between strategies only. A strategy and seed held by two experiments would
     be averaged as one run, so that is refused too.
 

@@ -6,6 +6,7 @@ import torch
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
 from tidal.tracking import checkpoint_spec
 
 
@@ -13,7 +14,7 @@ from tidal.tracking import checkpoint_spec
 def trained(tmp_path, data_root):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
                                 "train.epochs=1"])
-    pipeline.start_experiment(params, pipeline.prepare_data(params)["data_version"])
+    start_experiment(params, prepare_data(params)["data_version"])
     return params, pipeline.train_step(params, 0)["checkpoint"]
 
 

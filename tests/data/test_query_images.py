@@ -11,15 +11,17 @@ from PIL import Image
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
+from tidal.workspace import workspace
 
 
 def test_each_queried_array_sample_is_a_png_the_query_files_name(tmp_path, data_root):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
                                 "label_mode=human", "cycles=1"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     pipeline.run_cycle(params, 0)
-    cycle_dir = pipeline.workspace(params).cycle_dir(0)
+    cycle_dir = workspace(params).cycle_dir(0)
     with open(cycle_dir / "query.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == params["budget"]

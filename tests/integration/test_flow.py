@@ -184,10 +184,10 @@ def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
     assert tidal_row[6].startswith(("+", "-"))  # paired gain over random
     client = MlflowClient(tracking_uri=finished_experiment["uri"])
     # the flow logs the pool's own version, which compare needs equal across the runs it averages
-    from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import load_state
 
-    state = pipeline.load_state(load_params(None, _overrides(tmp)))
+    state = load_state(load_params(None, _overrides(tmp)))
     parent = client.get_run(state["tracking"]["parent_run_id"])
     assert parent.data.params["pool_version"] == str(state["pool_version"]) != ""
     comp = client.get_experiment_by_name("tidal-comparisons")

@@ -16,9 +16,10 @@ id lives in its workspace (`runs/<experiment>/labelstudio.json`).
   is copied. A task already in the project (same query, same sample) is never pushed again, so
   pushing after a crash is idempotent.
 - `pull_labels`: the project's export (tasks with their annotations) is saved in the cycle's
-  folder and imported by `tidal.pipeline.import_labels`, the same validation and provenance
-  path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending, disagreeing
-  annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the provenance).
+  folder and imported by `tidal.labeling.imports.import_labels`, the same validation and
+  provenance path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending,
+  disagreeing annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the
+  provenance).
 
 The token goes only to Label Studio's own origin: a redirect to another scheme, host or port is
 refused before anything is sent there. The webhook carries a shared secret (`webhook_secret`,
@@ -325,9 +326,10 @@ def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) ->
 
 def pull_export(params: dict[str, Any], workspace_root: Path, out_paths: dict[str, Path]) -> dict[str, Any]:
     """Save the project's annotated tasks of each query in `out_paths` ({query_id: file}), with
-    annotators by e-mail: the files `tidal.pipeline.import_labels` then reads as Label Studio JSON.
-    Tasks of other queries are left alone; an annotated task that tidal did not push (no sample
-    id or query id in its data) is an error. Returns {query_id: annotated tasks written}."""
+    annotators by e-mail: the files `tidal.labeling.imports.import_labels` then reads as Label
+    Studio JSON. Tasks of other queries are left alone; an annotated task that tidal did not push
+    (no sample id or query id in its data) is an error. Returns {query_id: annotated tasks
+    written}."""
     conn = settings(params)
     recorded = workspace_root / CONNECTION_FILE
     if conn is None or not recorded.is_file() or read_json(recorded).get("project_id") is None:
