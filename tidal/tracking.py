@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tidal.workspace import Workspace
+from tidal.workspace import workspace
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
@@ -409,12 +409,12 @@ def make_tracker(enabled: bool = True) -> Tracker:
 # --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
 
 def _state(params: dict) -> dict[str, Any]:
-    return Workspace(params["runs_dir"], params["experiment"]).load_state()
+    return workspace(params).load_state()
 
 
 def _remember(params: dict, key: str, value: Any) -> None:
     """Keep a tracking id (the parent run, a cycle's run) in state.json, for resumes."""
-    ws = Workspace(params["runs_dir"], params["experiment"])
+    ws = workspace(params)
     state = ws.load_state()
     state["tracking"][key] = value
     ws.save_state(state)
