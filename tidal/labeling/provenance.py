@@ -5,15 +5,13 @@ Plain Python (stdlib csv/json only), no orchestration imports.
 
 - `append_provenance` appends one row per new/changed label of an `ImportPlan` (old bytes + new
   rows, written atomically), with the policy that decided it and the other annotators' labels.
-- `provenance_rows`, `label_history` and `current_labels` read it back (logs from before those
-  two columns too).
+- `provenance_rows`, `label_history` and `current_labels` read it back.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
-import re
 from pathlib import Path
 
 from tidal.labeling.annotations import Annotation, ImportPlan, LabelImportError, _show
@@ -21,9 +19,6 @@ from tidal.workspace import atomic_write_bytes, csv_rows, restore_cell
 
 PROVENANCE_COLUMNS = ["id", "label", "label_name", "annotator", "cycle", "query_id", "imported_at", "source",
                       "supersedes", "decided_by", "other_labels"]
-# The layout of logs written before decided_by/other_labels: still read, and upgraded (the header
-# line only; every row's bytes stay) by the next append.
-LEGACY_PROVENANCE_COLUMNS = PROVENANCE_COLUMNS[:9]
 
 
 def _other_labels(a: Annotation, classes: list[str] | None) -> str:
@@ -53,11 +48,10 @@ def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str,
     dry_run: make every check below and return the rows it would add, writing nothing (so a caller
     can refuse an import before it writes anything else).
 
-    A log in the layout from before `decided_by`/`other_labels` gets the new header line (its rows'
-    bytes stay as they are and read back with those two columns empty). Any other layout, a file
-    that is not UTF-8 csv, one whose rows do not read back (`current_labels`), or one that would not
-    read back as its old labels plus the new ones (a last row cut inside a quoted value) is refused
-    with LabelImportError and left byte-identical.
+    A log of another layout than `PROVENANCE_COLUMNS`, a file that is not UTF-8 csv, one whose rows
+    do not read back (`current_labels`), or one that would not read back as its old labels plus the
+    new ones (a last row cut inside a quoted value) is refused with LabelImportError and left
+    byte-identical.
     """
     labels_csv = Path(labels_csv)
     entries: list[tuple[Annotation, int | None]] = [(a, None) for a in plan.new.values()]
@@ -66,21 +60,16 @@ def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str,
         return 0
     entries.sort(key=lambda e: e[0].row)
     old = labels_csv.read_bytes() if labels_csv.exists() else b""
-    new_header = ",".join(PROVENANCE_COLUMNS).encode() + b"\n"
     before: dict[str, int] = {}
     if old.strip():
         header = _log_header(labels_csv, old)
-        if header == LEGACY_PROVENANCE_COLUMNS:
-            bom = b"\xef\xbb\xbf" if old.startswith(b"\xef\xbb\xbf") else b""
-            first_end = _LINE_END_BYTES.search(old)
-            old = bom + new_header + (old[first_end.end():] if first_end else b"")
-        elif header != PROVENANCE_COLUMNS:
+        if header != PROVENANCE_COLUMNS:
             raise LabelImportError(f"{labels_csv} has columns {_show(header)}, expected {PROVENANCE_COLUMNS}; "
                                    "refusing to append to a file of another layout")
         before = current_labels(labels_csv)  # a log whose rows do not read back is refused, not appended to
         prefix = old if old.endswith((b"\n", b"\r")) else old + b"\n"
     else:
-        prefix = new_header
+        prefix = ",".join(PROVENANCE_COLUMNS).encode() + b"\n"
     rows = []
     for a, previous in entries:
         cycle = cycle_of.get(a.id)
@@ -104,9 +93,6 @@ def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str,
     return len(entries)
 
 
-_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
-
-
 def _log_rows(labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
     """(line number, row) of every row of the log; see `_parse_log`."""
     labels_csv = Path(labels_csv)
@@ -121,8 +107,7 @@ def _log_rows(labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
 
 
 def _parse_log(text: str, labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of every row; columns a row lacks (logs written before
-    decided_by/other_labels) read as ""."""
+    """(line number, row) of every row; columns a row lacks (a hand-edited log) read as ""."""
     rows = []
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
