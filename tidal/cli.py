@@ -319,7 +319,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tracker = MlflowTracker()
     try:
         rows, superseded = tracker.learning_curves(args.experiment or None)
-        unlogged = check_one_protocol(rows, RESUMABLE_KEYS)
+        check_one_protocol(rows, RESUMABLE_KEYS)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -327,9 +327,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: no experiment runs with a learning curve at {tracker.uri}; run `tidal run` first",
               file=sys.stderr)
         return 1
-    if unlogged:
-        print("not compared, because some runs predate the key (they did not log it): " + "; ".join(
-            f"{key} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" for key, names in unlogged.items()))
     if superseded:
         print(f"left out {len(superseded)} older parent run(s) of experiments started over "
               f"(the newest of each strategy and seed counts): {', '.join(superseded)}")
