@@ -466,7 +466,7 @@ def log_cycle(tracker: Tracker, params: dict, run_id: str, parent_run_id: str, c
     then ends; safe to repeat."""
     if not tracker.enabled:
         return
-    spec = checkpoint_spec(params, checkpoint)
+    spec = checkpoint_spec(checkpoint)
     model_id = tracker.log_cycle_model(run_id, checkpoint, spec, cycle)
     tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path, model_id=model_id)
     tracker.log_checkpoint(run_id, checkpoint, spec)
@@ -488,17 +488,12 @@ def data_version_recorder(params: dict) -> Callable[[str], None]:
     return record
 
 
-def checkpoint_spec(params: dict, checkpoint: str | Path) -> dict[str, Any]:
+def checkpoint_spec(checkpoint: str | Path) -> dict[str, Any]:
     """What rebuilds the checkpoint's classifier, read from the checkpoint itself (so logging does
-    not load the data set each cycle); from the data set for a checkpoint saved without it."""
+    not load the data set each cycle)."""
     import torch
 
-    spec = torch.load(checkpoint, map_location="cpu", weights_only=True).get("spec")
-    if spec is None:  # a checkpoint trained before the spec was kept in it (a resumed workspace)
-        from tidal.pipeline import dataset_for, model_spec
-
-        spec = model_spec(params, dataset_for(params))
-    return spec
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["spec"]
 
 
 def _backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:
