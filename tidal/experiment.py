@@ -197,7 +197,7 @@ def _check_resumable(state: dict, params: dict, pool_version: str, ws: Workspace
             f"experiment '{params['experiment']}' in {ws.root} was started with {key}={old.get(key)!r}, "
             f"now {key}={new.get(key)!r} ({len(changed)} key(s) differ: {', '.join(changed)}). "
             f"Start a new experiment with --set experiment=NEW_NAME, or delete {ws.root} to start over.")
-    started = state.get("pool_version", state["data_version"])
+    started = state["pool_version"]
     if started != pool_version:
         raise DataError(
             f"the pool data under {params['data_root']}/ changed since experiment "

@@ -438,7 +438,7 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
         run_key = uuid.uuid4().hex
         _remember(params, "run_key", run_key)
     parent = tracker.start_parent_run(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
-                                      pool_version=str(_state(params).get("pool_version", "")))
+                                      pool_version=str(_state(params)["pool_version"]))
     failpoint("tracking:parent-created")
     _remember(params, "parent_run_id", parent)
     return parent
