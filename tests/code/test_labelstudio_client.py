@@ -129,6 +129,14 @@ def test_a_project_tidal_did_not_create_is_never_adopted(studios, client, tmp_pa
         project_of(client, tmp_path, "exp")
 
 
+def test_a_recorded_project_without_its_key_is_refused(studios, client, tmp_path):
+    first = project_of(client, tmp_path, "exp")
+    record = json.loads((tmp_path / "exp/labelstudio.json").read_text())
+    (tmp_path / "exp/labelstudio.json").write_text(json.dumps({"url": record["url"], "project_id": first}))
+    with pytest.raises(LabelStudioError, match="not the project tidal created"):
+        project_of(client, tmp_path, "exp")
+
+
 def test_a_crash_after_creating_the_project_finds_it_again(studios, client, tmp_path):
     first = project_of(client, tmp_path, "exp")
     record = json.loads((tmp_path / "exp/labelstudio.json").read_text())

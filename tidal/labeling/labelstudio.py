@@ -217,9 +217,8 @@ def _checked_project(client: Client, params: dict[str, Any], recorded: Path) -> 
             f"Label Studio project {project_id} of experiment {params['experiment']!r} is gone (deleted "
             f"in Label Studio?): delete {recorded} to push the pending query to a new project, then run "
             "the same command again") from None
-    # A record from before tidal kept keys has none: that id was saved by tidal, keep trusting it.
     key = record.get("project_key")
-    if key is not None and (not isinstance(project, dict) or project_key_of(project) != key):
+    if key is None or not isinstance(project, dict) or project_key_of(project) != key:
         raise LabelStudioError(
             f"Label Studio project {project_id} at {client.url} is not the project tidal created for experiment "
             f"{params['experiment']!r} (its description lacks the key recorded in {recorded}; another server, "
