@@ -69,7 +69,6 @@ def _fingerprint(params: dict[str, Any]) -> dict[str, Any]:
             if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
 
 
-
 # --- experiment set-up ----------------------------------------------------------------------
 
 def prepare_data(params: dict[str, Any]) -> dict[str, str]:

@@ -21,6 +21,7 @@ from tidal.labeling.annotations import LabelImportError, check_against_state, re
 from tidal.labeling.provenance import append_provenance, current_labels, provenance_rows
 from tidal.workspace import read_json, workspace, write_json
 
+
 def labels_file(params: dict[str, Any]) -> Path:
     """The append-only provenance log of human labels, inside the DVC-pinned data_root."""
     return Path(params["data_root"]) / LABELS_DIR / f"{params['experiment']}.csv"
@@ -169,7 +170,6 @@ def query_progress(params: dict[str, Any]) -> dict[str, int]:
     need = params["labelstudio"]["min_new"]
     need = answered + pending if need <= 0 else min(need, answered + pending)
     return {"answered": answered, "pending": pending, "needed": need}
-
 
 
 def waiting_for_labels(params: dict[str, Any]) -> dict[str, Any] | None:
