@@ -26,6 +26,8 @@ import torch  # noqa: E402
 from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
 from tidal.data.sources import materialize  # noqa: E402
+from tidal.experiment import prepare_data, start_experiment  # noqa: E402
+from tidal.workspace import workspace  # noqa: E402
 
 extra = [a for a in sys.argv[2:] if a != "--default"]
 base = [] if "--default" in sys.argv else ["preset=debug"]
@@ -35,12 +37,12 @@ with tempfile.TemporaryDirectory() as tmp:
     for strategy in ["tidal-entropy", "lloss", "entropy", "badge"]:
         params = load_params(None, [*base, f"runs_dir={tmp}/runs", f"data_root={tmp}/data", "device=cpu",
                                     "tracking=false", f"strategy={strategy}", f"experiment={strategy}", *extra])
-        prepared = pipeline.prepare_data(params)
-        pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+        prepared = prepare_data(params)
+        start_experiment(params, prepared["data_version"], prepared["pool_version"])
         digest = hashlib.sha256()
         for cycle in range(params["cycles"]):
             pipeline.run_cycle(params, cycle)
-            out = pipeline.workspace(params).cycle_dir(cycle)
+            out = workspace(params).cycle_dir(cycle)
             saved = torch.load(out / "model.pt", weights_only=True)
             for part in sorted(k for k in saved if k != "spec"):
                 for key, value in sorted((saved[part] or {}).items()):

@@ -1,5 +1,5 @@
 """How Label Studio should get the query images: served from a local-files storage (what
-tidal/labelstudio.py does) or embedded in each task as a data: URI (what works without shared
+tidal/labeling/labelstudio.py does) or embedded in each task as a data: URI (what works without shared
 files). One real Label Studio (the Makefile's .venv-labelstudio), N queried samples written as
 tidal writes them (32×32 RGB PNGs, CIFAR-10's size), one project per way:
 

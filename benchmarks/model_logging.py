@@ -33,25 +33,27 @@ if str(REPO) not in sys.path:
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "model_logging"
 
 
-def run_experiment(work: Path, data_root: Path) -> tuple[float, list[str], dict[str, Any]]:
+def run_experiment(work: Path, data_root: Path) -> tuple[float, list[str]]:
     """The default experiment in a fresh workspace; its wall time and each cycle's checkpoint."""
     from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import prepare_data, start_experiment
+    from tidal.workspace import workspace
 
     shutil.rmtree(work / "runs", ignore_errors=True)
     params = load_params(REPO / "params.yaml", ["tracking=false", f"runs_dir={work / 'runs'}",
                                                 f"data_root={data_root}"])
     start = time.perf_counter()
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     for cycle in range(params["cycles"]):
         pipeline.run_cycle(params, cycle)
     seconds = time.perf_counter() - start
-    ws = pipeline.workspace(params)
-    return seconds, [str(ws.cycle_dir(k) / "model.pt") for k in range(params["cycles"])], params
+    ws = workspace(params)
+    return seconds, [str(ws.cycle_dir(k) / "model.pt") for k in range(params["cycles"])]
 
 
-def time_models(store: Path, checkpoints: list[str], params: dict[str, Any]) -> dict[str, list[float]]:
+def time_models(store: Path, checkpoints: list[str]) -> dict[str, list[float]]:
     """Seconds per cycle for the flow's LoggedModel (pickle) and for a pt2 model, in a new store."""
     import torch
 
@@ -62,7 +64,7 @@ def time_models(store: Path, checkpoints: list[str], params: dict[str, Any]) -> 
     experiment = tracker.client.create_experiment("model-logging", artifact_location=(store / "artifacts").as_uri())
     times: dict[str, list[float]] = {"pickle": [], "pt2": []}
     for cycle, checkpoint in enumerate(checkpoints):
-        spec = checkpoint_spec(params, checkpoint)
+        spec = checkpoint_spec(checkpoint)
         run_id = tracker.client.create_run(experiment, run_name=f"cycle-{cycle}").info.run_id
         start = time.perf_counter()
         tracker.log_cycle_model(run_id, checkpoint, spec, cycle)
@@ -120,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(tmp)
         materialize(work / "data", "digits")
         for r in range(1, args.rounds + 1):
-            seconds, checkpoints, params = run_experiment(work, work / "data")
-            times = time_models(work / f"mlflow-{r}", checkpoints, params)
+            seconds, checkpoints = run_experiment(work, work / "data")
+            times = time_models(work / f"mlflow-{r}", checkpoints)
             rounds.append({"round": r, "experiment_s": seconds, "pickle_s": times["pickle"], "pt2_s": times["pt2"],
                            "pickle_share": sum(times["pickle"]) / seconds, "pt2_share": sum(times["pt2"]) / seconds})
             print(f"round {r}: experiment {seconds:.1f} s, pickle models {sum(times['pickle']):.2f} s, "

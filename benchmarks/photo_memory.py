@@ -18,7 +18,7 @@ so scoring reads every unlabeled pool file, strategy tidal-entropy, tracking off
            `decode_workers()` forked processes); then loaded again from the cache, timed
   load     `pipeline.dataset_for` alone, with the cache built: what every later step pays to list
            the folder and map the cache
-  prepare  `pipeline.prepare_data` (materialize, the DVC-style md5 of data_root: every file read
+  prepare  `experiment.prepare_data` (materialize, the DVC-style md5 of data_root: every file read
            once, memoized in the cache dir) and `start_experiment`, as the flow's first tasks do
   train    `pipeline.train_step(params, 0)`: cycle 0's training (debug: 40 labels, 3 epochs)
   score    `pipeline.evaluate_step` then `pipeline.score_step` over every unlabeled candidate
@@ -164,6 +164,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     import torch
 
     from tidal import pipeline
+    from tidal.experiment import prepare_data, start_experiment
+    from tidal.workspace import workspace
 
     record: dict = {"import_s": round(time.perf_counter() - began, 2), "torch_threads": torch.get_num_threads(),
                     "peak_rss_mb_after_import": round(peak_rss_mb(), 1)}
@@ -188,14 +190,14 @@ def run_phase(args: argparse.Namespace) -> dict:
         data = pipeline.dataset_for(params)
         record["pool"] = len(data.pool_ids)
     elif args.phase == "prepare":
-        prepared = pipeline.prepare_data(params)
+        prepared = prepare_data(params)
         record["prepare_s"] = round(time.perf_counter() - began, 2)
         record["peak_rss_mb_after_prepare"] = round(peak_rss_mb(), 1)
-        pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+        start_experiment(params, prepared["data_version"], prepared["pool_version"])
     elif args.phase == "train":
         record["history"] = pipeline.train_step(params, 0)["history"]
     elif args.phase in ("score", "sharded"):
-        ws = pipeline.workspace(params)
+        ws = workspace(params)
         checkpoint = str(ws.cycle_dir(0) / "model.pt")
         if args.phase == "score":
             record["test_accuracy"] = pipeline.evaluate_step(params, 0, checkpoint)

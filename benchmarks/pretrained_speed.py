@@ -32,12 +32,13 @@ import torch  # noqa: E402
 
 from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
+from tidal.experiment import prepare_data, start_experiment  # noqa: E402
 
 
 def one_cycle(overrides: list[str]) -> dict:
     params = load_params(None, overrides)
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     start = time.perf_counter()
     done = pipeline.run_cycle(params, 0)
     return {"seconds": time.perf_counter() - start, "steps": done["seconds"], "test_accuracy": done["test_accuracy"]}

@@ -126,12 +126,14 @@ def run_size(out: Path, size: int, args: argparse.Namespace) -> dict:
     from tidal.memory import peak_rss_mb
     from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import prepare_data, start_experiment
+    from tidal.workspace import workspace
 
     params = load_params(None, overrides(out, size, args))
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
-    scores = pipeline.workspace(params).cycle_dir(0) / "scores.csv"
+    scores = workspace(params).cycle_dir(0) / "scores.csv"
     for stale in (scores, *pipeline.shards_dir(params, 0).glob("*.json")):
         stale.unlink(missing_ok=True)  # a size killed half-way: time all of its scoring again
     began = time.perf_counter()

@@ -51,6 +51,7 @@ from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
 from tidal.data.sources import Dataset  # noqa: E402
 from tidal.device import set_deterministic  # noqa: E402
+from tidal.experiment import initial_labeled, load_state  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
 
 LIBRARIES = ("ours", "baal")
@@ -114,7 +115,7 @@ def run_ours(params: dict[str, Any], overrides: list[str], work: Path, name: str
                             f"data_root={params['data_root']}", *overrides, f"runs_dir={runs_dir}",
                             f"experiment={name}"], work / name)
     end = time.perf_counter()
-    state = pipeline.load_state({**params, "runs_dir": str(runs_dir), "experiment": name})
+    state = load_state({**params, "runs_dir": str(runs_dir), "experiment": name})
     cycles = []
     for c, n_candidates in zip(record["cycles"], candidates):
         cycles.append({"cycle": c["cycle"], "n_labeled": c["n_labeled"], "test_accuracy": c["test_accuracy"],
@@ -193,7 +194,7 @@ def run_baal(params: dict[str, Any], workers: int = 0) -> dict[str, Any]:
     train_tf, test_tf = baal_transforms(params, data)
     pool = TensorImages(data.pool_images, data.pool_labels, train_tf)
     test = TensorImages(data.test_images, data.test_labels, test_tf)
-    start_ids = pipeline.initial_labeled(params, data)
+    start_ids = initial_labeled(params, data)
     labelled = np.zeros(len(pool), dtype=bool)
     labelled[data.index_of(start_ids).numpy()] = True
     # pool_specifics: the pool (what is scored) is read without augmentation, as baal's docs say.
@@ -258,7 +259,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
     cfg = params["train"]
     n = params["initial_size"] + (params["cycles"] - 1) * params["budget"]
     data = pipeline.dataset_for(params)
-    ids = pipeline.initial_labeled({**params, "initial_size": n}, data)
+    ids = initial_labeled({**params, "initial_size": n}, data)
     pos = data.index_of(ids)
     images, labels = data.pool_images[pos], data.pool_labels[pos]
     train_tf, test_tf = baal_transforms(params, data)

@@ -1,7 +1,8 @@
 """Prefect flows for an active-learning experiment.
 
-Thin by design: each task calls one step of `tidal.pipeline` (or `tidal.tracking`) with
-params, paths and ids, never tensors or models, and the steps themselves are resumable.
+Thin by design: each task calls one step of `tidal.pipeline` (or `tidal.experiment`,
+`tidal.labeling.imports`, `tidal.tracking`) with params, paths and ids, never tensors or models,
+and the steps themselves are resumable.
 """
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+import tidal.experiment
 from tidal import pipeline, tracking
 from tidal.config import string_override
+from tidal.labeling import imports
 from tidal.memory import peak_rss_mb
-from tidal.workspace import ExperimentLock, read_json
+from tidal.workspace import ExperimentLock, read_json, workspace
 
 def not_input_error(task: object, task_run: object, state: State) -> bool:
     """Retry what may pass by itself (a locked store, a slow disk), never bad input: a DataError,
@@ -43,12 +46,12 @@ COMPUTE = dict(cache_policy=NO_CACHE)
 
 @task(name="prepare-data", **OUTSIDE)
 def prepare_data(params: dict) -> dict:
-    return pipeline.prepare_data(params)
+    return tidal.experiment.prepare_data(params)
 
 
 @task(name="start-experiment", **OUTSIDE)
 def start_experiment(params: dict, data_version: str, pool_version: str, overrides: list[str]) -> dict:
-    state = pipeline.start_experiment(params, data_version, pool_version, overrides)
+    state = tidal.experiment.start_experiment(params, data_version, pool_version, overrides)
     tracker = tracking.make_tracker(params["tracking"])
     parent = tracking.experiment_run(tracker, params, data_version, flow_run.get_id() or "")
     return {"cycle": state["cycle"], "n_labeled": len(state["labeled"]), "parent_run_id": parent}
@@ -183,7 +186,7 @@ def commit_cycle(params: dict, cycle: int, test_accuracy: float, query_path: str
 @task(name="publish-learning-curve", **OUTSIDE)
 def publish_learning_curve(params: dict) -> None:
     """A Prefect table artifact, so the Prefect UI shows the learning curve and the lineage."""
-    state = pipeline.load_state(params)
+    state = tidal.experiment.load_state(params)
     rows = [{"cycle": h["cycle"], "n_labeled": h["n_labeled"], "test_accuracy": round(h["test_accuracy"], 4),
              "query": h["query"], "mlflow_run_id": h.get("mlflow_run_id", ""),
              "data_version": state["data_version"]} for h in state["history"]]
@@ -205,7 +208,7 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     task run ~30 ms (the profile in benchmarks/README.md, overhead section)."""
     logger = get_run_logger()
     run_id = start_cycle_run(params, cycle, parent_run_id, flow_run.get_id() or "")
-    n_labeled = len(pipeline.load_state(params)["labeled"])
+    n_labeled = len(tidal.experiment.load_state(params)["labeled"])
     trained = train(params, cycle, run_id)
     acc = evaluate(params, cycle, trained["checkpoint"])
     if params["scoring"]["shards"] == 1:
@@ -231,7 +234,7 @@ def open_experiment(params: dict, overrides: list[str]) -> dict:
     open, check the data against its pin (once per flow run: the cycles that follow change no
     data, and a label import inside a flow comes before this), start or resume the workspace and
     its MLflow parent run. Returns start_experiment's record."""
-    pipeline.finish_import(params, tracking.data_version_recorder(params))
+    imports.finish_import(params, tracking.data_version_recorder(params))
     version = prepare_data(params)
     return start_experiment(params, version["data_version"], version["pool_version"], overrides)
 
@@ -239,8 +242,8 @@ def open_experiment(params: dict, overrides: list[str]) -> dict:
 @flow(name="tidal-experiment")
 def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
     """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
-    params, overrides = pipeline.experiment_params(params_path, overrides)
-    with ExperimentLock(pipeline.workspace(params).root):
+    params, overrides = tidal.experiment.experiment_params(params_path, overrides)
+    with ExperimentLock(workspace(params).root):
         started = open_experiment(params, overrides)
         for cycle in range(started["cycle"], params["cycles"]):
             if _waiting(params):
@@ -248,14 +251,14 @@ def experiment(params_path: str | None = "params.yaml", overrides: list[str] | N
             run_cycle(params, cycle, started["parent_run_id"])
             if params["label_mode"] == "human":
                 break  # the query is with the annotators: stop until labels are imported
-        history = pipeline.load_state(params)["history"]
-        if started["parent_run_id"] and not pipeline.waiting_for_labels(params):
+        history = tidal.experiment.load_state(params)["history"]
+        if started["parent_run_id"] and not imports.waiting_for_labels(params):
             tracking.make_tracker(params["tracking"]).end_run(started["parent_run_id"])
     return history
 
 
 def _waiting(params: dict) -> bool:
-    waiting = pipeline.waiting_for_labels(params)
+    waiting = imports.waiting_for_labels(params)
     if waiting:
         get_run_logger().warning(
             "waiting for labels of query %s (%d pending): annotate %s and run `tidal import-labels FILE`",
@@ -268,11 +271,11 @@ def _waiting(params: dict) -> bool:
 def al_cycle(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> dict:
     """One more cycle of the experiment, whatever `cycles` says: train on the current labels,
     score, select and export the next query. This is the flow to schedule (prefect.yaml)."""
-    params, overrides = pipeline.experiment_params(params_path, overrides)
-    with ExperimentLock(pipeline.workspace(params).root):
+    params, overrides = tidal.experiment.experiment_params(params_path, overrides)
+    with ExperimentLock(workspace(params).root):
         started = open_experiment(params, overrides)
         if _waiting(params):
-            return {"waiting_for_labels": pipeline.waiting_for_labels(params)}
+            return {"waiting_for_labels": imports.waiting_for_labels(params)}
         return run_cycle(params, started["cycle"], started["parent_run_id"])
 
 
@@ -288,10 +291,10 @@ def pull_labels(params: dict, file: str | None) -> dict:
     holds is saved), and the next cycle waits until the files so far answer enough."""
     on_version = tracking.data_version_recorder(params)
     if file:
-        imports = [pipeline.import_labels(params, file, on_version=on_version)]
-        progress = pipeline.query_progress(params)
-        return {"ready": progress["answered"] >= progress["needed"], "imports": imports, **progress}
-    pulled = pipeline.pull_labels(params, on_version=on_version)
+        imported = [imports.import_labels(params, file, on_version=on_version)]
+        progress = imports.query_progress(params)
+        return {"ready": progress["answered"] >= progress["needed"], "imports": imported, **progress}
+    pulled = imports.pull_labels(params, on_version=on_version)
     return {"ready": pulled["imported"], **pulled}
 
 
@@ -305,9 +308,10 @@ def labels_arrived(experiment: str, params_path: str | None = "params.yaml", ove
     run at a time (a later one waits up to `wait_s` for it), and the state decides: once a cycle
     has run on the labels, its new query is pending and a second delivery finds nothing to import.
     A delivery that finds too few answers leaves them in Label Studio for the next one."""
-    params, overrides = pipeline.experiment_params(params_path, list(overrides or []) + [string_override("experiment", experiment)])
+    params, overrides = tidal.experiment.experiment_params(
+        params_path, list(overrides or []) + [string_override("experiment", experiment)])
     logger = get_run_logger()
-    with ExperimentLock(pipeline.workspace(params).root, wait_s=wait_s):
+    with ExperimentLock(workspace(params).root, wait_s=wait_s):
         pulled = pull_labels(params, file)
         if not pulled["ready"]:
             logger.info("%d of %d pending id(s) answered, %d needed: no cycle yet", pulled["answered"],

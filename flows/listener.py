@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from flows.experiment import LABELS_ARRIVED
 from tidal.config import NAME_PATTERN
-from tidal.labelstudio import CONNECTION_FILE, SECRET_HEADER, read_webhook_secret
+from tidal.labeling.labelstudio import CONNECTION_FILE, SECRET_HEADER, read_webhook_secret
 from tidal.workspace import atomic_write_text
 
 log = logging.getLogger("tidal.listener")

@@ -1,10 +1,10 @@
 """`python -m tidal.bench`: AL trials straight from the source tree, tracking off.
 
 For a bare GPU box (torch, numpy, pyyaml; no prefect, mlflow or dvc): it calls the same
-`tidal.pipeline` steps the Prefect flows call, times them, and writes one JSON file per trial
-(cell) under --out as soon as the trial ends. A grid skips cells that already have a file, so
-an interrupted grid resumes where it stopped; `--parallel N` runs N trials at once (separate
-processes sharing the machine, e.g. one GPU).
+`tidal.experiment` and `tidal.pipeline` steps the Prefect flows call, times them, and writes one
+JSON file per trial (cell) under --out as soon as the trial ends. A grid skips cells that already
+have a file, so an interrupted grid resumes where it stopped; `--parallel N` runs N trials at once
+(separate processes sharing the machine, e.g. one GPU).
 
     python -m tidal.bench trial --out DIR --strategy tidal-entropy --seed 0 --preset paper-cifar10 \\
         --tar cifar10-jpg.tar.gz --set dataset=imagefolder --set data_root=DIR/cifar10
@@ -28,6 +28,7 @@ import torch
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.device import resolve_device
+from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.train import TrainConfig
 from tidal.workspace import write_csv, write_json
 
@@ -69,13 +70,13 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
     params = load_params(None, ["tracking=false", *overrides])
     out = Path(out)
     device = resolve_device(params["device"])
-    info = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, info["data_version"], info["pool_version"])
+    info = prepare_data(params)
+    start_experiment(params, info["data_version"], info["pool_version"])
     data = pipeline.model_data(params)  # with a frozen backbone: its cached features (extracted here, once)
     backbone, _ = pipeline.build_models(params, data)
     flops = train_flops_per_image(backbone, tuple(data.pool_images.shape[1:]), device)
     cycles, start = [], time.perf_counter()
-    for cycle in range(pipeline.load_state(params)["cycle"], params["cycles"]):
+    for cycle in range(load_state(params)["cycle"], params["cycles"]):
         epoch_times: list[float] = []
         last = [time.perf_counter()]
 

@@ -46,7 +46,7 @@ def format_lineage(history: list[dict], data_version: str) -> str:
 
 def _experiment_params(args: argparse.Namespace) -> dict:
     """The params of the experiment the command names: its recorded overrides applied again."""
-    from tidal.pipeline import experiment_params
+    from tidal.experiment import experiment_params
 
     # --experiment is a name, taken as it is (string_override), not YAML; load_params checks it.
     named = getattr(args, "experiment", None)
@@ -72,9 +72,9 @@ def next_command(params: dict, command: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     params_path = _params_path(args.params)
     params = _experiment_params(args)  # fail fast, before Prefect starts
-    from tidal.pipeline import preflight, workspace
+    from tidal.experiment import preflight
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     with ExperimentLock(workspace(params).root):
         preflight(params, data_version_recorder(params))
@@ -84,11 +84,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     history = experiment(params_path=params_path, overrides=args.set)
     elapsed = time.perf_counter() - start
-    from tidal.pipeline import workspace
+    from tidal.workspace import workspace
     from tidal.tracking import tracking_uri
 
     ws = workspace(params)
-    from tidal.pipeline import waiting_for_labels
+    from tidal.labeling.imports import waiting_for_labels
 
     waiting = waiting_for_labels(params)
     done = "is waiting for labels after" if waiting else "finished in"
@@ -120,7 +120,7 @@ def _print_waiting(waiting: dict, params: dict) -> None:
 
 def cmd_status(args: argparse.Namespace) -> int:
     params = _experiment_params(args)
-    from tidal.pipeline import workspace
+    from tidal.workspace import workspace
 
     ws = workspace(params)
     if ws.exists() and args.history:
@@ -153,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     parent = state.get("tracking", {}).get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
-    from tidal.pipeline import waiting_for_labels
+    from tidal.labeling.imports import waiting_for_labels
 
     waiting = waiting_for_labels(params)
     if waiting:
@@ -162,8 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _print_history(params: dict, sample_id: str) -> int:
-    from tidal.labels import label_history
-    from tidal.pipeline import labels_file, workspace
+    from tidal.labeling.imports import labels_file
+    from tidal.labeling.provenance import label_history
+    from tidal.workspace import workspace
 
     state = workspace(params).load_state()
     rows = label_history(labels_file(params), sample_id) if labels_file(params).is_file() else []
@@ -183,11 +184,11 @@ def _print_history(params: dict, sample_id: str) -> int:
 
 
 def cmd_import_labels(args: argparse.Namespace) -> int:
-    """A local transaction (tidal.pipeline.import_labels): no Prefect server to wait for."""
+    """A local transaction (tidal.labeling.imports.import_labels): no Prefect server to wait for."""
     params = _experiment_params(args)
-    from tidal.pipeline import import_labels, workspace
+    from tidal.labeling.imports import import_labels
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     start = time.perf_counter()
     with ExperimentLock(workspace(params).root):
@@ -208,7 +209,7 @@ def cmd_import_labels(args: argparse.Namespace) -> int:
 
 def cmd_labelstudio(args: argparse.Namespace) -> int:
     """connect: check and save the connection; push: (re)push the pending query; pull: import the
-    annotations made there (see tidal/labelstudio.py); listen: webhook and inbox to Prefect events
+    annotations made there (see tidal/labeling/labelstudio.py); listen: webhook and inbox to Prefect events
     (flows/listener.py)."""
     actions = {"connect": _labelstudio_connect, "push": _labelstudio_push, "pull": _labelstudio_pull,
                "listen": _labelstudio_listen}
@@ -216,7 +217,7 @@ def cmd_labelstudio(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_listen(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     params = load_params(_params_path(args.params), args.set)
     _offline_defaults()
@@ -244,7 +245,7 @@ def _labelstudio_listen(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_connect(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     params = load_params(_params_path(args.params), args.set)
     if not args.url:
@@ -259,9 +260,9 @@ def _labelstudio_connect(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_push(args: argparse.Namespace) -> int:
-    from tidal import labelstudio
-    from tidal.pipeline import push_query, workspace
-    from tidal.workspace import ExperimentLock
+    from tidal.labeling import labelstudio
+    from tidal.pipeline import push_query
+    from tidal.workspace import ExperimentLock, workspace
 
     params = _experiment_params(args)
     ws = workspace(params)
@@ -279,9 +280,9 @@ def _labelstudio_push(args: argparse.Namespace) -> int:
 
 
 def _labelstudio_pull(args: argparse.Namespace) -> int:
-    from tidal.pipeline import pull_labels, workspace
+    from tidal.labeling.imports import pull_labels
     from tidal.tracking import data_version_recorder
-    from tidal.workspace import ExperimentLock
+    from tidal.workspace import ExperimentLock, workspace
 
     params = _experiment_params(args)
     with ExperimentLock(workspace(params).root):
@@ -301,7 +302,7 @@ def _labelstudio_pull(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     params = load_params(_params_path(args.params), args.set)
-    from tidal.pipeline import prepare_data
+    from tidal.experiment import prepare_data
 
     info = prepare_data(params)
     pinned = "matches its DVC pin" if info["pinned"] else "not pinned by DVC here"
@@ -311,14 +312,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Learning curves of every strategy/seed found in MLflow: PNG, markdown, CSV, an HTML report."""
-    from tidal.pipeline import RESUMABLE_KEYS
+    from tidal.experiment import RESUMABLE_KEYS
     from tidal.report import check_one_protocol, write_report
     from tidal.tracking import MlflowTracker
 
     tracker = MlflowTracker()
     try:
         rows, superseded = tracker.learning_curves(args.experiment or None)
-        unlogged = check_one_protocol(rows, RESUMABLE_KEYS)
+        check_one_protocol(rows, RESUMABLE_KEYS)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -326,9 +327,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: no experiment runs with a learning curve at {tracker.uri}; run `tidal run` first",
               file=sys.stderr)
         return 1
-    if unlogged:
-        print("not compared, because some runs predate the key (they did not log it): " + "; ".join(
-            f"{key} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" for key, names in unlogged.items()))
     if superseded:
         print(f"left out {len(superseded)} older parent run(s) of experiments started over "
               f"(the newest of each strategy and seed counts): {', '.join(superseded)}")
@@ -476,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()
     from tidal.data.sources import DataError
-    from tidal.pipeline import ExperimentMismatch
+    from tidal.experiment import ExperimentMismatch
     from tidal.train import TrainingDiverged
     from tidal.launch import DistributedTrainingFailed
     from tidal.stack import StackError
@@ -485,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     errors: tuple[type[Exception], ...] = (ConfigError, DataError, ExperimentMismatch, TrainingDiverged,
                                            DistributedTrainingFailed, ExperimentLocked, WorkspaceWriteError,
                                            StackError, FileNotFoundError)
-    from tidal.labels import LabelImportError
-    from tidal.labelstudio import LabelStudioError
+    from tidal.labeling.annotations import LabelImportError
+    from tidal.labeling.labelstudio import LabelStudioError
 
     from tidal.models.timm_backbone import WeightsError
 

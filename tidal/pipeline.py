@@ -3,7 +3,8 @@
 Each step reads what it needs from the workspace, writes its output atomically under
 `runs/<experiment>/cycles/<k>/`, and returns plain values (paths, ids, numbers). A step whose
 output already exists returns it without redoing the work, so a rerun after a crash resumes
-from the last completed step. The Prefect flows in `flows/` call exactly these functions.
+from the last completed step. The Prefect flows in `flows/` call exactly these functions. The
+experiment's set-up is in `tidal.experiment`, the label import in `tidal.labeling.imports`.
 """
 from __future__ import annotations
 
@@ -15,13 +16,11 @@ from typing import Any, Callable
 
 import torch
 
-from tidal.config import DEFAULTS, dump_params, flatten, load_params
-from tidal.data.pool import candidate_positions, initial_labeled_ids
-from tidal.data.sources import DataError, Dataset, materialize
-from tidal.data.version import (LABELS_DIR, dvc_add, dvc_dir_md5, dvc_executable, experiment_data_version,
-                                pin_file, pin_lock, pinned_md5, verify_data_version)
+from tidal.data.pool import candidate_positions
+from tidal.data.sources import DataError, Dataset
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
+from tidal.experiment import write_curve
 from tidal.faults import failpoint
 from tidal.inputs import dataset_for, frozen, model_data, pretrained_backbone, weights_file
 from tidal.models import build_backbone
@@ -30,204 +29,13 @@ from tidal.models.frozen import FrozenHead
 from tidal.scoring import Rows, merge_top_k, score_shard, select_candidates, shard_range
 from tidal.strategies import build_strategy
 from tidal.train import AUX_MODULES, DistributedContext, TrainConfig, aux_kind, train_cycle
-from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text, read_csv, read_json,
-                             write_csv, write_json)
+from tidal.workspace import atomic_write_bytes, read_csv, read_json, workspace, write_csv, write_json
 
 log = logging.getLogger("tidal")
-
-# Keys that may change between runs of one experiment; every other key defines it.
-RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking", "study",
-                  "train.compile", "distributed", "scoring", "label_conflicts", "labelstudio"}
-
-
-class ExperimentMismatch(ValueError):
-    """The params do not match the experiment already in the workspace."""
-
-
-def workspace(params: dict[str, Any]) -> Workspace:
-    return Workspace(params["runs_dir"], params["experiment"])
-
-
-def _override_key(text: str) -> str:
-    return text.split("=", 1)[0].strip()
-
-
-def merge_overrides(recorded: list[str], new: list[str]) -> list[str]:
-    """`key=value` overrides, one per key: a new value of a key replaces the recorded one."""
-    merged: dict[str, str] = {}
-    for text in [*recorded, *new]:
-        merged.pop(_override_key(text), None)
-        merged[_override_key(text)] = text
-    return list(merged.values())
-
-
-def experiment_params(params_path: str | Path | None, overrides: list[str] | None = None
-                      ) -> tuple[dict[str, Any], list[str]]:
-    """The params of the experiment that a params file and `--set` overrides name, and the
-    overrides to record for it.
-
-    An experiment remembers the overrides it was started (and resumed) with, in its state. Every
-    later command on it applies them again under the new ones, so `tidal status --experiment E`,
-    `tidal import-labels FILE --experiment E` and `tidal run --set experiment=E` see the data set,
-    data_root and settings E runs on, not only what ./params.yaml says. A new value of a key that
-    defines the experiment is still refused when it would resume (ExperimentMismatch).
-    """
-    overrides = list(overrides or [])
-    params = load_params(params_path, overrides)
-    ws = workspace(params)
-    recorded = ws.load_state().get("overrides", []) if ws.exists() else []
-    if not recorded:
-        return params, overrides
-    merged = merge_overrides(recorded, overrides)
-    return load_params(params_path, merged), merged
-
-
-def _fingerprint(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in flatten(params).items()
-            if k not in RESUMABLE_KEYS and k.split(".")[0] not in RESUMABLE_KEYS}
 
 
 def _cycle_seed(seed: int, cycle: int) -> int:
     return seed * 1_000_003 + cycle
-
-
-# --- experiment set-up ----------------------------------------------------------------------
-
-def prepare_data(params: dict[str, Any]) -> dict[str, str]:
-    """Materialize the dataset if missing and check the data directory against its DVC pin.
-
-    Returns {data_dir, data_version, pool_version, dir_version, pinned}: data_version is the
-    experiment's own (the pool and its labels, `experiment_data_version`), dir_version the md5
-    DVC gives the whole data_root.
-    """
-    data_dir = materialize(params["data_root"], params["dataset"])
-    checked = verify_data_version(params["data_root"])
-    own = experiment_data_version(params["data_root"], params["experiment"], pool=str(checked["pool_version"]))
-    return {"data_dir": str(data_dir), **checked, "dir_version": checked["data_version"], "data_version": own}
-
-
-def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> None:
-    """What `tidal run` checks before any server starts, so bad input is one clear error: an
-    import a crash left open is finished, the data is checked against its pin, the params against
-    the experiment already in the workspace, and the pool is read (image files are decoded into
-    their cache now: every file that cannot be, and images of different sizes without
-    `image_size`, fail here) and checked against initial_size and budget."""
-    finish_import(params, on_version)
-    version = prepare_data(params)
-    ws = workspace(params)
-    if ws.exists():
-        _check_resumable(ws.load_state(), params, version["pool_version"], ws)
-    data = dataset_for(params)
-    if not ws.exists():
-        check_pool_size(params, data)
-    # A pretrained backbone's weights are checked (every key and shape) now; a frozen one's
-    # features are extracted now, with a progress bar, instead of inside the flow's first task.
-    if frozen(params):
-        model_data(params)
-    elif params["train"]["backbone_mode"] == "finetune":
-        pretrained_backbone(params, data.in_channels, data.num_classes)
-
-
-def check_pool_size(params: dict[str, Any], data: Dataset) -> None:
-    """A new experiment's initial set and first query must fit in its pool."""
-    n = len(data.pool_ids)
-    where = f"the pool of '{params['dataset']}' under {params['data_root']}"
-    if params["initial_size"] >= n:
-        raise DataError(f"initial_size={params['initial_size']} leaves nothing to query: {where} holds {n} "
-                        f"samples; set initial_size below {n}")
-    if params["initial_size"] + params["budget"] > n:
-        raise DataError(f"initial_size={params['initial_size']} + budget={params['budget']} is more than {where} "
-                        f"holds ({n} samples); set a budget of at most {n - params['initial_size']}")
-
-
-def start_experiment(params: dict[str, Any], data_version: str, pool_version: str | None = None,
-                     overrides: list[str] | None = None) -> dict[str, Any]:
-    """Create the workspace with a seeded initial labeled set, or check and resume it.
-
-    The initial set is drawn from the pool samples whose label the source knows (all of them
-    for the built-in data sets; the labeled rows of a manifest). `overrides` (from
-    `experiment_params`) are recorded, so later commands on the experiment apply them again.
-    """
-    ws = workspace(params)
-    pool_version = pool_version or verify_data_version(params["data_root"])["pool_version"]
-    if ws.exists():
-        state = ws.load_state()
-        _check_resumable(state, params, pool_version, ws)
-        if overrides is not None and state.get("overrides", []) != overrides:
-            state["overrides"] = overrides
-            ws.save_state(state)
-        return state
-    data = dataset_for(params)
-    unlabeled = (data.pool_labels < 0).nonzero().flatten().tolist()
-    if params["label_mode"] == "oracle" and unlabeled:
-        raise DataError(
-            f"label_mode=oracle reveals the data set's own labels, but {len(unlabeled)} pool sample(s) of "
-            f"'{params['dataset']}' under {params['data_root']} have none (e.g. "
-            f"{[data.pool_ids[i] for i in unlabeled[:3]]}); "
-            f"use label_mode=human (annotators label each query) or give every pool row a label")
-    initial = initial_labeled(params, data)
-    if data.skipped:  # bad_images: skip; which files, and why, stays with the experiment
-        ws.root.mkdir(parents=True, exist_ok=True)
-        write_csv(ws.skipped_images_path, ["file", "reason"],
-                  [{"file": file, "reason": reason} for file, reason in data.skipped])
-    labels = data.pool_labels[data.index_of(initial)].tolist()
-    state = {
-        "experiment": params["experiment"],
-        "strategy": params["strategy"],
-        "seed": params["seed"],
-        "dataset": params["dataset"],
-        "data_version": data_version,
-        "pool_version": pool_version,
-        "fingerprint": _fingerprint(params),
-        "cycle": 0,
-        "pool_size": len(data.pool_ids),
-        "labeled": dict(zip(initial, labels)),
-        "label_mode": params["label_mode"],
-        # ids exported to annotators and not labeled yet: {id: {"cycle": k, "query_id": q}}
-        "pending": {},
-        "awaiting_labels": False,
-        "imports": [],
-        "history": [],
-        "tracking": {},
-        "overrides": list(overrides or []),
-        "skipped_images": len(data.skipped),
-    }
-    ws.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(ws.root / "params.yaml", dump_params(params))
-    ws.save_state(state)
-    _write_curve(ws, state)
-    return state
-
-
-def initial_labeled(params: dict[str, Any], data: Dataset) -> list[str]:
-    """The seeded initial labeled ids, drawn from the pool samples whose label the source knows."""
-    has_label = data.pool_labels >= 0
-    known = (data.pool_ids if bool(has_label.all())  # no list of every id when all are known
-             else [data.pool_ids[i] for i in has_label.nonzero().flatten().tolist()])
-    return initial_labeled_ids(known, min(params["initial_size"], len(known)), params["seed"])
-
-
-def _check_resumable(state: dict, params: dict, pool_version: str, ws: Workspace) -> None:
-    # A key added to the params after the experiment started counts as its default there.
-    defaults = flatten(DEFAULTS)
-    old, new = state["fingerprint"], _fingerprint(params)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k, defaults.get(k)) != new.get(k))
-    if changed:
-        key = changed[0]
-        raise ExperimentMismatch(
-            f"experiment '{params['experiment']}' in {ws.root} was started with {key}={old.get(key)!r}, "
-            f"now {key}={new.get(key)!r} ({len(changed)} key(s) differ: {', '.join(changed)}). "
-            f"Start a new experiment with --set experiment=NEW_NAME, or delete {ws.root} to start over.")
-    started = state.get("pool_version", state["data_version"])
-    if started != pool_version:
-        raise DataError(
-            f"the pool data under {params['data_root']}/ changed since experiment "
-            f"'{params['experiment']}' started (version {started} -> {pool_version}); "
-            f"restore it with `dvc checkout` or start a new experiment")
-
-
-def load_state(params: dict[str, Any]) -> dict[str, Any]:
-    return workspace(params).load_state()
 
 
 # --- one cycle ------------------------------------------------------------------------------
@@ -502,7 +310,7 @@ def query_id(params: dict[str, Any], cycle: int) -> str:
 def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list[str]) -> str:
     """Write the query for annotators in cycles/<k>/: query.csv (id, path, score, rank,
     suggested_label), query.jsonl and Label Studio tasks; return the path of query.csv."""
-    from tidal.labels import export_query_files, write_query_images
+    from tidal.labeling.queries import export_query_files, write_query_images
 
     scores = {row["id"]: float(row["score"]) for row in read_csv(scores_path)}
     out_dir = workspace(params).cycle_dir(cycle)
@@ -528,7 +336,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
 def push_query(params: dict[str, Any], cycle: int) -> dict[str, Any] | None:
     """Human mode with Label Studio connected: the cycle's query goes to the experiment's
     project as tasks (idempotent: a task already there is not pushed again). None otherwise."""
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     if params["label_mode"] != "human" or labelstudio.settings(params) is None:
         return None
@@ -536,52 +344,6 @@ def push_query(params: dict[str, Any], cycle: int) -> dict[str, Any] | None:
     pushed = labelstudio.push_query(params, ws.root, ws.cycle_dir(cycle))
     failpoint("labelstudio:pushed")
     return pushed
-
-
-def pull_labels(params: dict[str, Any], min_new: int | None = None,
-                on_version: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Import what annotators answered in Label Studio for the pending queries, through
-    `import_labels` (the rules of `tidal import-labels`; one file per query, saved in its cycle's
-    folder). Every answer is checked first, whatever the count; with fewer than `min_new` new
-    labels (default: the `labelstudio.min_new` key; 0 = every pending id) nothing is imported.
-    Returns answered/pending/needed counts, `imported` and the import summaries."""
-    from tidal import labelstudio
-
-    ws = workspace(params)
-    if not ws.exists():
-        raise labelstudio.LabelStudioError(f"no experiment '{params['experiment']}' under {ws.root.parent}/")
-    finish_import(params, on_version)  # an import a crash left open commits first
-    pending = ws.load_state().get("pending", {})
-    cycle_of = {q["query_id"]: q["cycle"] for q in pending.values()}
-    files = {q: ws.cycle_dir(c) / labelstudio.EXPORT_FILE for q, c in sorted(cycle_of.items(), key=lambda x: x[1])}
-    found = labelstudio.pull_export(params, ws.root, files) if files else {}
-    answered = [q for q, n in found.items() if n]
-    n_new = sum(import_labels(params, files[q], "label-studio", dry_run=True)["new"] for q in answered)
-    need = params["labelstudio"]["min_new"] if min_new is None else min_new
-    need = len(pending) if need <= 0 else min(need, len(pending))
-    result: dict[str, Any] = {"answered": n_new, "pending": len(pending), "needed": need,
-                              "imported": False, "imports": []}
-    if not pending or n_new < need:
-        return result
-    result["imports"] = [import_labels(params, files[q], "label-studio", on_version=on_version) for q in answered]
-    result["imported"] = True
-    return result
-
-
-def query_progress(params: dict[str, Any]) -> dict[str, int]:
-    """Of the last query: how many of its ids have labels in the labels log (`answered`), how many
-    still wait (`pending`), and how many the next cycle needs (`needed`: `labelstudio.min_new`,
-    0 = the whole query)."""
-    from tidal.labels import provenance_rows
-
-    state = load_state(params)
-    query_id = str(state["history"][-1]["query_id"]) if state["history"] else None
-    pending = sum(1 for q in state.get("pending", {}).values() if str(q["query_id"]) == query_id)
-    log = labels_file(params)
-    answered = len({r["id"] for r in provenance_rows(log) if r["query_id"] == query_id}) if log.is_file() else 0
-    need = params["labelstudio"]["min_new"]
-    need = answered + pending if need <= 0 else min(need, answered + pending)
-    return {"answered": answered, "pending": pending, "needed": need}
 
 
 def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, int]:
@@ -618,7 +380,7 @@ def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query
         state["awaiting_labels"] = True
     state["cycle"] = cycle + 1
     ws.save_state(state)
-    _write_curve(ws, state)
+    write_curve(ws, state)
     return record
 
 
@@ -665,143 +427,3 @@ def run_cycle(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], Non
     record = commit_cycle(params, cycle, acc, query, labels, queried_ids=ids)
     lap("commit")
     return {**record, "resumed": trained["resumed"], "seconds": seconds}
-
-
-def waiting_for_labels(params: dict[str, Any]) -> dict[str, Any] | None:
-    """In human mode, the query annotators still have to return before the next cycle."""
-    ws = workspace(params)
-    if not ws.exists():
-        return None
-    state = ws.load_state()
-    if not state.get("awaiting_labels"):
-        return None
-    last = state["history"][-1]
-    return {"query_id": last["query_id"], "query": last["query"], "n_pending": len(state.get("pending", {}))}
-
-
-def labels_file(params: dict[str, Any]) -> Path:
-    """The append-only provenance log of human labels, inside the DVC-pinned data_root."""
-    return Path(params["data_root"]) / LABELS_DIR / f"{params['experiment']}.csv"
-
-
-IMPORT_JOURNAL = "import.json"  # in the workspace while an import is being committed
-
-
-def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = None, force: bool = False,
-                  relabel: bool = False, on_version: Callable[[str], None] | None = None,
-                  dry_run: bool = False) -> dict[str, Any]:
-    """Validate annotations against the experiment and merge them, all or nothing.
-
-    Everything that can fail is checked before anything is written: the experiment, the file,
-    its ids and labels, and that the DVC which pins the labels can run. Then the import commits
-    in an order a rerun completes from any point: the journal `runs/<experiment>/import.json`,
-    the provenance log (the truth about who labelled what), then `finish_import` (state.json, the
-    DVC pin, `on_version` with the new data version, e.g. the MLflow tag; the journal last). A
-    crash anywhere leaves the journal, and the next import or run of the experiment finishes it.
-    Returns the summary: counts, data version, whether DVC pinned it. `dry_run`: every check,
-    nothing written; the summary's counts say what the import would do.
-    """
-    import time
-
-    from tidal.labels import LabelImportError, append_provenance, check_against_state, current_labels, read_annotations
-
-    ws = workspace(params)
-    if not ws.exists():
-        raise LabelImportError(f"no experiment '{params['experiment']}' under {ws.root.parent}/: start it with "
-                               f"`tidal run --set experiment={params['experiment']} --set label_mode=human`")
-    finish_import(params, on_version)  # an import a crash left open commits first
-    state = ws.load_state()
-    log_path = labels_file(params)
-    # Rows of the provenance log are the truth even where state.json lags behind them.
-    logged = current_labels(log_path) if log_path.is_file() else {}
-    labeled = {**state["labeled"], **logged}
-    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
-    data = dataset_for(params)
-    ann = read_annotations(Path(path), data.classes, fmt, conflicts=params["label_conflicts"])
-    plan = check_against_state(ann, experiment=params["experiment"], pool_ids=set(data.pool_ids),
-                               pending=pending, labeled=labeled, force=force, relabel=relabel)
-    if pin_file(params["data_root"]).is_file():
-        dvc_executable()  # a DataError now, with nothing written, if the pin could not be renewed
-    changed = {**{i: a.label for i, a in plan.new.items()}, **{i: a.label for i, (_, a) in plan.relabeled.items()}}
-    summary = {"file": str(path), "new": len(plan.new), "relabeled": len(plan.relabeled),
-               "unchanged": len(plan.unchanged), "skipped": len(ann.skipped),
-               "label_conflicts": ann.policy, "conflicts": len(ann.conflicts),
-               "conflicts_refused": ann.refused(), "conflict_report": ann.conflict_report(data.classes),
-               "imported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if dry_run:
-        return summary
-    known = {**pending, **{i: {"cycle": state["cycle"] - 1, "query_id": ann.query_id or "forced"}
-                           for i in changed if i not in pending}}
-    log_rows = dict(plan=plan, cycle_of={i: known[i]["cycle"] for i in changed},
-                    query_of={i: known[i]["query_id"] for i in changed}, source=str(path),
-                    imported_at=summary["imported_at"], classes=data.classes)
-    if changed:
-        append_provenance(log_path, **log_rows, dry_run=True)  # a log it cannot extend fails here
-    # The journal names the labels it commits, so a crash before the log has them is told apart
-    # from one after: finish_import drops a journal whose labels never reached the log.
-    write_json(ws.root / IMPORT_JOURNAL, {**summary, "labels": changed})
-    failpoint("import:journal")
-    if changed:
-        append_provenance(log_path, **log_rows)
-    failpoint("import:logged")
-    return finish_import(params, on_version)
-
-
-def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """Commit the import whose journal is in the workspace; None when there is none.
-
-    Each step is derived from what is already written, so running it again after a crash at any
-    point gives the same end state: state.json takes the provenance log's labels, data_root is
-    re-pinned by DVC when its pin differs, `on_version` gets the data version, the journal goes.
-    A journal whose labels are not in the log (a crash before the log was written) is dropped
-    and nothing is committed: that import never happened, and running it again does it.
-    """
-    from tidal.labels import current_labels
-
-    ws = workspace(params)
-    journal = ws.root / IMPORT_JOURNAL
-    if not journal.is_file():
-        return None
-    summary = read_json(journal)
-    committed = summary.pop("labels", None)
-    log_path = labels_file(params)
-    logged = current_labels(log_path) if log_path.is_file() else {}
-    if committed and any(logged.get(i) != label for i, label in committed.items()):
-        journal.unlink()
-        return None
-    state = ws.load_state()
-    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
-    version = experiment_data_version(params["data_root"], params["experiment"])
-    summary = {**summary, "still_pending": len(pending), "data_version": version}
-    if summary["new"]:
-        state["awaiting_labels"] = False
-    state["labeled"], state["pending"], state["data_version"] = {**state["labeled"], **logged}, pending, version
-    imports = state.setdefault("imports", [])
-    if not imports or imports[-1].get("imported_at") != summary["imported_at"]:
-        imports.append(summary)
-    ws.save_state(state)
-    failpoint("import:state")
-    pin = pin_file(params["data_root"])
-    if pin.is_file():
-        with pin_lock(params["data_root"]):
-            if pinned_md5(pin) != dvc_dir_md5(params["data_root"]):
-                dvc_add(params["data_root"])
-    failpoint("import:pinned")
-    if on_version is not None:
-        on_version(version)
-    journal.unlink()
-    return {**summary, "dvc_pinned": pin.is_file()}
-
-
-def _write_curve(ws: Workspace, state: dict) -> None:
-    rows = [{"strategy": state["strategy"], "seed": state["seed"], "cycle": h["cycle"],
-             "n_labeled": h["n_labeled"], "test_accuracy": f"{h['test_accuracy']:.6f}"} for h in state["history"]]
-    write_csv(ws.learning_curve_path, LEARNING_CURVE_COLUMNS, rows)
-    accs = [h["test_accuracy"] for h in state["history"]]
-    write_json(ws.metrics_path, {
-        "cycles_done": len(accs),
-        "n_labeled": len(state["labeled"]),
-        "final_test_accuracy": accs[-1] if accs else None,
-        # AUBC as the plain mean of test accuracy over the cycles' budgets.
-        "aubc": sum(accs) / len(accs) if accs else None,
-    })

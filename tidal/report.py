@@ -43,22 +43,22 @@ STRATEGY_OWN_KEY_PREFIXES = ("train.td_", "train.lloss_", "bald_")
 COMPARED_KEYS = {"experiment", "study", "strategy", "seed", "data_version"}
 
 
+NOT_LOGGED = "(not logged)"  # the value a run that did not log a key shows for it
+
+
 class NotComparable(ValueError):
     """The runs of a comparison do not share one protocol, or repeat a strategy and seed."""
 
 
-def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> dict[str, list[str]]:
+def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> None:
     """Refuse to average runs that are not one protocol. rows: learning-curve rows with
     experiment, strategy, seed and `params` (the run's flat params as MLflow stores them).
 
     Runs may differ in strategy, seed, experiment name and `unchanged_result_keys` (keys, or
-    top-level prefixes, that never change a result: pipeline.RESUMABLE_KEYS); a strategy's own
+    top-level prefixes, that never change a result: experiment.RESUMABLE_KEYS); a strategy's own
     keys may differ between strategies only. A strategy and seed held by two experiments would
-    be averaged as one run, so that is refused too.
-
-    A key a run did not log (the run predates the key) cannot be compared for it: the default a
-    key is added with does not always say how older code behaved (train.min_steps). Returns
-    those keys, each with the experiments whose runs lack it, for the caller to say so."""
+    be averaged as one run, so that is refused too. A key one run logged and another did not is
+    a difference too."""
     runs = {r["run_id"]: r for r in rows}
     owners: dict[tuple[str, int], list[str]] = defaultdict(list)
     for r in runs.values():
@@ -80,8 +80,7 @@ def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> dic
         for key in sorted(keys):
             values: dict[str, list[str]] = defaultdict(list)
             for r in group:
-                if key in r["params"]:
-                    values[r["params"][key]].append(r["experiment"])
+                values[r["params"].get(key, NOT_LOGGED)].append(r["experiment"])
             if len(values) > 1:
                 found[key] = values
         return found
@@ -100,8 +99,6 @@ def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> dic
             f"the experiments do not share one protocol, so their curves cannot be averaged together: "
             f"{shown}{' (and more)' if len(found) > 5 else ''}. Compare one protocol at a time: "
             "--experiment NAME (repeatable)")
-    return {key: sorted({r["experiment"] for r in runs.values() if key not in r["params"]})
-            for key in sorted(all_keys) if any(key not in r["params"] for r in runs.values())}
 
 
 def summarize(rows: list[dict], split: str = "test") -> dict:

@@ -19,7 +19,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tidal.workspace import Workspace
+from tidal.workspace import workspace
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHECKPOINT_DIR = "checkpoint"
@@ -409,12 +409,12 @@ def make_tracker(enabled: bool = True) -> Tracker:
 # --- run ids kept in the workspace, so a resumed experiment logs into the same runs ---------------
 
 def _state(params: dict) -> dict[str, Any]:
-    return Workspace(params["runs_dir"], params["experiment"]).load_state()
+    return workspace(params).load_state()
 
 
 def _remember(params: dict, key: str, value: Any) -> None:
     """Keep a tracking id (the parent run, a cycle's run) in state.json, for resumes."""
-    ws = Workspace(params["runs_dir"], params["experiment"])
+    ws = workspace(params)
     state = ws.load_state()
     state["tracking"][key] = value
     ws.save_state(state)
@@ -438,7 +438,7 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
         run_key = uuid.uuid4().hex
         _remember(params, "run_key", run_key)
     parent = tracker.start_parent_run(params, data_version, prefect_flow_run_id=prefect_flow_run_id, run_key=run_key,
-                                      pool_version=str(_state(params).get("pool_version", "")))
+                                      pool_version=str(_state(params)["pool_version"]))
     failpoint("tracking:parent-created")
     _remember(params, "parent_run_id", parent)
     return parent
@@ -466,7 +466,7 @@ def log_cycle(tracker: Tracker, params: dict, run_id: str, parent_run_id: str, c
     then ends; safe to repeat."""
     if not tracker.enabled:
         return
-    spec = checkpoint_spec(params, checkpoint)
+    spec = checkpoint_spec(checkpoint)
     model_id = tracker.log_cycle_model(run_id, checkpoint, spec, cycle)
     tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path, model_id=model_id)
     tracker.log_checkpoint(run_id, checkpoint, spec)
@@ -488,17 +488,12 @@ def data_version_recorder(params: dict) -> Callable[[str], None]:
     return record
 
 
-def checkpoint_spec(params: dict, checkpoint: str | Path) -> dict[str, Any]:
+def checkpoint_spec(checkpoint: str | Path) -> dict[str, Any]:
     """What rebuilds the checkpoint's classifier, read from the checkpoint itself (so logging does
-    not load the data set each cycle); from the data set for a checkpoint saved without it."""
+    not load the data set each cycle)."""
     import torch
 
-    spec = torch.load(checkpoint, map_location="cpu", weights_only=True).get("spec")
-    if spec is None:  # a checkpoint trained before the spec was kept in it (a resumed workspace)
-        from tidal.pipeline import dataset_for, model_spec
-
-        spec = model_spec(params, dataset_for(params))
-    return spec
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["spec"]
 
 
 def _backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:

@@ -193,6 +193,11 @@ class Workspace:
         write_json(self.state_path, state)
 
 
+def workspace(params: dict[str, Any]) -> Workspace:
+    """The workspace of the experiment `params` name: `<runs_dir>/<experiment>/`."""
+    return Workspace(params["runs_dir"], params["experiment"])
+
+
 class ExperimentLocked(RuntimeError):
     """Another live process is running this experiment."""
 

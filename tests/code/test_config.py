@@ -275,7 +275,7 @@ def test_load_params_does_not_mutate_defaults():
 def test_dvc_stage_names_every_params_key_that_changes_a_result():
     """`dvc repro` must rerun when any key of the experiment's fingerprint changes, and DVC
     needs every key the stage names to be present in params.yaml."""
-    from tidal.pipeline import RESUMABLE_KEYS
+    from tidal.experiment import RESUMABLE_KEYS
 
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["experiment"]
     named = set(stage["params"])

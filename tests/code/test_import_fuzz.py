@@ -3,8 +3,8 @@
 The property: for any bytes an annotator or a tool may hand us, `read_annotations` followed by
 `check_against_state` either returns or raises `LabelImportError` (the one error the CLI turns
 into a message); nothing else escapes, and nothing on disk changes while reading or checking.
-When a file is accepted, its plan is appended to a provenance log (new layout, old layout or
-none yet) and must read back: `current_labels` gives exactly the merged labels.
+When a file is accepted, its plan is appended to a provenance log (one already there or none
+yet) and must read back: `current_labels` gives exactly the merged labels.
 
 The files are built from a model of what annotators return (valid rows, duplicates, partial
 returns, several Label Studio annotations per task) and then broken in the ways files get
@@ -36,10 +36,10 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from tidal import labels as labels_mod
-from tidal.labels import (CONFLICT_POLICIES, LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, Annotation, ImportPlan,
-                          LabelImportError, Vote, append_provenance, check_against_state, current_labels,
-                          label_history, read_annotations)
+from tidal.labeling import provenance, queries
+from tidal.labeling.annotations import (CONFLICT_POLICIES, Annotation, ImportPlan, LabelImportError, Vote,
+                                       check_against_state, read_annotations)
+from tidal.labeling.provenance import PROVENANCE_COLUMNS, append_provenance, current_labels, label_history
 
 CLASSES = ["cat", "dog", "bird"]
 EXP, QID = "exp1", "q-2"
@@ -408,8 +408,8 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 _LOGS = {  # labels.csv before the import
     "none": None,
     "new": (",".join(PROVENANCE_COLUMNS) + "\ns3,0,cat,alice,1,q-1,t0,a.csv,,single,\n").encode(),
-    "legacy": (",".join(LEGACY_PROVENANCE_COLUMNS) + "\r\ns3,0,cat,alice,1,q-1,t0,a.csv,\r\n"
-               "s4,2,bird,,1,q-1,t0,a.csv,").encode(),
+    "crlf": (",".join(PROVENANCE_COLUMNS) + "\r\ns3,0,cat,alice,1,q-1,t0,a.csv,,single,\r\n"
+             "s4,2,bird,,1,q-1,t0,a.csv,,single,").encode(),  # CRLF line ends, no last one
 }
 
 
@@ -430,8 +430,9 @@ def _forbid_writes(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"reading or checking annotations wrote a file: {args[:1]}")
 
-    monkeypatch.setattr(labels_mod, "atomic_write_bytes", refuse)
-    monkeypatch.setattr(labels_mod, "atomic_write_text", refuse)
+    monkeypatch.setattr(queries, "atomic_write_bytes", refuse)
+    monkeypatch.setattr(queries, "atomic_write_text", refuse)
+    monkeypatch.setattr(provenance, "atomic_write_bytes", refuse)
 
 
 def check_import(fmt: str, data: bytes, state: dict, base: Path, clean: bool = False) -> str:
@@ -512,8 +513,8 @@ test_fuzz_labelstudio = _fuzz("label-studio", labelstudio_files())
 
 @st.composite
 def log_files(draw):
-    """What may already be in labels.csv: our layouts (any line ends, BOM), hand-edited, damaged, junk."""
-    columns = draw(st.sampled_from([PROVENANCE_COLUMNS, LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS[:3],
+    """What may already be in labels.csv: our layout (any line ends, BOM), hand-edited, damaged, junk."""
+    columns = draw(st.sampled_from([PROVENANCE_COLUMNS, PROVENANCE_COLUMNS[:3],
                                     ["id", "label"], ["label", "id"], []]))
     cells = {"id": _heavy(st.sampled_from(["s1", "s2", "s3"]), VALID_IDS),
              "label": _heavy(st.sampled_from(["0", "1", "2"]), st.sampled_from(["", "x", " 1", "1" * 5000]))}
@@ -570,7 +571,7 @@ def test_fuzz_provenance_log(old, new, tmp_path_factory):
         OUTCOMES[("provenance-log", "appended")] += 1
         assert before is not None, "appended to a log that cannot be read"
         assert current_labels(log) == {**before, **plan.updates()}
-        if old.strip():  # the old rows' bytes follow the header line (which the legacy layout gets upgraded)
+        if old.strip():  # the old rows' bytes follow the header line
             old_rows, new_rows = (_LINE_END.split(data, maxsplit=1)[1:] for data in (old, log.read_bytes()))
             assert new_rows and new_rows[0].startswith(old_rows[0] if old_rows else b""), "an old row was rewritten"
     finally:

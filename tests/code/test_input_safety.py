@@ -59,7 +59,7 @@ def test_frozen_features_take_the_umask(tmp_path, umask):
 
 
 def test_query_images_take_the_umask(tmp_path, umask):
-    from tidal.labels import export_query_files, write_query_images
+    from tidal.labeling.queries import export_query_files, write_query_images
 
     write_query_images(tmp_path, torch.zeros((2, 1, 4, 4), dtype=torch.uint8))
     export_query_files(tmp_path, "e", 0, "e-cycle0", [{"id": "a", "score": 1.0, "rank": 1}], ["x", "y"])

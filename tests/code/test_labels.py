@@ -1,4 +1,4 @@
-"""tidal.labels: query export, annotation import (csv/jsonl/Label Studio), checks, provenance log."""
+"""tidal.labeling: query export, annotation import (csv/jsonl/Label Studio), checks, provenance log."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from tidal.labels import (LEGACY_PROVENANCE_COLUMNS, PROVENANCE_COLUMNS, Annotation, Annotations, ImportPlan,
-                          LabelImportError, Vote, append_provenance, check_against_state, current_labels,
-                          export_query_files, label_history, read_annotations)
+from tidal.labeling.annotations import (Annotation, Annotations, ImportPlan, LabelImportError, Vote,
+                                       check_against_state, read_annotations)
+from tidal.labeling.provenance import PROVENANCE_COLUMNS, append_provenance, current_labels, label_history
+from tidal.labeling.queries import export_query_files
 
 CLASSES = ["cat", "dog", "bird"]
 EXP = "exp1"
@@ -645,36 +646,10 @@ def test_provenance_records_policy_and_other_labels(tmp_path):
     assert current_labels(log) == {"s1": 2, "s2": 1, "s3": 0}
 
 
-LEGACY_LOG = (",".join(LEGACY_PROVENANCE_COLUMNS) + "\r\n"
-              "s0,0,cat,alice,1,q-1,2025-12-01T00:00:00Z,a.csv,\r\n"
-              "s1,1,dog,,1,q-1,2025-12-01T00:00:00Z,a.csv,\r\n"
-              "s0,2,bird,bob,1,q-1,2025-12-02T00:00:00Z,b.csv,0\r\n").encode()
-
-
-def test_a_log_without_the_decision_columns_is_read(tmp_path):
-    log = tmp_path / "labels.csv"
-    log.write_bytes(LEGACY_LOG)
-    assert current_labels(log) == {"s0": 2, "s1": 1}
-    history = label_history(log, "s0")
-    assert [(h["label"], h["annotator"], h["supersedes"]) for h in history] == [("0", "alice", ""), ("2", "bob", "0")]
-    assert all(h["decided_by"] == "" and h["other_labels"] == "" for h in history)
-    assert log.read_bytes() == LEGACY_LOG
-
-
-def test_append_to_old_log_upgrades_the_header_and_keeps_every_row(tmp_path):
-    log = tmp_path / "labels.csv"
-    log.write_bytes(b"\xef\xbb\xbf" + LEGACY_LOG)
-    plan = _plan(new=[("s2", 0, "carol")])
-    plan.new["s2"].decided_by, plan.new["s2"].others = "newest", [Vote("dan", 1, 2, T1)]
-    append_provenance(log, plan, cycle_of={"s2": 2}, query_of={"s2": "q-2"}, source="c.json", imported_at="t",
-                      classes=CLASSES)
-    data = log.read_bytes()
-    old_rows = LEGACY_LOG.split(b"\r\n", 1)[1]
-    assert data == (b"\xef\xbb\xbf" + ",".join(PROVENANCE_COLUMNS).encode() + b"\n" + old_rows
-                    + b's2,0,cat,carol,2,q-2,t,c.json,,newest,"[{""annotator"":""dan"",""label"":1,'
-                      b'""label_name"":""dog""}]"\n')
-    assert current_labels(log) == {"s0": 2, "s1": 1, "s2": 0}
-    assert label_history(log, "s1")[0]["decided_by"] == "" and label_history(log, "s2")[0]["decided_by"] == "newest"
+LOG = (",".join(PROVENANCE_COLUMNS) + "\r\n"
+       "s0,0,cat,alice,1,q-1,2025-12-01T00:00:00Z,a.csv,,single,\r\n"
+       "s1,1,dog,,1,q-1,2025-12-01T00:00:00Z,a.csv,,single,\r\n"
+       "s0,2,bird,bob,1,q-1,2025-12-02T00:00:00Z,b.csv,0,single,\r\n").encode()
 
 
 def test_label_conflicts_param():
@@ -813,16 +788,17 @@ REFUSED_FILES = [
 @pytest.mark.parametrize("name,content", REFUSED_FILES)
 def test_a_refused_file_reaches_no_writer(tmp_path, monkeypatch, name, content):
     """Reading and checking never write: a refused file cannot reach append_provenance or any other
-    writer of tidal.labels, and the log and the workspace stay byte-identical."""
-    from tidal import labels
+    writer of tidal.labeling, and the log and the workspace stay byte-identical."""
+    from tidal.labeling import provenance, queries
 
     def no_write(*args, **kwargs):
         raise AssertionError("a writer was called while reading or checking annotations")
 
-    monkeypatch.setattr(labels, "atomic_write_bytes", no_write)
-    monkeypatch.setattr(labels, "atomic_write_text", no_write)
-    monkeypatch.setattr(labels, "append_provenance", no_write)
-    (tmp_path / "labels.csv").write_bytes(LEGACY_LOG)
+    monkeypatch.setattr(queries, "atomic_write_bytes", no_write)
+    monkeypatch.setattr(queries, "atomic_write_text", no_write)
+    monkeypatch.setattr(provenance, "atomic_write_bytes", no_write)
+    monkeypatch.setattr(provenance, "append_provenance", no_write)
+    (tmp_path / "labels.csv").write_bytes(LOG)
     path = tmp_path / name
     path.write_bytes(content)
     before = _snapshot(tmp_path)
@@ -848,25 +824,16 @@ def test_append_refuses_a_log_cut_inside_a_quoted_value(tmp_path):
 
 def test_append_dry_run_checks_and_writes_nothing(tmp_path):
     log = tmp_path / "labels.csv"
-    log.write_bytes(LEGACY_LOG)
+    log.write_bytes(LOG)
     plan = _plan(new=[("s2", 0, None), ("s3", 1, None)])
     assert append_provenance(log, plan, cycle_of={}, query_of={}, source="x", imported_at="t", dry_run=True) == 2
-    assert log.read_bytes() == LEGACY_LOG
+    assert log.read_bytes() == LOG
     assert append_provenance(tmp_path / "new.csv", plan, cycle_of={}, query_of={}, source="x", imported_at="t",
                              dry_run=True) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
     log.write_text("id,label\ns0,1\n")
     with pytest.raises(LabelImportError, match="another layout"):
         append_provenance(log, plan, cycle_of={}, query_of={}, source="x", imported_at="t", dry_run=True)
-
-
-def test_append_upgrades_an_old_log_with_cr_line_ends(tmp_path):
-    log = tmp_path / "labels.csv"
-    old = LEGACY_LOG.replace(b"\r\n", b"\r")
-    log.write_bytes(old)
-    append_provenance(log, _plan(new=[("s2", 0, None)]), cycle_of={}, query_of={}, source="x", imported_at="t")
-    assert log.read_bytes().startswith(",".join(PROVENANCE_COLUMNS).encode() + b"\n" + old.split(b"\r", 1)[1])
-    assert current_labels(log) == {"s0": 2, "s1": 1, "s2": 0}
 
 
 # --- spreadsheet formulas (issue #31, item 5) ------------------------------------------------

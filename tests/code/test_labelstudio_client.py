@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tidal import labelstudio
-from tidal.labelstudio import Client, LabelStudioError
+from tidal.labeling import labelstudio
+from tidal.labeling.labelstudio import Client, LabelStudioError
 
 TOKEN = "t0ken" * 8
 
@@ -125,6 +125,14 @@ def test_a_project_tidal_did_not_create_is_never_adopted(studios, client, tmp_pa
     # database): refused, nothing pushed to it.
     record = json.loads((tmp_path / "exp/labelstudio.json").read_text())
     (tmp_path / "exp/labelstudio.json").write_text(json.dumps({**record, "project_id": 1}))
+    with pytest.raises(LabelStudioError, match="not the project tidal created"):
+        project_of(client, tmp_path, "exp")
+
+
+def test_a_recorded_project_without_its_key_is_refused(studios, client, tmp_path):
+    first = project_of(client, tmp_path, "exp")
+    record = json.loads((tmp_path / "exp/labelstudio.json").read_text())
+    (tmp_path / "exp/labelstudio.json").write_text(json.dumps({"url": record["url"], "project_id": first}))
     with pytest.raises(LabelStudioError, match="not the project tidal created"):
         project_of(client, tmp_path, "exp")
 

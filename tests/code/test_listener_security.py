@@ -12,7 +12,7 @@ import time
 import pytest
 
 from flows.listener import SECRET_HEADER, Limits, Listener
-from tidal import labelstudio
+from tidal.labeling import labelstudio
 
 SECRET = "ab" * 32
 

@@ -11,6 +11,7 @@ from torch import nn
 from tidal import pipeline
 from tidal.config import PRESETS, ConfigError, load_params
 from tidal.data import materialize
+from tidal.experiment import prepare_data, start_experiment
 from tidal.models import LossPredictor, build_backbone, loss_ranking_loss
 from tidal.scoring import top_k_uncertain
 from tidal.strategies import STRATEGIES, ModelOutput, build_strategy
@@ -136,7 +137,7 @@ def test_lloss_checkpoint_round_trip(tmp_path):
     materialize(data_root, "digits")
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={data_root}",
                                 "strategy=lloss", "tracking=false", "train.epochs=1", "device=cpu"])
-    pipeline.start_experiment(params, pipeline.prepare_data(params)["data_version"])
+    start_experiment(params, prepare_data(params)["data_version"])
     trained = pipeline.train_step(params, 0)
     saved = torch.load(trained["checkpoint"], weights_only=True)
     assert saved["td_module"] is None and saved["lloss_module"] is not None

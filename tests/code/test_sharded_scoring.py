@@ -10,6 +10,7 @@ from torch import nn
 
 from tidal import pipeline
 from tidal.config import ConfigError, load_params
+from tidal.experiment import prepare_data, start_experiment
 from tidal.scoring import merge_top_k, score_shard, shard_range, top_k_uncertain
 from tidal.strategies import STRATEGIES, SetStrategy, build_strategy
 from tidal.strategies.base import discard_uniform
@@ -154,8 +155,8 @@ def test_shard_and_merge_steps_write_the_scores_of_score_step(name, tmp_path, da
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}",
                                 f"strategy={name}", "tracking=false", "train.epochs=1", "bald_passes=3",
                                 "subset_size=640", "score_batch_size=64"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
     single = pipeline.score_step(params, 0, checkpoint)
     expected = open(single, "rb").read()
@@ -172,8 +173,8 @@ def test_shard_and_merge_steps_write_the_scores_of_score_step(name, tmp_path, da
 def test_merge_refuses_shards_that_do_not_tile_the_candidates(tmp_path, data_root):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}",
                                 "strategy=entropy", "tracking=false", "train.epochs=1", "score_batch_size=32"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
     halves = [pipeline.score_shard_step(params, 0, checkpoint, s, 2)["path"] for s in range(2)]
     thirds = [pipeline.score_shard_step(params, 0, checkpoint, s, 3)["path"] for s in range(3)]

@@ -10,6 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
 from tidal.models import build_backbone
 from tidal.scoring import select_candidates, top_k_uncertain
 from tidal.strategies import STRATEGIES, Embeddings, SetStrategy, build_strategy
@@ -302,8 +303,8 @@ def test_set_strategies_through_select_candidates(name):
 def test_every_strategy_selects_budget_new_pool_ids_through_the_pipeline(name, tmp_path, data_root):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}",
                                 f"strategy={name}", "tracking=false", "train.epochs=1", "bald_passes=3"])
-    prepared = pipeline.prepare_data(params)
-    state = pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    state = start_experiment(params, prepared["data_version"])
     trained = pipeline.train_step(params, 0)
     scores_path = pipeline.score_step(params, 0, trained["checkpoint"])
     ids = pipeline.select_step(scores_path, params["budget"])

@@ -15,6 +15,7 @@ import torch
 
 from tidal import pipeline
 from tidal.config import flatten, load_params
+from tidal.experiment import initial_labeled
 from tidal.train import augment, normalize, to_float
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,10 +42,10 @@ def test_ours_starts_from_the_ids_baal_is_given_and_scores_subset_size(tmp_path:
     overrides = [f"data_root={data_root}", *TINY]
     params = vs_baal.experiment_params(3, overrides)
     result = vs_baal.run_ours(params, overrides, tmp_path, "ours-t")
-    expected = pipeline.initial_labeled(params, pipeline.dataset_for(params))
+    expected = initial_labeled(params, pipeline.dataset_for(params))
     assert len(expected) == params["initial_size"] == 100
     assert result["initial_ids"] == expected
-    assert expected != pipeline.initial_labeled(vs_baal.experiment_params(4, overrides), pipeline.dataset_for(params))
+    assert expected != initial_labeled(vs_baal.experiment_params(4, overrides), pipeline.dataset_for(params))
     [cycle] = result["cycles"]
     assert cycle["n_labeled"] == 100 and cycle["n_candidates"] == params["subset_size"] == 500
     assert cycle["other_s"] >= 0 and cycle["cycle_s"] >= cycle["train_s"] + cycle["eval_s"] + cycle["score_s"]

@@ -10,9 +10,9 @@ import pytest
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.pipeline import ExperimentMismatch
+from tidal.experiment import ExperimentMismatch, start_experiment
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text,
-                             neutralize_cell, read_csv, read_json, restore_cell, write_csv, write_json)
+                             neutralize_cell, read_csv, read_json, restore_cell, workspace, write_csv, write_json)
 
 
 # --- atomic files ---------------------------------------------------------------------------
@@ -78,8 +78,8 @@ def _read_curve(path):
 
 
 def test_start_experiment_creates_state_and_empty_curve(params):
-    state = pipeline.start_experiment(params, DATA_VERSION)
-    ws = pipeline.workspace(params)
+    state = start_experiment(params, DATA_VERSION)
+    ws = workspace(params)
     assert ws.exists()
     assert state["cycle"] == 0
     assert len(state["labeled"]) == params["initial_size"]
@@ -93,7 +93,7 @@ def test_start_experiment_initial_set_depends_on_seed_not_strategy(tmp_path, dat
     def initial(strategy, seed):
         p = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/{strategy}-{seed}",
                                f"data_root={data_root}", f"strategy={strategy}", f"seed={seed}"])
-        return pipeline.start_experiment(p, DATA_VERSION)["labeled"]
+        return start_experiment(p, DATA_VERSION)["labeled"]
 
     assert initial("entropy", 0) == initial("random", 0)
     assert initial("entropy", 0) != initial("entropy", 1)
@@ -106,8 +106,8 @@ def _unlabeled(params, state, n):
 
 
 def test_commit_cycle_updates_state_and_learning_curve(params):
-    state = pipeline.start_experiment(params, DATA_VERSION)
-    ws = pipeline.workspace(params)
+    state = start_experiment(params, DATA_VERSION)
+    ws = workspace(params)
     n0 = len(state["labeled"])
     new = _unlabeled(params, state, params["budget"])
     record = pipeline.commit_cycle(params, 0, 0.8125, "cycles/0/query.csv", new)
@@ -136,8 +136,8 @@ def test_commit_cycle_updates_state_and_learning_curve(params):
 
 
 def test_commit_cycle_rejects_wrong_cycle_and_relabeling(params):
-    state = pipeline.start_experiment(params, DATA_VERSION)
-    ws = pipeline.workspace(params)
+    state = start_experiment(params, DATA_VERSION)
+    ws = workspace(params)
     before = ws.state_path.read_bytes()
     with pytest.raises(RuntimeError, match="cycle"):
         pipeline.commit_cycle(params, 1, 0.5, "q.csv", _unlabeled(params, state, 3))
@@ -150,24 +150,24 @@ def test_commit_cycle_rejects_wrong_cycle_and_relabeling(params):
 @pytest.mark.parametrize("override, key", [("strategy=random", "strategy"), ("seed=3", "seed"),
                                            ("train.lr=0.01", "train.lr")])
 def test_changed_params_raise_mismatch_and_leave_state_untouched(params, override, key):
-    pipeline.start_experiment(params, DATA_VERSION)
-    ws = pipeline.workspace(params)
+    start_experiment(params, DATA_VERSION)
+    ws = workspace(params)
     before = ws.state_path.read_bytes()
     curve_before = ws.learning_curve_path.read_bytes()
     changed = load_params(None, ["preset=debug", f"runs_dir={params['runs_dir']}",
                                  f"data_root={params['data_root']}", "device=cpu", "strategy=entropy",
                                  override])
     with pytest.raises(ExperimentMismatch) as err:
-        pipeline.start_experiment(changed, DATA_VERSION)
+        start_experiment(changed, DATA_VERSION)
     assert f"{key}=" in str(err.value)  # names the key with its old and new values
     assert ws.state_path.read_bytes() == before
     assert ws.learning_curve_path.read_bytes() == curve_before
 
 
 def test_resumable_keys_may_change(params):
-    first = pipeline.start_experiment(params, DATA_VERSION)
+    first = start_experiment(params, DATA_VERSION)
     more_cycles = dict(params, cycles=params["cycles"] + 3, score_batch_size=7)
-    assert pipeline.start_experiment(more_cycles, DATA_VERSION) == first
+    assert start_experiment(more_cycles, DATA_VERSION) == first
 
 
 def test_changed_data_version_is_refused(tmp_path, data_root):
@@ -179,14 +179,14 @@ def test_changed_data_version_is_refused(tmp_path, data_root):
     shutil.copytree(data_root, tmp_path / "data")
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
                                 "device=cpu", "strategy=entropy"])
-    pipeline.start_experiment(params, DATA_VERSION)
-    before = pipeline.workspace(params).state_path.read_bytes()
+    start_experiment(params, DATA_VERSION)
+    before = workspace(params).state_path.read_bytes()
     # The pool itself changed on disk (a file of the data set was replaced).
     images = Path(params["data_root"]) / "digits" / "images.npy"
     images.write_bytes(images.read_bytes() + b"\0")
     with pytest.raises(DataError, match="pool data .* changed since experiment"):
-        pipeline.start_experiment(params, "another-version")
-    assert pipeline.workspace(params).state_path.read_bytes() == before
+        start_experiment(params, "another-version")
+    assert workspace(params).state_path.read_bytes() == before
 
 
 # --- spreadsheet formulas in CSV cells, file modes (issue #31, items 5 and 6) -------------------

@@ -11,6 +11,7 @@ from tidal import pipeline
 from tidal.config import load_params
 from tidal.data import DataError, load_dataset, materialize
 from tidal.data.sources import NPY_FILES, PositionalIds
+from tidal.experiment import prepare_data, start_experiment
 
 
 def write_npy(root: Path, n_pool: int = 50, n_test: int = 12, shape=(1, 8, 8), classes: int = 3, **override) -> Path:
@@ -96,8 +97,8 @@ def test_npy_pool_runs_a_cycle_through_the_pipeline(tmp_path):
     root = write_npy(tmp_path / "d", n_pool=300, n_test=30)
     params = load_params(None, ["preset=debug", "dataset=npy", f"data_root={root}", f"runs_dir={tmp_path}/runs",
                                 "tracking=false", "train.epochs=1", "scoring.shards=2", "score_batch_size=32"])
-    prepared = pipeline.prepare_data(params)
-    state = pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    state = start_experiment(params, prepared["data_version"])
     assert len(state["labeled"]) == 40 and all(i.startswith("npy-") for i in state["labeled"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
     assert 0 <= pipeline.evaluate_step(params, 0, checkpoint) <= 1

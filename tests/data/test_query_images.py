@@ -11,15 +11,17 @@ from PIL import Image
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
+from tidal.workspace import workspace
 
 
 def test_each_queried_array_sample_is_a_png_the_query_files_name(tmp_path, data_root):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "tracking=false",
                                 "label_mode=human", "cycles=1"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     pipeline.run_cycle(params, 0)
-    cycle_dir = pipeline.workspace(params).cycle_dir(0)
+    cycle_dir = workspace(params).cycle_dir(0)
     with open(cycle_dir / "query.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == params["budget"]
@@ -40,7 +42,7 @@ def test_each_queried_array_sample_is_a_png_the_query_files_name(tmp_path, data_
 
 
 def test_colour_samples_keep_their_three_channels(tmp_path):
-    from tidal.labels import write_query_images
+    from tidal.labeling.queries import write_query_images
 
     images = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     paths = write_query_images(tmp_path, images)

@@ -346,13 +346,14 @@ def test_query_export_names_the_image_file_of_each_queried_sample(tmp_path, cach
 
     from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import prepare_data, start_experiment
 
     monkeypatch.setenv("TIDAL_CACHE_DIR", str(cache))
     root = _imagefolder(tmp_path / "folder", per_class={c: 12 for c in CLASSES})
     params = load_params(None, ["preset=debug", "dataset=imagefolder", f"data_root={root}", f"runs_dir={tmp_path}/runs",
                                 "tracking=false", "initial_size=6", "budget=4", "subset_size=20",
                                 "train.epochs=1", "train.batch_size=4", "train.milestones=[1]"])
-    pipeline.start_experiment(params, pipeline.prepare_data(params)["data_version"])
+    start_experiment(params, prepare_data(params)["data_version"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
     scores = pipeline.score_step(params, 0, checkpoint)
     ids = pipeline.select_step(scores, params["budget"])
@@ -367,16 +368,16 @@ def test_query_export_names_the_image_file_of_each_queried_sample(tmp_path, cach
 
 def test_oracle_mode_refuses_a_pool_with_unlabeled_rows_before_any_state(manifest_root, tmp_path, cache, monkeypatch):
     """Oracle mode would query an unlabeled row and fail at training; it is refused up front."""
-    from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import prepare_data, start_experiment
 
     monkeypatch.setenv("TIDAL_CACHE_DIR", str(cache))
     overrides = ["preset=debug", "dataset=manifest", f"data_root={manifest_root}", f"runs_dir={tmp_path}/runs",
                  "tracking=false", "initial_size=2"]
     oracle = load_params(None, [*overrides, "label_mode=oracle"])
-    version = pipeline.prepare_data(oracle)["data_version"]
+    version = prepare_data(oracle)["data_version"]
     with pytest.raises(DataError, match=r"1 pool sample\(s\) .* have none \(e.g. \['img/2'\]\); use label_mode=human"):
-        pipeline.start_experiment(oracle, version)
+        start_experiment(oracle, version)
     assert not (tmp_path / "runs").exists()
-    human = pipeline.start_experiment(load_params(None, [*overrides, "label_mode=human"]), version)
+    human = start_experiment(load_params(None, [*overrides, "label_mode=human"]), version)
     assert "img/2" not in human["labeled"] and len(human["labeled"]) == 2

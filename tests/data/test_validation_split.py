@@ -10,6 +10,8 @@ import torch
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.data.sources import DataError, hold_out_validation, load_dataset
+from tidal.experiment import load_state, prepare_data, start_experiment
+from tidal.workspace import workspace
 
 
 def test_the_held_out_split_is_disjoint_seeded_and_keeps_labels(data_root):
@@ -41,13 +43,13 @@ def test_an_experiment_on_the_validation_split_never_labels_or_reads_the_test_sp
     params = load_params(None, overrides)
     full = load_dataset(data_root, "digits")
     held = set(full.pool_ids) - set(hold_out_validation(full, 300, params["seed"]).pool_ids)
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     for cycle in range(2):
         pipeline.run_cycle(params, cycle)
-    state = pipeline.load_state(params)
+    state = load_state(params)
     assert len(state["labeled"]) == 40 + 2 * 20 and not set(state["labeled"]) & held
-    evaluated = json.loads((pipeline.workspace(params).cycle_dir(1) / "eval.json").read_text())
+    evaluated = json.loads((workspace(params).cycle_dir(1) / "eval.json").read_text())
     assert evaluated["n_test"] == 300  # the validation split, not the 359 test images
     # What `tidal status` prints names the split the accuracy was measured on.
     from tidal.cli import main as tidal_main

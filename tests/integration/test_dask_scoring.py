@@ -9,6 +9,7 @@ import pytest
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,8 @@ def _params(tmp_path: Path, *extra: str) -> dict:
 
 def _single_process_scores(params: dict) -> tuple[str, bytes]:
     """Train cycle 0, score it with score_step; move that scores.csv aside and return its bytes."""
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     checkpoint = pipeline.train_step(params, 0)["checkpoint"]
     path = Path(pipeline.score_step(params, 0, checkpoint))
     expected = path.read_bytes()

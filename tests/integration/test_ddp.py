@@ -29,7 +29,8 @@ import torch
 import ddp_worker
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.workspace import read_json
+from tidal.experiment import prepare_data, start_experiment
+from tidal.workspace import read_json, workspace
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 EPS32 = 2.0 ** -24  # float32's unit roundoff: one rounding moves a value by at most this fraction of it
@@ -167,8 +168,8 @@ def _overrides(root: Path, data_root: Path, *extra: str) -> list[str]:
 
 def _workspace(root: Path, data_root: Path, *extra: str) -> dict:
     params = load_params(None, _overrides(root, data_root, *extra))
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     return params
 
 
@@ -191,7 +192,7 @@ def _train_step_in_subprocess(root: Path, data_root: Path, env: dict, timeout: f
 
 def test_killed_rank_ends_the_run_with_a_clear_error_then_rerun_trains(data_root, tmp_path, monkeypatch):
     params = _workspace(tmp_path, data_root, "distributed.nproc_per_node=2")
-    out_dir = pipeline.workspace(params).cycle_dir(0)
+    out_dir = workspace(params).cycle_dir(0)
     killed = _train_step_in_subprocess(tmp_path, data_root, _env(TIDAL_FAILPOINT="train_ddp:rank1:epoch"),
                                      120, "distributed.nproc_per_node=2")
     assert killed.returncode == 3, killed.stdout[-3000:]
@@ -227,7 +228,7 @@ def test_train_step_on_two_processes_writes_what_one_process_writes(data_root, t
     assert set(ddp) == set(single) and ddp["resumed"] is False
 
     def files(params: dict) -> list[str]:  # no temp files or partial writes left behind
-        return sorted(p.name for p in pipeline.workspace(params).cycle_dir(0).iterdir())
+        return sorted(p.name for p in workspace(params).cycle_dir(0).iterdir())
 
     assert files(two) == files(one) == ["model.pt", "train_history.json"]
     a = torch.load(single["checkpoint"], weights_only=True)

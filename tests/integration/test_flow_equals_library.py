@@ -13,6 +13,7 @@ import torch
 
 from tidal import pipeline
 from tidal.config import load_params
+from tidal.experiment import prepare_data, start_experiment
 
 # What the flow adds to a history record and the library has no value for.
 TRACKING_KEYS = {"mlflow_run_id", "prefect_flow_run_id"}
@@ -42,8 +43,8 @@ def test_the_flow_and_the_library_end_the_default_experiment_alike(prefect_harne
     flow_history = experiment(params_path=None, overrides=_overrides(tmp_path / "flow", data_root))
 
     params = load_params(None, _overrides(tmp_path / "lib", data_root))
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     records = [pipeline.run_cycle(params, cycle) for cycle in range(params["cycles"])]
 
     assert params["strategy"] == "tidal-entropy" and params["dataset"] == "digits"  # the default experiment

@@ -199,11 +199,12 @@ def test_too_few_unlabeled_samples_is_an_error(tmp_path, initial_size, message):
     from tidal import pipeline
     from tidal.config import load_params
     from tidal.data.sources import DataError
+    from tidal.experiment import prepare_data, start_experiment
 
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",
                                 f"initial_size={initial_size}", "budget=20", "tracking=false", "train.epochs=1"])
-    info = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, info["data_version"], info["pool_version"])
+    info = prepare_data(params)
+    start_experiment(params, info["data_version"], info["pool_version"])
     trained = pipeline.train_step(params, 0)
     before = _snapshot(tmp_path)
     with pytest.raises(DataError, match=message):

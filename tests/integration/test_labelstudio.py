@@ -194,7 +194,7 @@ def test_projects_are_found_by_id_and_webhooks_carry_the_secret(studio, tmp_path
     """Issue #31, item 3, in a real Label Studio: a project another user titled as tidal would is
     not adopted, two experiments whose names share 44 characters get a project each, a recorded id
     that names a project tidal did not create is refused; the webhook carries the shared secret."""
-    from tidal import labelstudio
+    from tidal.labeling import labelstudio
 
     monkeypatch.setenv("LABEL_STUDIO_TOKEN", TOKEN)
     client = labelstudio.Client(studio["url"], "LABEL_STUDIO_TOKEN")
@@ -302,7 +302,7 @@ def test_labels_arriving_run_the_next_cycle_once(studio, tmp_path):
             # anyone holding the secret), signed as Label Studio signs it.
             from concurrent.futures import ThreadPoolExecutor
 
-            from tidal.labelstudio import SECRET_HEADER, read_webhook_secret
+            from tidal.labeling.labelstudio import SECRET_HEADER, read_webhook_secret
 
             body = json.dumps({"action": "ANNOTATION_CREATED",
                                "task": {"id": tasks[1]["id"], "data": tasks[1]["data"]}}).encode()

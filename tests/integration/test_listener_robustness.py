@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.servers import background, free_port, http_json, wait_until
-from tidal import labelstudio
+from tidal.labeling import labelstudio
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]

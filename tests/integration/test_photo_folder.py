@@ -81,8 +81,8 @@ def test_a_broken_photo_is_named_and_can_be_skipped(ants_bees, tmp_path, monkeyp
     experiment starts without it and records it."""
     import shutil
 
-    from tidal import pipeline
     from tidal.config import load_params
+    from tidal.experiment import preflight, prepare_data, start_experiment
 
     root = tmp_path / "photos"
     shutil.copytree(ants_bees, root)
@@ -94,9 +94,9 @@ def test_a_broken_photo_is_named_and_can_be_skipped(ants_bees, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("error: 1 of 398 image files cannot be used") and str(broken) in err
     params = load_params(None, [s for s in _sets(tmp_path, root, "image_size=16", "bad_images=skip") if s != "--set"])
-    pipeline.preflight(params)
-    prepared = pipeline.prepare_data(params)
-    state = pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    preflight(params)
+    prepared = prepare_data(params)
+    state = start_experiment(params, prepared["data_version"], prepared["pool_version"])
     assert state["pool_size"] == 244 and state["skipped_images"] == 1
     with open(tmp_path / "runs" / "ants" / "skipped_images.csv", newline="") as fh:
         skipped = list(csv.DictReader(fh))

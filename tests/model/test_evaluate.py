@@ -10,6 +10,8 @@ from torch import nn
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.evaluate import accuracy, predict_logits
+from tidal.experiment import prepare_data, start_experiment
+from tidal.workspace import workspace
 
 CPU = torch.device("cpu")
 
@@ -40,10 +42,10 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
 def _experiment(tmp_path, data_root, name: str, eval_hflip: bool):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/{name}", f"data_root={data_root}",
                                 "tracking=false", f"eval_hflip={str(eval_hflip).lower()}"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     pipeline.run_cycle(params, 0)
-    return params, pipeline.workspace(params).cycle_dir(0)
+    return params, workspace(params).cycle_dir(0)
 
 
 def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root, capsys):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from tidal import inputs, pipeline
 from tidal.config import ConfigError, load_params, validate
+from tidal.experiment import preflight, prepare_data, start_experiment
 from tidal.models.timm_backbone import TimmBackbone, load_backbone_weights
 from tidal.strategies import STRATEGIES
 
@@ -53,9 +54,9 @@ def _params(tmp: Path, photos: Path, mode: str, *extra: str) -> dict:
 
 
 def _run(params: dict, cycles: int = 1) -> list[dict]:
-    pipeline.preflight(params)
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"], prepared["pool_version"])
+    preflight(params)
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"], prepared["pool_version"])
     return [pipeline.run_cycle(params, c) for c in range(cycles)]
 
 

@@ -11,9 +11,10 @@ from tidal import pipeline
 from tidal.config import load_params
 from tidal.data import load_dataset
 from tidal.evaluate import accuracy
+from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.models import TDPredictor, build_backbone
 from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, _batches, lr_factor, steps_per_epoch, train_cycle
-from tidal.workspace import read_csv, read_json
+from tidal.workspace import read_csv, read_json, workspace
 
 CPU = torch.device("cpu")
 
@@ -199,9 +200,9 @@ def test_unknown_schedule_is_a_clear_error():
 def _run(tmp_path, name: str, strategy: str, data_root, seed: int = 0, cycles: int = 1):
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/{name}", f"data_root={data_root}",
                                 "device=cpu", f"strategy={strategy}", f"seed={seed}"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
-    ws = pipeline.workspace(params)
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
+    ws = workspace(params)
     selections, score_files, weights = [], [], []
     for cycle in range(cycles):
         pipeline.run_cycle(params, cycle)
@@ -229,7 +230,7 @@ def test_pipeline_rerun_is_bit_identical_tidal_entropy(tmp_path, data_root):
     for ids in sel_a:
         assert len(ids) == params["budget"] == len(set(ids))
     # the second cycle queried nothing it had already labeled, and learned from cycle 0's query
-    state = pipeline.load_state(params)
+    state = load_state(params)
     assert state["cycle"] == 2
     assert not set(sel_a[1]) & set(sel_a[0])
     assert set(sel_a[0]) | set(sel_a[1]) <= set(state["labeled"])
@@ -254,7 +255,7 @@ def test_pipeline_different_seed_different_selection(tmp_path, data_root):
 
 def test_pipeline_steps_resume_without_redoing_work(tmp_path, data_root):
     params, sel, _, _ = _run(tmp_path, "r", "tidal-entropy", data_root)
-    ckpt = pipeline.workspace(params).cycle_dir(0) / "model.pt"
+    ckpt = workspace(params).cycle_dir(0) / "model.pt"
     mtime = ckpt.stat().st_mtime_ns
     again = pipeline.train_step(params, 0)
     assert again["resumed"] is True
@@ -273,8 +274,8 @@ def test_warm_start_trains_cycle_one_from_cycle_zeros_models(tmp_path, data_root
     way); off, it starts from the fresh seeded models it would build anyway."""
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}", f"data_root={data_root}", "device=cpu",
                                 "tracking=false", f"train.warm_start={str(warm).lower()}"])
-    prepared = pipeline.prepare_data(params)
-    pipeline.start_experiment(params, prepared["data_version"])
+    prepared = prepare_data(params)
+    start_experiment(params, prepared["data_version"])
     pipeline.run_cycle(params, 0)
     started_from = []
     real = pipeline.train_cycle
@@ -286,7 +287,7 @@ def test_warm_start_trains_cycle_one_from_cycle_zeros_models(tmp_path, data_root
 
     monkeypatch.setattr(pipeline, "train_cycle", recording)
     pipeline.train_step(params, 1)
-    cycle0 = torch.load(pipeline.workspace(params).cycle_dir(0) / "model.pt", weights_only=True)
+    cycle0 = torch.load(workspace(params).cycle_dir(0) / "model.pt", weights_only=True)
     backbone, td_module = started_from[0]
     same = all(torch.equal(backbone[k], cycle0["backbone"][k]) for k in backbone)
     same_module = all(torch.equal(td_module[k], cycle0["td_module"][k]) for k in td_module)

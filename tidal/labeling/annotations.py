@@ -1,22 +1,19 @@
-"""Human labels: export a cycle's query for annotators, read their answers back, check them
-against the experiment, and keep an append-only provenance log of every label.
+"""Annotations read back: the answers of annotators in three formats, their votes and conflict
+policies, and what an import of them would change.
 
-Plain Python (stdlib csv/json only), no orchestration imports: the CLI and the flows call these
-functions with plain values (ids, dicts), so every rule here is testable without a workspace.
+Plain Python (stdlib csv/json only), no orchestration imports: the import transaction
+(`tidal.labeling.imports`) calls these with plain values (ids, dicts), so every rule here is
+testable without a workspace.
 
-- `export_query_files` writes `query.csv`, `query.jsonl`, `query_labelstudio.json` (+ its
-  `labelstudio_config.xml`) for one query; annotators fill the `label` field (a class NAME).
-- `read_annotations` reads any of these back (or Label Studio's own JSON export) into
-  `Annotations`; every bad input is a `LabelImportError` naming the file, the row and what to do.
-  Nothing is written while reading. Several answers for one id (Label Studio annotations of one
-  task by several annotators, or repeated csv/jsonl rows) are votes; when they disagree, the
-  `conflicts` policy decides (`CONFLICT_POLICIES`): refuse the id (it stays pending), take the
-  newest answer, or take the majority (a tie is refused). The decision is kept on each
-  `Annotation` (`decided_by`, `others`) and every disagreement in `Annotations.conflicts`.
+- `read_annotations` reads a query file back (csv, jsonl, `query_labelstudio.json`, or Label
+  Studio's own JSON export) into `Annotations`; every bad input is a `LabelImportError` naming the
+  file, the row and what to do. Nothing is written while reading. Several answers for one id
+  (Label Studio annotations of one task by several annotators, or repeated csv/jsonl rows) are
+  votes; when they disagree, the `conflicts` policy decides (`CONFLICT_POLICIES`): refuse the id
+  (it stays pending), take the newest answer, or take the majority (a tie is refused). The
+  decision is kept on each `Annotation` (`decided_by`, `others`) and every disagreement in
+  `Annotations.conflicts`.
 - `check_against_state` decides what an import would change (`ImportPlan`) or refuses it.
-- `append_provenance` appends one row per new/changed label to `labels.csv` (old bytes + new rows,
-  written atomically), with the policy that decided it and the other annotators' labels;
-  `label_history` / `current_labels` read it back (logs from before those two columns too).
 """
 from __future__ import annotations
 
@@ -29,20 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
-from tidal.workspace import atomic_write_bytes, atomic_write_text, csv_rows, restore_cell
+from tidal.labeling.queries import LABELSTUDIO_CONFIG
+from tidal.workspace import restore_cell
 
 FORMATS = ("csv", "jsonl", "label-studio")
-QUERY_COLUMNS = ["experiment", "cycle", "query_id", "id", "path", "score", "rank", "suggested_label", "label"]
-PROVENANCE_COLUMNS = ["id", "label", "label_name", "annotator", "cycle", "query_id", "imported_at", "source",
-                      "supersedes", "decided_by", "other_labels"]
-# The layout of logs written before decided_by/other_labels: still read, and upgraded (the header
-# line only; every row's bytes stay) by the next append.
-LEGACY_PROVENANCE_COLUMNS = PROVENANCE_COLUMNS[:9]
 CONFLICT_POLICIES = ("refuse", "newest", "majority")
-EXPORT_FILES = {"csv": "query.csv", "jsonl": "query.jsonl", "label-studio": "query_labelstudio.json"}
-LABELSTUDIO_CONFIG = "labelstudio_config.xml"
 _SHOW = 5  # ids shown in an error message before "... and N more"
 
 
@@ -136,98 +125,7 @@ class ImportPlan:
         return out
 
 
-# --- export ---------------------------------------------------------------------------------
-
-def _class_name(classes: list[str], idx: Any) -> str:
-    if idx is None or idx == "":
-        return ""
-    i = int(idx)
-    if not 0 <= i < len(classes):
-        raise ValueError(f"suggested_label {i} is not a class index (0..{len(classes) - 1})")
-    return classes[i]
-
-
-def export_query_files(out_dir: Path, experiment: str, cycle: int, query_id: str, rows: list[dict],
-                       classes: list[str]) -> dict[str, str]:
-    """Write the query for annotators in three formats; returns {"csv", "jsonl", "label-studio"} paths.
-
-    rows: dicts with id, path ("" without a file), score, rank (1-based), suggested_label (class index)
-    and optionally confidence (the model's probability of its suggested label).
-    """
-    out_dir = Path(out_dir)
-    records = []
-    for r in rows:
-        records.append({
-            "experiment": experiment, "cycle": int(cycle), "query_id": query_id, "id": str(r["id"]),
-            "path": r.get("path") or "", "score": float(r["score"]), "rank": int(r["rank"]),
-            "suggested_label": _class_name(classes, r.get("suggested_label")), "label": None,
-        })
-
-    paths = {fmt: out_dir / name for fmt, name in EXPORT_FILES.items()}
-    atomic_write_text(paths["csv"], ",".join(QUERY_COLUMNS) + "\n" + csv_rows(
-        QUERY_COLUMNS, [{**rec, "score": repr(rec["score"]), "label": ""} for rec in records]))
-
-    atomic_write_text(paths["jsonl"], "".join(json.dumps(rec) + "\n" for rec in records))
-
-    model_version = f"{experiment}-cycle{cycle}"
-    tasks = []
-    for rec, row in zip(records, rows):
-        # Label Studio reads a prediction's score as the model's confidence in [0, 1]; the
-        # acquisition score (entropy, TiDAL's, ...) is in the task data, to sort by.
-        prediction: dict[str, Any] = {"model_version": model_version, "result": []}
-        if row.get("confidence") is not None:
-            prediction["score"] = float(row["confidence"])
-        if rec["suggested_label"]:
-            prediction["result"] = [{"from_name": "label", "to_name": "image", "type": "choices",
-                                     "value": {"choices": [rec["suggested_label"]]}}]
-        tasks.append({
-            "data": {"image": rec["path"], "sample_id": rec["id"], "experiment": experiment,
-                     "cycle": rec["cycle"], "query_id": query_id, "rank": rec["rank"], "score": rec["score"]},
-            "predictions": [prediction],
-        })
-    atomic_write_text(paths["label-studio"], json.dumps(tasks, indent=2) + "\n")
-    atomic_write_text(out_dir / LABELSTUDIO_CONFIG, labelstudio_config(classes))
-    return {fmt: str(p) for fmt, p in paths.items()}
-
-
-QUERY_IMAGES_DIR = "images"  # in the cycle's folder: one PNG per queried sample of an array pool
-
-
-def write_query_images(out_dir: Path, images_u8: Any) -> list[str]:
-    """Each queried sample of a pool that has no image files (digits, npy, torchvision sets) as
-    `images/<rank>.png` under the cycle's folder, so annotators and Label Studio can see it.
-
-    `images_u8`: the queried samples in rank order, uint8 N×C×H×W (C = 1 or 3), written pixel for
-    pixel; the bytes depend only on the pixels (no time or metadata in the file), so a rerun
-    writes the same files. Returns the absolute paths, in rank order.
-    """
-    import io
-
-    from PIL import Image
-
-    folder = Path(out_dir) / QUERY_IMAGES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for rank, image in enumerate(images_u8, start=1):
-        pixels = image.permute(1, 2, 0).numpy()
-        picture = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG", compress_level=9)
-        path = folder / f"{rank:05d}.png"
-        atomic_write_bytes(path, buffer.getvalue())
-        paths.append(str(path.resolve()))
-    return paths
-
-
-def labelstudio_config(classes: list[str]) -> str:
-    """Label Studio labeling config: one image, one single-choice question over the classes."""
-    choices = "\n".join(f"    <Choice value={quoteattr(c)}/>" for c in classes)
-    return ("<View>\n  <Image name=\"image\" value=\"$image\"/>\n"
-            "  <Choices name=\"label\" toName=\"image\" choice=\"single\" showInLine=\"true\">\n"
-            f"{choices}\n  </Choices>\n</View>\n")
-
-
-# --- import ---------------------------------------------------------------------------------
+# --- reading ------------------------------------------------------------------------------
 
 def _shorten(items: list[str]) -> str:
     shown = ", ".join(items[:_SHOW])
@@ -593,149 +491,3 @@ def check_against_state(ann: Annotations, *, experiment: str, pool_ids: set[str]
     answered = {a.id for a in ann.labels}
     plan.still_pending = [i for i in pending if i not in answered]
     return plan
-
-
-# --- provenance log -------------------------------------------------------------------------
-
-def _other_labels(a: Annotation, classes: list[str] | None) -> str:
-    """The id's other answers as compact JSON: [{"annotator": ..., "label": ..., "label_name": ...}]."""
-    if not a.others:
-        return ""
-    return json.dumps([{"annotator": v.annotator, "label": v.label,
-                        **({"label_name": classes[v.label]} if classes else {})} for v in a.others],
-                      ensure_ascii=False, separators=(",", ":"))
-
-
-def _log_header(labels_csv: Path, old: bytes) -> list[str]:
-    try:
-        return next(csv.reader(io.StringIO(old.decode("utf-8-sig"), newline="")), [])
-    except UnicodeDecodeError as err:
-        raise LabelImportError(f"{labels_csv} is not UTF-8 text ({err}); refusing to append to it; restore it "
-                               "from its DVC-pinned version (dvc checkout) and import again") from None
-    except csv.Error as err:
-        raise LabelImportError(f"{labels_csv} line 1 is unreadable csv ({err}); refusing to append to it; "
-                               "restore it from its DVC-pinned version (dvc checkout) and import again") from None
-
-
-def append_provenance(labels_csv: Path, plan: ImportPlan, *, cycle_of: dict[str, int], query_of: dict[str, str],
-                      source: str, imported_at: str, classes: list[str] | None = None, dry_run: bool = False) -> int:
-    """Append one row per new/relabeled id to labels_csv (old bytes + new rows, atomically); returns rows added.
-
-    dry_run: make every check below and return the rows it would add, writing nothing (so a caller
-    can refuse an import before it writes anything else).
-
-    A log in the layout from before `decided_by`/`other_labels` gets the new header line (its rows'
-    bytes stay as they are and read back with those two columns empty). Any other layout, a file
-    that is not UTF-8 csv, one whose rows do not read back (`current_labels`), or one that would not
-    read back as its old labels plus the new ones (a last row cut inside a quoted value) is refused
-    with LabelImportError and left byte-identical.
-    """
-    labels_csv = Path(labels_csv)
-    entries: list[tuple[Annotation, int | None]] = [(a, None) for a in plan.new.values()]
-    entries += [(a, old) for old, a in plan.relabeled.values()]
-    if not entries:
-        return 0
-    entries.sort(key=lambda e: e[0].row)
-    old = labels_csv.read_bytes() if labels_csv.exists() else b""
-    new_header = ",".join(PROVENANCE_COLUMNS).encode() + b"\n"
-    before: dict[str, int] = {}
-    if old.strip():
-        header = _log_header(labels_csv, old)
-        if header == LEGACY_PROVENANCE_COLUMNS:
-            bom = b"\xef\xbb\xbf" if old.startswith(b"\xef\xbb\xbf") else b""
-            first_end = _LINE_END_BYTES.search(old)
-            old = bom + new_header + (old[first_end.end():] if first_end else b"")
-        elif header != PROVENANCE_COLUMNS:
-            raise LabelImportError(f"{labels_csv} has columns {_show(header)}, expected {PROVENANCE_COLUMNS}; "
-                                   "refusing to append to a file of another layout")
-        before = current_labels(labels_csv)  # a log whose rows do not read back is refused, not appended to
-        prefix = old if old.endswith((b"\n", b"\r")) else old + b"\n"
-    else:
-        prefix = new_header
-    rows = []
-    for a, previous in entries:
-        cycle = cycle_of.get(a.id)
-        rows.append({
-            "id": a.id, "label": a.label, "label_name": classes[a.label] if classes else "",
-            "annotator": a.annotator or "", "cycle": "" if cycle is None else cycle,
-            "query_id": query_of.get(a.id, ""), "imported_at": imported_at, "source": source,
-            "supersedes": "" if previous is None else previous, "decided_by": a.decided_by,
-            "other_labels": _other_labels(a, classes),
-        })
-    try:
-        data = prefix + csv_rows(PROVENANCE_COLUMNS, rows).encode()
-    except UnicodeEncodeError as err:  # only from hand-built plans: read_annotations refuses such text
-        raise LabelImportError(f"cannot write {labels_csv}: a value is not text ({err})") from None
-    if _labels_of(_parse_log(data.decode("utf-8-sig"), labels_csv), labels_csv) != {**before, **plan.updates()}:
-        raise LabelImportError(f"{labels_csv} would not read back as its labels plus the new ones (is its last row "
-                               "cut inside a quoted value?); refusing to append to it; restore it from its "
-                               "DVC-pinned version (dvc checkout) and import again")
-    if not dry_run:
-        atomic_write_bytes(labels_csv, data)
-    return len(entries)
-
-
-_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
-
-
-def _log_rows(labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of every row of the log; see `_parse_log`."""
-    labels_csv = Path(labels_csv)
-    if not labels_csv.exists():
-        return []
-    try:
-        text = labels_csv.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise LabelImportError(f"{labels_csv} is not UTF-8 text ({err}); restore it from its DVC-pinned "
-                               "version (dvc checkout)") from None
-    return _parse_log(text, labels_csv)
-
-
-def _parse_log(text: str, labels_csv: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of every row; columns a row lacks (logs written before
-    decided_by/other_labels) read as ""."""
-    rows = []
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    try:
-        for row in reader:
-            rows.append((reader.line_num, row))  # the line the row ends on
-        columns = list(reader.fieldnames or [])
-    except csv.Error as err:
-        raise LabelImportError(f"{labels_csv} line {reader.reader.line_num} is unreadable csv ({err}); restore "
-                               "it from its DVC-pinned version (dvc checkout)") from None
-    missing = [c for c in ("id", "label") if c not in columns]
-    if rows and missing:
-        raise LabelImportError(f"{labels_csv} has no {missing} column(s) (found {_show(columns)}); it is not a "
-                               "label provenance log")
-    for _, row in rows:
-        row.pop(None, None)  # extra fields of a hand-edited row
-        for key in PROVENANCE_COLUMNS:
-            row[key] = "" if row.get(key) is None else restore_cell(row[key])
-    return rows
-
-
-def _labels_of(rows: list[tuple[int, dict[str, str]]], labels_csv: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for line, row in rows:
-        try:
-            out[row["id"]] = int(row["label"])
-        except ValueError:
-            raise LabelImportError(f"{labels_csv} line {line}: the label {_show(row['label'])} of id "
-                                   f"{_show(row['id'])} is not a class number; restore the file from its "
-                                   "DVC-pinned version (dvc checkout)") from None
-    return out
-
-
-def provenance_rows(labels_csv: Path) -> list[dict[str, str]]:
-    """Every row of the provenance log, oldest first."""
-    return [row for _, row in _log_rows(labels_csv)]
-
-
-def label_history(labels_csv: Path, sample_id: str) -> list[dict]:
-    """Every provenance row of one id, oldest first."""
-    return [row for row in provenance_rows(labels_csv) if row["id"] == sample_id]
-
-
-def current_labels(labels_csv: Path) -> dict[str, int]:
-    """{id: label} from the provenance log; the last row of an id wins."""
-    return _labels_of(_log_rows(labels_csv), labels_csv)

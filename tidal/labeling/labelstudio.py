@@ -16,9 +16,10 @@ id lives in its workspace (`runs/<experiment>/labelstudio.json`).
   is copied. A task already in the project (same query, same sample) is never pushed again, so
   pushing after a crash is idempotent.
 - `pull_labels`: the project's export (tasks with their annotations) is saved in the cycle's
-  folder and imported by `tidal.pipeline.import_labels`, the same validation and provenance
-  path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending, disagreeing
-  annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the provenance).
+  folder and imported by `tidal.labeling.imports.import_labels`, the same validation and
+  provenance path as `tidal import-labels FILE` (cancelled/skipped annotations stay pending,
+  disagreeing annotators follow `label_conflicts`, the annotator's Label Studio e-mail is the
+  provenance).
 
 The token goes only to Label Studio's own origin: a redirect to another scheme, host or port is
 refused before anything is sent there. The webhook carries a shared secret (`webhook_secret`,
@@ -216,9 +217,8 @@ def _checked_project(client: Client, params: dict[str, Any], recorded: Path) -> 
             f"Label Studio project {project_id} of experiment {params['experiment']!r} is gone (deleted "
             f"in Label Studio?): delete {recorded} to push the pending query to a new project, then run "
             "the same command again") from None
-    # A record from before tidal kept keys has none: that id was saved by tidal, keep trusting it.
     key = record.get("project_key")
-    if key is not None and (not isinstance(project, dict) or project_key_of(project) != key):
+    if key is None or not isinstance(project, dict) or project_key_of(project) != key:
         raise LabelStudioError(
             f"Label Studio project {project_id} at {client.url} is not the project tidal created for experiment "
             f"{params['experiment']!r} (its description lacks the key recorded in {recorded}; another server, "
@@ -284,7 +284,7 @@ def image_url(path: str, document_root: Path) -> str:
 
 def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) -> dict[str, Any]:
     """Push the cycle's query to the experiment's Label Studio project; returns counts."""
-    from tidal.labels import EXPORT_FILES, LABELSTUDIO_CONFIG
+    from tidal.labeling.queries import EXPORT_FILES, LABELSTUDIO_CONFIG
 
     conn = settings(params)
     if conn is None:
@@ -325,9 +325,10 @@ def push_query(params: dict[str, Any], workspace_root: Path, cycle_dir: Path) ->
 
 def pull_export(params: dict[str, Any], workspace_root: Path, out_paths: dict[str, Path]) -> dict[str, Any]:
     """Save the project's annotated tasks of each query in `out_paths` ({query_id: file}), with
-    annotators by e-mail: the files `tidal.pipeline.import_labels` then reads as Label Studio JSON.
-    Tasks of other queries are left alone; an annotated task that tidal did not push (no sample
-    id or query id in its data) is an error. Returns {query_id: annotated tasks written}."""
+    annotators by e-mail: the files `tidal.labeling.imports.import_labels` then reads as Label
+    Studio JSON. Tasks of other queries are left alone; an annotated task that tidal did not push
+    (no sample id or query id in its data) is an error. Returns {query_id: annotated tasks
+    written}."""
     conn = settings(params)
     recorded = workspace_root / CONNECTION_FILE
     if conn is None or not recorded.is_file() or read_json(recorded).get("project_id") is None:

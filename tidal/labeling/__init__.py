@@ -1,0 +1,2 @@
+"""Human labels: the query files, the annotations read back, the provenance log, Label Studio
+and the label-import transaction."""
