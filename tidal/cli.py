@@ -485,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
                                            StackError, FileNotFoundError)
     from tidal.labeling.annotations import LabelImportError
     from tidal.labeling.labelstudio import LabelStudioError
-
     from tidal.models.timm_backbone import WeightsError
 
     errors += (LabelImportError, LabelStudioError, WeightsError)
