@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import queue
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,38 +202,46 @@ def _results(fn: Callable, chunks: list, workers: int) -> Iterator:
     for process in helpers:
         process.start()
     results: dict[int, list] = {}
+    own_seconds: list[float] = []
     yielded = 0
     try:
         while yielded < len(chunks):
             i = take()
-            if i < len(chunks):
+            if i >= len(chunks):
+                # Nothing left to hand out: wait for the helpers' last chunks, but not forever. A
+                # helper can die, or hang (a fork of a process with threads can inherit a lock
+                # another thread held): after a few of this process's chunk times, it does the
+                # first missing chunk itself. A chunk written twice writes the same bytes.
+                wait = max(1.0, 4 * max(own_seconds, default=0.0))
+                _collect(finished, results, timeout=wait)
+                i = yielded
+            if i not in results:
+                began = time.perf_counter()
                 results[i] = fn(chunks[i])
-            while not finished.empty() or (i >= len(chunks) and yielded not in results):
-                j, part = _next_finished(finished, helpers)
-                results[j] = part
+                own_seconds.append(time.perf_counter() - began)
+            _collect(finished, results)
             while yielded in results:
                 yield from results.pop(yielded)
                 yielded += 1
     finally:
         for process in helpers:
-            if process.is_alive():
-                process.terminate()
+            process.kill()  # done, or stuck: every result is in, or an error is on its way up
             process.join()
+        finished.close()
 
 
-def _next_finished(finished: "multiprocessing.Queue", helpers: list) -> tuple[int, list]:
-    """The next (chunk index, results) a helper sent; a helper's error, or its death, raised."""
+def _collect(finished: "multiprocessing.Queue", results: dict[int, list], timeout: float = 0.0) -> None:
+    """Move what the helpers sent into `results` (waiting up to `timeout` for the first of it);
+    a helper's error is raised here."""
     while True:
         try:
-            i, part = finished.get(timeout=1.0)
+            i, part = finished.get(timeout=timeout) if timeout else finished.get_nowait()
         except queue.Empty:
-            dead = [p.exitcode for p in helpers if not p.is_alive() and p.exitcode != 0]
-            if dead:
-                raise RuntimeError(f"a decoding worker process died (exit code {dead[0]})") from None
-            continue
+            return
+        timeout = 0.0
         if i < 0:
             raise RuntimeError(f"a decoding worker process failed: {part}")
-        return i, part
+        results.setdefault(i, part)
 
 
 def _size_error(probes: list, good: list[int], describe: Callable[[int], str]) -> DataError:
