@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 
 from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
-from tidal.data.sources import Dataset  # noqa: E402
+from tidal.data.dataset import Dataset  # noqa: E402
 from tidal.device import set_deterministic  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
 

@@ -10,7 +10,8 @@ import torch
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.data import DataError, load_dataset, materialize
-from tidal.data.sources import NPY_FILES, PositionalIds
+from tidal.data.dataset import PositionalIds
+from tidal.data.sources import NPY_FILES
 
 
 def write_npy(root: Path, n_pool: int = 50, n_test: int = 12, shape=(1, 8, 8), classes: int = 3, **override) -> Path:

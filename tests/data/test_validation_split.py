@@ -9,7 +9,9 @@ import torch
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.data.sources import DataError, hold_out_validation, load_dataset
+from tidal.data.dataset import hold_out_validation
+from tidal.data.errors import DataError
+from tidal.data.sources import load_dataset
 
 
 def test_the_held_out_split_is_disjoint_seeded_and_keeps_labels(data_root):
