@@ -253,7 +253,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
     import_baal()
     from baal.active import ActiveLearningDataset
     from baal.modelwrapper import ModelWrapper, TrainingArgs
-    from tidal.train import TrainConfig, _batches, augment, normalize, to_float, train_cycle
+    from tidal.train import TrainConfig, augment, epoch_batches, normalize, to_float, train_cycle
 
     cfg = params["train"]
     n = params["initial_size"] + (params["cycles"] - 1) * params["budget"]
@@ -273,7 +273,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
 
     def ours_input() -> None:
         x_all, gen = to_float(images), torch.Generator().manual_seed(0)
-        for idx in _batches(torch.randperm(n, generator=gen), cfg["batch_size"]):
+        for idx in epoch_batches(torch.randperm(n, generator=gen), cfg["batch_size"]):
             normalize(augment(x_all[idx], cfg["crop_pad"], cfg["hflip"], gen))
 
     def baal_input() -> None:

@@ -12,7 +12,7 @@ from tidal.config import load_params
 from tidal.data import load_dataset
 from tidal.evaluate import accuracy
 from tidal.models import TDPredictor, build_backbone
-from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, _batches, lr_factor, steps_per_epoch, train_cycle
+from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, epoch_batches, lr_factor, steps_per_epoch, train_cycle
 from tidal.workspace import read_csv, read_json
 
 CPU = torch.device("cpu")
@@ -133,7 +133,7 @@ def test_nan_loss_raises_training_diverged_naming_the_epoch(digits, monkeypatch)
 @pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 65, 100])
 def test_steps_per_epoch_counts_the_batches_trained(n):
     perm = torch.arange(n)
-    assert steps_per_epoch(n, 32) == len(_batches(perm, 32))
+    assert steps_per_epoch(n, 32) == len(epoch_batches(perm, 32))
 
 
 def test_min_steps_raises_epochs_and_scales_the_schedule():
