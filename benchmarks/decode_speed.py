@@ -18,7 +18,8 @@ crop), alternated in one process (the order rotates every repeat) on the same fi
     every batch kept and concatenated at the end.
 Extra, for the profile (not targets): (d) ours without the cache: `tidal.data.decode.decode`
     (the same decode with `draft`) over the files in this one process; (e) the header probe pass
-    alone (`tidal.data.cache._probe_chunk`) in this one process.
+    alone (`tidal.data.decode.probe` over every file, a bad one's reason kept, as the cache's
+    probe pass does) in this one process.
 
 Files: ants-bees (/work/shared/data/ants-bees.tar.gz, 398 files: the 397 JPEGs are used, the
 placeholder GIF left out because torchvision's ImageFolder does not read .gif), unpacked into
@@ -196,9 +197,15 @@ def side_decode_one_process(files: list[str]) -> np.ndarray:
 
 
 def side_probe(files: list[str]) -> list:
-    from tidal.data.cache import _probe_chunk
+    from tidal.data.decode import BadImage, probe
 
-    return _probe_chunk(files)
+    out: list = []
+    for path in files:
+        try:
+            out.append(probe(path))
+        except BadImage as err:
+            out.append(str(err))
+    return out
 
 
 SIDES = {

@@ -57,7 +57,7 @@ def time_models(store: Path, checkpoints: list[str]) -> dict[str, list[float]]:
     """Seconds per cycle for the flow's LoggedModel (pickle) and for a pt2 model, in a new store."""
     import torch
 
-    from tidal.tracking import MlflowTracker, _backbone, _example, checkpoint_spec
+    from tidal.tracking import MlflowTracker, checkpoint_backbone, checkpoint_spec, example_batch
 
     store.mkdir()
     tracker = MlflowTracker(f"sqlite:///{store / 'mlflow.db'}")
@@ -72,7 +72,7 @@ def time_models(store: Path, checkpoints: list[str]) -> dict[str, list[float]]:
         other = tracker.client.create_run(experiment, run_name=f"pt2-{cycle}").info.run_id
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
         start = time.perf_counter()
-        tracker.log_model(other, _backbone(spec, saved), _example(spec))
+        tracker.log_model(other, checkpoint_backbone(spec, saved), example_batch(spec))
         times["pt2"].append(time.perf_counter() - start)
     return times
 

@@ -173,7 +173,8 @@ def run_phase(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     if args.phase == "cache":
         from tidal.data.cache import decode_workers
-        from tidal.data.sources import ImageOptions, load_dataset
+        from tidal.data.image_sources import ImageOptions
+        from tidal.data.sources import load_dataset
 
         opts = ImageOptions.from_params(params)
         data = load_dataset(params["data_root"], "imagefolder", images=opts)

@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 
 from tidal import pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
-from tidal.data.sources import Dataset  # noqa: E402
+from tidal.data.dataset import Dataset  # noqa: E402
 from tidal.device import set_deterministic  # noqa: E402
 from tidal.experiment import initial_labeled, load_state  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
@@ -219,7 +219,7 @@ def run_baal(params: dict[str, Any], workers: int = 0) -> dict[str, Any]:
         c0 = time.perf_counter()
         n_labeled = int(al_dataset.n_labelled)
         # A fresh model and optimizer each cycle with the seed ours uses for that cycle (same init).
-        torch.manual_seed(pipeline._cycle_seed(params["seed"], cycle))
+        torch.manual_seed(pipeline.cycle_seed(params["seed"], cycle))
         model = LogitsOnly(build_backbone(params["backbone"], data.in_channels, data.num_classes,
                                           dropout=params["dropout"]))
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
@@ -254,7 +254,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
     import_baal()
     from baal.active import ActiveLearningDataset
     from baal.modelwrapper import ModelWrapper, TrainingArgs
-    from tidal.train import TrainConfig, _batches, augment, normalize, to_float, train_cycle
+    from tidal.train import TrainConfig, augment, epoch_batches, normalize, to_float, train_cycle
 
     cfg = params["train"]
     n = params["initial_size"] + (params["cycles"] - 1) * params["budget"]
@@ -274,7 +274,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
 
     def ours_input() -> None:
         x_all, gen = to_float(images), torch.Generator().manual_seed(0)
-        for idx in _batches(torch.randperm(n, generator=gen), cfg["batch_size"]):
+        for idx in epoch_batches(torch.randperm(n, generator=gen), cfg["batch_size"]):
             normalize(augment(x_all[idx], cfg["crop_pad"], cfg["hflip"], gen))
 
     def baal_input() -> None:

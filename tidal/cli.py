@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()
-    from tidal.data.sources import DataError
+    from tidal.data.errors import DataError
     from tidal.experiment import ExperimentMismatch
     from tidal.train import TrainingDiverged
     from tidal.launch import DistributedTrainingFailed

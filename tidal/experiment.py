@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from tidal.config import DEFAULTS, dump_params, flatten, load_params
 from tidal.data.pool import initial_labeled_ids
-from tidal.data.sources import DataError, Dataset, materialize
+from tidal.data.dataset import Dataset
+from tidal.data.errors import DataError
+from tidal.data.sources import materialize
 from tidal.data.version import experiment_data_version, verify_data_version
 from tidal.inputs import dataset_for, frozen, model_data, pretrained_backbone
 from tidal.labeling.imports import finish_import

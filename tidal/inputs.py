@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from tidal.data.sources import Dataset, ImageOptions, hold_out_validation, imbalanced, load_dataset
+from tidal.data.dataset import Dataset, hold_out_validation, imbalanced
+from tidal.data.image_sources import ImageOptions
+from tidal.data.sources import load_dataset
 from tidal.device import resolve_device
 from tidal.models import build_backbone
 from tidal.models.backbones import TIMM_PREFIX
@@ -36,7 +38,7 @@ def input_size(params: dict[str, Any]) -> int:
 
 def dataset_for(params: dict[str, Any]) -> Dataset:
     """The experiment's pool and test split; with `validation_size` > 0, a seeded validation split
-    of the pool stands in for the test split (tidal.data.sources.hold_out_validation)."""
+    of the pool stands in for the test split (tidal.data.dataset.hold_out_validation)."""
     return _experiment_split(params, _whole_dataset(params))
 
 

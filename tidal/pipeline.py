@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import torch
 
+from tidal.data.dataset import Dataset
 from tidal.data.pool import candidate_positions
-from tidal.data.sources import DataError, Dataset
+from tidal.data.errors import DataError
 from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.experiment import write_curve
@@ -34,7 +35,9 @@ from tidal.workspace import atomic_write_bytes, read_csv, read_json, workspace, 
 log = logging.getLogger("tidal")
 
 
-def _cycle_seed(seed: int, cycle: int) -> int:
+def cycle_seed(seed: int, cycle: int) -> int:
+    """The seed of a cycle's training and strategy: distinct per (seed, cycle), so every cycle
+    draws afresh and a resumed cycle draws as the uninterrupted one did."""
     return seed * 1_000_003 + cycle
 
 
@@ -122,7 +125,7 @@ def train_step(params: dict[str, Any], cycle: int, on_epoch: Callable[[dict], No
     images, labels = _labeled_tensors(data, state)
     device = resolve_device(params["device"])
     set_deterministic(device)
-    seed = _cycle_seed(params["seed"], cycle)
+    seed = cycle_seed(params["seed"], cycle)
     torch.manual_seed(seed)
     backbone, aux = build_models(params, data)
     if params["train"]["backbone_mode"] == "finetune":
@@ -196,7 +199,7 @@ def score_step(params: dict[str, Any], cycle: int, checkpoint: str) -> str:
     candidates = candidate_positions(len(data.pool_ids), taken, params["subset_size"], params["seed"], cycle)
     k = params["budget"]
     backbone, td = load_models(params, checkpoint, data)
-    strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
+    strategy = build_strategy(params["strategy"], seed=cycle_seed(params["seed"], cycle), params=params)
     # Set strategies that ask for it (CoreSet) also see the labeled set.
     labeled_images = (data.pool_images[data.index_of(list(state["labeled"]))]
                       if getattr(strategy, "uses_labeled", False) else None)
@@ -248,7 +251,7 @@ def score_shard_step(params: dict[str, Any], cycle: int, checkpoint: str, shard:
     if out.is_file():
         saved = read_json(out)
         return {"path": str(out), "start": saved["start"], "stop": saved["stop"], "seconds": 0.0, "resumed": True}
-    strategy = build_strategy(params["strategy"], seed=_cycle_seed(params["seed"], cycle), params=params)
+    strategy = build_strategy(params["strategy"], seed=cycle_seed(params["seed"], cycle), params=params)
     state = workspace(params).load_state()
     data = model_data(params)
     taken = data.index_of(list(_taken_ids(params, state, data))).numpy()

@@ -172,7 +172,7 @@ class MlflowTracker:
 
             failpoint("tracking:model-created")
         saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        self.log_model(None, _backbone(spec, saved), _example(spec), serialization_format="pickle",
+        self.log_model(None, checkpoint_backbone(spec, saved), example_batch(spec), serialization_format="pickle",
                        model_id=model.model_id)
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=cycle)])
         return model.model_id
@@ -197,7 +197,7 @@ class MlflowTracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = self.client.download_artifacts(run.info.run_id, f"{CHECKPOINT_DIR}/model.pt", tmp)
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        return self.log_model(run.info.run_id, _backbone(spec, saved), _example(spec)).model_uri
+        return self.log_model(run.info.run_id, checkpoint_backbone(spec, saved), example_batch(spec)).model_uri
 
     def log_model(self, run_id: str | None, backbone: Any, example_input: Any, serialization_format: str = "pt2",
                   model_id: str | None = None) -> Any:
@@ -496,7 +496,9 @@ def checkpoint_spec(checkpoint: str | Path) -> dict[str, Any]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["spec"]
 
 
-def _backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:
+def checkpoint_backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:
+    """The classifier of a cycle checkpoint (`torch.load` of model.pt, `saved`), built from its
+    spec (checkpoint_spec), for `log_model`."""
     from tidal.models import build_backbone
 
     backbone = build_backbone(spec["backbone"], spec["in_shape"][0], spec["num_classes"], dropout=spec["dropout"])
@@ -504,7 +506,8 @@ def _backbone(spec: dict[str, Any], saved: dict[str, Any]) -> Any:
     return backbone
 
 
-def _example(spec: dict[str, Any]) -> Any:
+def example_batch(spec: dict[str, Any]) -> Any:
+    """Two seeded random inputs of the spec's shape: the example `log_model` infers the signature from."""
     import torch
 
     return torch.rand(2, *spec["in_shape"], generator=torch.Generator().manual_seed(0))

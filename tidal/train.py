@@ -86,7 +86,7 @@ ONECYCLE_START = 0.1  # the warm-up starts at this fraction of lr
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch (a tail batch of one sample is skipped, see `_batches`)."""
+    """Optimizer steps in one epoch (a tail batch of one sample is skipped, see `epoch_batches`)."""
     full, tail = divmod(num_samples, batch_size)
     return max(1, full + (1 if tail > 1 or (tail == 1 and full == 0) else 0))
 
@@ -442,7 +442,8 @@ def _backbone_groups(backbone: nn.Module, cfg: TrainConfig) -> list[dict]:
             {"params": list(trunk.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale}]
 
 
-def _batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def epoch_batches(perm: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """An epoch's shuffled positions `perm` cut into the batches the trainer steps on."""
     batches = list(perm.split(batch_size))
     # BatchNorm cannot train on a batch of one; such a tail batch waits for the next epoch.
     if len(batches) > 1 and len(batches[-1]) == 1:
@@ -508,7 +509,7 @@ def train_cycle(
     for epoch in epochs:
         sums = torch.zeros(3, device=device)  # loss, correct, aux loss; summed over samples
         seen = 0  # on the host: no copy to the device per batch
-        for idx in _batches(torch.randperm(len(labels), generator=order_gen).to(device), cfg.batch_size):
+        for idx in epoch_batches(torch.randperm(len(labels), generator=order_gen).to(device), cfg.batch_size):
             n = len(idx)  # the global batch
             # Every rank draws the global batch's order and augmentation (the same draws as one
             # process); each keeps its own part.

@@ -110,17 +110,9 @@ def test_labeling_imports_neither_the_cycle_steps_nor_the_trainer():
 
 
 MAX_LINES = 600  # a module over it holds more than one job: split it by job
-# Over the limit and being split on a branch of its own; an entry goes when its split lands.
-OVER_LIMIT = {"tidal/data/sources.py"}
-
-
-def _lines() -> dict[str, int]:
-    return {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def test_no_module_over_600_lines():
-    lines = _lines()
-    offenders = {path: n for path, n in lines.items() if n > MAX_LINES and path not in OVER_LIMIT}
+    lines = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))}
+    offenders = {path: n for path, n in lines.items() if n > MAX_LINES}
     assert offenders == {}, f"split these modules by job (at most {MAX_LINES} lines each): {offenders}"
-    stale = sorted(path for path in OVER_LIMIT if lines.get(path, 0) <= MAX_LINES)
-    assert stale == [], f"within {MAX_LINES} lines now (or gone): remove them from OVER_LIMIT: {stale}"

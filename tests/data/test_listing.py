@@ -12,8 +12,9 @@ from PIL import Image
 
 from tidal.data import DataError, load_dataset
 from tidal.data.cache import IMAGE_SUFFIXES
+from tidal.data.dataset import hold_out_validation, imbalanced
+from tidal.data.image_sources import ImageOptions
 from tidal.data.listing import ListedNames, list_folders
-from tidal.data.sources import ImageOptions, hold_out_validation, imbalanced
 
 # Names whose sort order and stems trip a naive lookup: "-" and "_" sort around ".", a stem that
 # is another's prefix, a dotted stem, a non-ASCII name, upper-case suffixes.

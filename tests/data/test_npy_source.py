@@ -10,7 +10,8 @@ import torch
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.data import DataError, load_dataset, materialize
-from tidal.data.sources import NPY_FILES, PositionalIds
+from tidal.data.dataset import PositionalIds
+from tidal.data.sources import NPY_FILES
 from tidal.experiment import prepare_data, start_experiment
 
 

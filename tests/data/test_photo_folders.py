@@ -14,7 +14,7 @@ from PIL import Image
 import tidal.data.cache as cache_mod
 from tidal.data import DataError, load_dataset
 from tidal.data.decode import decode, probe
-from tidal.data.sources import ImageOptions
+from tidal.data.image_sources import ImageOptions
 from tidal.data.version import verify_data_version
 
 

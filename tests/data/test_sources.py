@@ -11,7 +11,8 @@ from PIL import Image
 
 import tidal.data.cache as cache_mod
 from tidal.data import DataError, load_dataset, materialize
-from tidal.data.sources import SOURCES, TORCHVISION, UNLABELED
+from tidal.data.dataset import UNLABELED
+from tidal.data.sources import SOURCES, TORCHVISION
 from tidal.data.version import dvc_dir_md5
 
 # ../shared beside the checkout: the development machine and CI both have it at that relative path.

@@ -9,7 +9,9 @@ import torch
 
 from tidal import pipeline
 from tidal.config import load_params
-from tidal.data.sources import DataError, hold_out_validation, load_dataset
+from tidal.data.dataset import hold_out_validation
+from tidal.data.errors import DataError
+from tidal.data.sources import load_dataset
 from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.workspace import workspace
 

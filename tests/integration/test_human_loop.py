@@ -198,7 +198,7 @@ def test_second_run_refuses_while_locked_and_stale_lock_is_taken_over(waiting_ex
 def test_too_few_unlabeled_samples_is_an_error(tmp_path, initial_size, message):
     from tidal import pipeline
     from tidal.config import load_params
-    from tidal.data.sources import DataError
+    from tidal.data.errors import DataError
     from tidal.experiment import prepare_data, start_experiment
 
     params = load_params(None, ["preset=debug", f"runs_dir={tmp_path}/runs", f"data_root={tmp_path}/data",

@@ -13,7 +13,7 @@ from tidal.data import load_dataset
 from tidal.evaluate import accuracy
 from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.models import TDPredictor, build_backbone
-from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, _batches, lr_factor, steps_per_epoch, train_cycle
+from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, epoch_batches, lr_factor, steps_per_epoch, train_cycle
 from tidal.workspace import read_csv, read_json, workspace
 
 CPU = torch.device("cpu")
@@ -134,7 +134,7 @@ def test_nan_loss_raises_training_diverged_naming_the_epoch(digits, monkeypatch)
 @pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 65, 100])
 def test_steps_per_epoch_counts_the_batches_trained(n):
     perm = torch.arange(n)
-    assert steps_per_epoch(n, 32) == len(_batches(perm, 32))
+    assert steps_per_epoch(n, 32) == len(epoch_batches(perm, 32))
 
 
 def test_min_steps_raises_epochs_and_scales_the_schedule():
@@ -293,6 +293,6 @@ def test_warm_start_trains_cycle_one_from_cycle_zeros_models(tmp_path, data_root
     same_module = all(torch.equal(td_module[k], cycle0["td_module"][k]) for k in td_module)
     assert same is warm and same_module is warm
     if not warm:
-        torch.manual_seed(pipeline._cycle_seed(params["seed"], 1))
+        torch.manual_seed(pipeline.cycle_seed(params["seed"], 1))
         fresh, _ = pipeline.build_models(params, pipeline.dataset_for(params))
         assert all(torch.equal(backbone[k], v) for k, v in fresh.state_dict().items())

@@ -9,148 +9,24 @@ manifests) as uint8 tensors N×C×H×W with a stable string id per pool sample. 
   data_root/<name>, read with download=False. Missing files are a DataError that names the
   path and the command to fetch them on a machine with network; nothing is ever downloaded.
   Pool = the official train split, test = the official test split; ids `cifar10-train-00042`.
-- `imagefolder`: data_root/{train,test}/<class>/<file>; classes sorted by folder name; ids
-  are the relative path without extension (`train/cat/0042`).
-- `manifest`: data_root/manifest.csv with columns `path,label,split` (see read_manifest) and
-  data_root/classes.txt declaring the classes.
+- `imagefolder`, `manifest`: image files, read by tidal.data.image_sources.
 - `npy`: pre-decoded arrays data_root/{pool_images,pool_labels,test_images,test_labels}.npy,
   memory-mapped (see read_npy): a pool of millions of images is read only where it is used.
 
-Image files are decoded once, in parallel, into a memory-mapped cache on disk keyed by their
-paths, sizes and mtimes and the size they are brought to (tidal.data.cache, tidal.data.decode);
-`ImageOptions` says how (the params keys image_size, resize and bad_images).
+The data set they give, and its imbalanced and validation views, is tidal.data.dataset.
 """
 from __future__ import annotations
 
-import mmap
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from tidal.data.cache import IMAGE_SUFFIXES, DecodedPool, bad_images_error, decoded_pool, file_stat_entry
+from tidal.data.dataset import UNLABELED, Dataset, PositionalIds, imbalanced, stratified_test_mask
 from tidal.data.errors import DataError
-from tidal.data.listing import ListedNames, MadeNames, duplicate_stem, list_folders
-
-
-class PositionalIds(MadeNames):
-    """The ids `<prefix>-<position>` (7+ digits) of a pool of n samples, made when asked for.
-
-    A pool of a million samples then holds no list of a million strings (about 70 MB per
-    process, plus a dict as large to look ids up), and an id's position is parsed, not looked up.
-    """
-
-    def __init__(self, prefix: str, n: int) -> None:
-        self.prefix, self.n = prefix, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _name(self, i: int) -> str:
-        return self._format(i)
-
-    def _format(self, i: int) -> str:
-        return f"{self.prefix}-{i:07d}"
-
-    def position(self, sid: str) -> int | None:
-        """The position of `sid`, or None when it is not an id of this pool (only the canonical
-        spelling counts: `npy-0000042`, not `npy-42`)."""
-        head, _, digits = sid.rpartition("-")
-        if head != self.prefix or not digits.isdigit():
-            return None
-        i = int(digits)
-        return i if i < self.n and self._format(i) == sid else None
-
-
-@dataclass
-class Dataset:
-    """A pool to query from and a fixed test split, as uint8 images N×C×H×W.
-
-    `pool_files`: each pool sample's image file (absolute path), for the annotators' query
-    files; empty when the pool is not image files (digits, torchvision sets, npy).
-    `mapped`: the memory-mapped arrays behind the tensors (npy source, decoded image files), for
-    `release_pages`. `skipped`: (file, reason) of the image files left out (bad_images: skip).
-    `image_shape`: C×H×W of the images, when pool_images holds their features instead.
-    """
-
-    name: str
-    classes: list[str]
-    pool_ids: Sequence[str]
-    pool_images: torch.Tensor
-    pool_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    pool_files: Sequence[str] = field(default=(), repr=False)
-    mapped: tuple[np.memmap, ...] = field(default=(), repr=False)
-    skipped: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    # C×H×W of the images when pool_images holds something else (a frozen backbone's features)
-    image_shape: tuple[int, ...] = field(default=(), repr=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.pool_images.shape[1])
-
-    def index_of(self, ids: list[str]) -> torch.Tensor:
-        """Positions of the given ids in the pool arrays (raises on an unknown id)."""
-        if isinstance(self.pool_ids, MadeNames):  # found without a dict of every id
-            found = [self.pool_ids.position(i) for i in ids]
-        else:
-            lookup = self._lookup()
-            found = [lookup.get(i) for i in ids]
-        missing = [i for i, pos in zip(ids, found) if pos is None]
-        if missing:
-            raise DataError(f"{len(missing)} id(s) are not in the {self.name} pool, e.g. {missing[:3]}")
-        return torch.tensor(found, dtype=torch.long)
-
-    def _lookup(self) -> dict[str, int]:
-        if not hasattr(self, "_id_lookup"):
-            self._id_lookup = {sid: pos for pos, sid in enumerate(self.pool_ids)}
-        return self._id_lookup
-
-    def release_pages(self) -> None:
-        """Let go of the memory-mapped pages read so far (npy source; nothing for the others).
-
-        They stay in the OS page cache, so reading them again costs no disk access, but they stop
-        counting in this process's resident memory: a process that gathers a huge pool batch by
-        batch and calls this after each batch holds one batch, not every page it has touched.
-        """
-        if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise (Windows): the pages stay counted
-            return
-        for array in self.mapped:
-            array._mmap.madvise(mmap.MADV_DONTNEED)  # numpy keeps the mmap object as `_mmap`
-
-
-def stratified_test_mask(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask selecting round(test_fraction * n_c) samples of every class c."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        chosen = rng.permutation(members)[: int(round(test_fraction * len(members)))]
-        mask[chosen] = True
-    return mask
-
-
-def imbalanced_indices(labels: np.ndarray, ratio: float, num_classes: int, seed: int) -> np.ndarray:
-    """The paper's exponential profile: keep n_c = n_max * (1/ratio)^(c/(C-1)) of class c."""
-    if ratio <= 1:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    n_max = min(int((labels == c).sum()) for c in range(num_classes))
-    keep = []
-    for c in range(num_classes):
-        members = np.flatnonzero(labels == c)
-        n_c = max(1, int(n_max * (1.0 / ratio) ** (c / (num_classes - 1))))
-        keep.append(np.sort(rng.permutation(members)[:n_c]))
-    return np.sort(np.concatenate(keep))
+from tidal.data.image_sources import MANIFEST_CLASSES, MANIFEST_CSV, ImageOptions, read_imagefolder, read_manifest
 
 
 # --- digits: real handwritten digits shipped inside scikit-learn (no network) -------------
@@ -191,9 +67,6 @@ def _load_npy_dir(name: str, src: Path, classes: list[str]) -> Dataset:
 
 
 # --- torchvision datasets: read from data_root/<name>, never downloaded ---------------------
-
-UNLABELED = -1  # pool label of a sample without a label (manifest rows with an empty label)
-
 
 @dataclass(frozen=True)
 class _Torchvision:
@@ -260,186 +133,6 @@ def _read_torchvision(name: str, root: Path) -> Dataset:
     test_images, test_labels, _ = _torchvision_split(name, root, train=False)
     return Dataset(name, classes, [f"{name}-train-{i:05d}" for i in range(len(pool_labels))],
                    pool_images, pool_labels, test_images, test_labels)
-
-
-# --- image files: how they are decoded ---------------------------------------------------------
-
-BAD_IMAGE_POLICIES = ("refuse", "skip")
-
-
-@dataclass(frozen=True)
-class ImageOptions:
-    """How image-file sources decode (params keys image_size, resize, bad_images).
-
-    size 0: every image keeps its own size, which must then be one size for all; otherwise each
-    image is brought to size×size by `resize` (tidal.data.decode.RESIZE_POLICIES). bad_images:
-    "refuse" (one error listing every file that cannot be decoded) or "skip" (leave them out).
-    """
-
-    size: int = 0
-    resize: str = "center-crop"
-    bad_images: str = "refuse"
-    cache_dir: str | Path | None = None
-
-    @classmethod
-    def from_params(cls, params: dict, cache_dir: str | Path | None = None) -> "ImageOptions":
-        return cls(params["image_size"], params["resize"], params["bad_images"], cache_dir)
-
-
-def _decoded_split(source: str, files: Sequence[str], key_entries: list, describe: Callable[[int], str],
-                   options: ImageOptions) -> tuple[DecodedPool, np.ndarray | range, tuple[tuple[str, str], ...]]:
-    """The decoded images, the indices of the files behind their rows (a range when every file
-    was decoded: no array of a million indices), and the files skipped."""
-    pool = decoded_pool(source, files, key_entries, describe, options.size, options.resize, options.cache_dir)
-    if pool.bad and options.bad_images == "refuse":
-        raise bad_images_error(pool, len(files), describe)
-    kept = pool.kept(len(files)) if pool.bad else range(len(files))
-    return pool, kept, tuple((str(files[i]), reason) for i, reason in pool.bad)
-
-
-def _mapped(pool: DecodedPool) -> tuple[np.memmap, ...]:
-    return (pool.images,) if isinstance(pool.images, np.memmap) else ()
-
-
-# --- imagefolder: data_root/{train,test}/<class>/<image> -------------------------------------
-
-def _visible(path: Path) -> bool:
-    return not path.name.startswith(".")
-
-
-def read_imagefolder(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
-    """Pool = root/train, test = root/test; class c = c-th class folder of train, sorted by name.
-
-    Every class folder of train/ needs an image (a class without one could never be learned).
-    The files are listed compactly (tidal.data.listing): ids and paths are made when asked for.
-    """
-    root = Path(os.path.abspath(root))  # so each listed path is absolute already
-    train_dir, test_dir = root / "train", root / "test"
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and _visible(p))
-    if not classes:
-        raise DataError(f"{train_dir} has no class folders; expected {train_dir}/<class>/<image files>")
-    if len(classes) < 2:
-        raise DataError(f"{train_dir} has one class folder ({classes[0]}); a classifier needs at least two "
-                        f"classes: expected {train_dir}/<class>/<image files> for each class")
-    unknown = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and _visible(p) and p.name not in classes)
-    if unknown:
-        raise DataError(f"{test_dir} has class folder(s) {unknown} that {train_dir} lacks; "
-                        f"the classes are the folders of train/: {classes}")
-    folders = [(split, name) for split in ("train", "test") for name in classes]
-    listing = list_folders(str(root), folders, list(range(len(classes))) * 2, IMAGE_SUFFIXES)
-    per_folder = np.diff(listing.starts)
-    empty = [name for c, name in enumerate(classes) if per_folder[c] == 0]
-    if empty:
-        raise DataError(f"class folder(s) {[str(train_dir / e) for e in empty]} hold no images: a class "
-                        f"without training images can never be learned; add images or remove the folder")
-    n_train = int(per_folder[:len(classes)].sum())
-    if n_train == len(listing):
-        raise DataError(f"{test_dir} holds no images; expected {test_dir}/<class>/<image files>")
-    dup = duplicate_stem(listing)
-    if dup is not None:
-        raise DataError(f"two images under {root} share the id '{dup}' (same name, different extension); "
-                        f"rename one")
-    every = ListedNames(listing, range(len(listing)), "file")
-    pool, kept, skipped = _decoded_split("imagefolder", every, [listing.digest], lambda i: every[i], options)
-    n = n_train if isinstance(kept, range) else int((kept < n_train).sum())
-    images = torch.from_numpy(pool.images)
-    label_t = torch.from_numpy(listing.row_labels(kept))
-    return Dataset("imagefolder", classes, ListedNames(listing, kept[:n], "id"), images[:n], label_t[:n],
-                   images[n:], label_t[n:], ListedNames(listing, kept[:n], "file"), mapped=_mapped(pool),
-                   skipped=skipped)
-
-
-# --- manifest: a CSV of path,label,split plus classes.txt -------------------------------------
-
-MANIFEST_CSV = "manifest.csv"
-MANIFEST_CLASSES = "classes.txt"
-MANIFEST_SPLITS = ("train", "test")
-
-
-def _inside(root: Path, text: str) -> Path | None:
-    """root/text if text is a relative path without `..`, else None.
-
-    The rule is on the text the manifest holds: an absolute path or `..` is refused, since a
-    manifest is data that may come from elsewhere. A symlink inside root is followed, wherever
-    it points: whoever can put a link in the data root chose that target (the usual way to keep
-    images on another disk), and the data version hashes the linked files too.
-    """
-    from pathlib import PurePosixPath, PureWindowsPath
-
-    rel = PurePosixPath(text.replace("\\", "/"))
-    if rel.is_absolute() or PureWindowsPath(text).drive or ".." in rel.parts or not rel.parts:
-        return None
-    return root / rel
-
-
-def read_manifest(root: Path, options: ImageOptions = ImageOptions()) -> Dataset:
-    """root/manifest.csv with header `path,label,split`, and root/classes.txt (one class per line).
-
-    path: an image file relative to root (no absolute paths, no `..`); label: a class name from
-    classes.txt, or empty for an unlabeled pool sample (pool label UNLABELED); split: `train`
-    (the pool) or `test` (must be labeled). Ids are the path without extension.
-    """
-    import csv
-
-    csv_path, classes_path = root / MANIFEST_CSV, root / MANIFEST_CLASSES
-    classes = [line.strip() for line in classes_path.read_text().splitlines() if line.strip()]
-    if not classes or len(set(classes)) != len(classes):
-        raise DataError(f"{classes_path} must list each class once, one per line (got {classes})")
-    class_index = {c: i for i, c in enumerate(classes)}
-    rows: list[tuple[int, str, Path, int, str]] = []  # (line, path text, path, label, split)
-    seen: dict[str, int] = {}
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if not {"path", "label", "split"} <= set(header):
-            raise DataError(f"{csv_path} line 1: the header must name the columns path,label,split; got {header}")
-        reader.fieldnames = header
-        for row in reader:
-            line = reader.line_num
-            text = (row.get("path") or "").strip()
-            where = f"{csv_path} line {line}, path '{text}'"
-            path = _inside(root, text)
-            if path is None:
-                raise DataError(f"{where}: the path must be relative to {root}, without '..' (a symlink "
-                                f"inside {root} may point elsewhere)")
-            split = (row.get("split") or "").strip()
-            if split not in MANIFEST_SPLITS:
-                raise DataError(f"{where}: split must be one of {list(MANIFEST_SPLITS)}, got '{split}'")
-            label_text = (row.get("label") or "").strip()
-            if label_text == "":
-                if split == "test":
-                    raise DataError(f"{where}: a test sample needs a label")
-                label = UNLABELED
-            elif label_text in class_index:
-                label = class_index[label_text]
-            else:
-                raise DataError(f"{where}: label '{label_text}' is not one of the classes in "
-                                f"{classes_path}: {classes}")
-            if not path.is_file():
-                raise DataError(f"{where}: image file not found")
-            sid = Path(text.replace("\\", "/")).with_suffix("").as_posix()
-            if sid in seen:
-                raise DataError(f"{where}: same id '{sid}' as line {seen[sid]} (a path listed twice, "
-                                f"or the same name with another extension)")
-            seen[sid] = line
-            rows.append((line, text, path, label, split))
-    for split in MANIFEST_SPLITS:
-        if not any(r[4] == split for r in rows):
-            raise DataError(f"{csv_path} has no row with split '{split}'; the pool and the test set "
-                            f"both need samples")
-    rows.sort(key=lambda r: r[4] == "test")  # pool rows first, each split in file order
-    files = [r[2] for r in rows]
-    entries = [file_stat_entry(p, r[1]) for p, r in zip(files, rows)]
-    pool, kept, skipped = _decoded_split("manifest", [str(f) for f in files], entries,
-                                         lambda i: f"{csv_path} line {rows[i][0]}, path '{rows[i][1]}'", options)
-    rows = [rows[i] for i in kept]
-    n = sum(r[4] == "train" for r in rows)
-    images = torch.from_numpy(pool.images)
-    labels = torch.tensor([r[3] for r in rows], dtype=torch.int64)
-    ids = [Path(r[1].replace("\\", "/")).with_suffix("").as_posix() for r in rows[:n]]
-    pool_files = [os.path.abspath(r[2]) for r in rows[:n]]
-    return Dataset("manifest", classes, ids, images[:n], labels[:n], images[n:], labels[n:], pool_files,
-                   mapped=_mapped(pool), skipped=skipped)
 
 
 # --- npy: pre-decoded arrays, memory-mapped --------------------------------------------------
@@ -597,32 +290,6 @@ def materialize(data_root: str | Path, dataset: str) -> Path:
     return dest
 
 
-def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
-    """The data set with `size` seeded random labeled pool samples as its test split, the rest as
-    its pool: what settings are chosen on, so that choosing never reads the real test split.
-
-    The draw depends on the seed and the pool only (numpy stream [seed, 1]; the initial set and
-    candidates use other streams), so every strategy of one seed sees the same validation split.
-    """
-    known = (data.pool_labels >= 0).nonzero().flatten().numpy()
-    if size >= len(known):
-        raise DataError(f"validation_size={size} leaves no pool: '{data.name}' has {len(known)} labeled pool "
-                        f"samples; choose fewer")
-    held = np.sort(np.random.default_rng([seed, 1]).choice(known, size=size, replace=False))
-    keep = np.setdiff1d(np.arange(len(data.pool_labels)), held)
-    held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
-    return Dataset(data.name, data.classes, _take(data.pool_ids, keep), data.pool_images[keep_t],
-                   data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
-                   _take(data.pool_files, keep), skipped=data.skipped, image_shape=data.image_shape)
-
-
-def _take(names: Sequence[str], positions: np.ndarray) -> Sequence[str]:
-    """names[positions], as a view again where names is one (an image folder's ids and paths)."""
-    if isinstance(names, ListedNames):
-        return names.take(positions)
-    return [names[i] for i in positions] if names else ()
-
-
 def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1.0,
                  seed: int = 0, cache_dir: str | Path | None = None, images: ImageOptions | None = None) -> Dataset:
     """Read a materialized dataset; imbalance (if any) is applied to the pool only.
@@ -646,18 +313,3 @@ def load_dataset(data_root: str | Path, dataset: str, imbalance_ratio: float = 1
         raise DataError(f"'{dataset}' under {src} has {data.num_classes} class ({data.classes}); a classifier "
                         f"needs at least two classes to learn anything")
     return imbalanced(data, imbalance_ratio, seed, where=f"'{dataset}' under {src}")
-
-
-def imbalanced(data: Dataset, ratio: float, seed: int, where: str = "the pool") -> Dataset:
-    """The data set with the paper's exponential class imbalance on its pool (ratio > 1), the
-    test split untouched; the data set itself for ratio 1."""
-    from dataclasses import replace
-
-    if ratio <= 1:
-        return data
-    if bool((data.pool_labels == UNLABELED).any()):
-        raise DataError(f"imbalance_ratio={ratio} needs a label for every pool sample, but {where} has "
-                        f"unlabeled ones; use imbalance_ratio 1")
-    keep = imbalanced_indices(data.pool_labels.numpy(), ratio, data.num_classes, seed)
-    return replace(data, pool_ids=_take(data.pool_ids, keep), pool_images=data.pool_images[keep],
-                   pool_labels=data.pool_labels[keep], pool_files=_take(data.pool_files, keep), mapped=())
