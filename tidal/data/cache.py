@@ -1,7 +1,7 @@
 """Decode image files once, in parallel, into a memory-mapped uint8 array on disk.
 
 Image-file sources (imagefolder, manifest) call `decoded_pool` on every load. The first call
-for a given set of files and size decodes them in worker processes (all cores, a progress bar
+for a given set of files and size decodes them in this process and forked helpers (all cores, a progress bar
 with files/s and ETA) straight into one raw uint8 file N×C×H×W; every later call, in any
 process (training, evaluation, scoring, Dask workers, DDP ranks), maps that file read-only
 copy-on-write, so a process holds only the pages it touches, never the whole pool.
