@@ -56,7 +56,7 @@ def aubc_by_seed(root: Path) -> dict[int, float]:
     """AUBC (mean accuracy over the cycles) per seed of one variant's finished cells."""
     out = {}
     for cell in al_curves.load_cells(root / "cells"):
-        accs = [float(r["test_accuracy"]) for r in cell["rows"]]
+        accs = [float(r["accuracy"]) for r in cell["rows"]]
         out[int(cell["seed"])] = sum(accs) / len(accs)
     return out
 
@@ -64,7 +64,7 @@ def aubc_by_seed(root: Path) -> dict[int, float]:
 def cycle0_by_seed(root: Path) -> dict[int, float]:
     """Accuracy of the cycle-0 model (the initial random labels, the same for every variant of a
     seed) per seed: what joint training with an auxiliary module does to the backbone alone."""
-    return {int(cell["seed"]): float(next(r for r in cell["rows"] if int(r["cycle"]) == 0)["test_accuracy"])
+    return {int(cell["seed"]): float(next(r for r in cell["rows"] if int(r["cycle"]) == 0)["accuracy"])
             for cell in al_curves.load_cells(root / "cells")}
 
 

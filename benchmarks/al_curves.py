@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / "benchmarks" / "results"
-CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
 # Keys of the cell's params shown in the result README.
 SHOWN_KEYS = ["dataset", "backbone", "imbalance_ratio", "validation_size", "cycles", "initial_size", "budget",
               "subset_size", "train.epochs", "train.batch_size", "train.lr", "train.milestones", "train.crop_pad", "train.hflip", "eval_hflip"]
@@ -134,7 +134,7 @@ def run_cell(root: Path, name: str, strategy: str, seed: int, params_path: str |
     return {
         "strategy": strategy, "seed": seed, "experiment": exp,
         "rows": [{"strategy": strategy, "seed": seed, "cycle": h["cycle"], "n_labeled": h["n_labeled"],
-                  "test_accuracy": h["test_accuracy"]} for h in history],
+                  "accuracy": h["accuracy"]} for h in history],
         "wall_s": round(wall, 2),
         "resumed_from_workspace": resumed,
         "settings": {k: flat[k] for k in SHOWN_KEYS if k in flat},
@@ -143,13 +143,24 @@ def run_cell(root: Path, name: str, strategy: str, seed: int, params_path: str |
     }
 
 
+def cell_row(row: dict) -> dict:
+    """A cell's curve row with its accuracy under `accuracy`: the cells committed under
+    benchmarks/results/ were written before the pipeline renamed `test_accuracy` to `accuracy`
+    (the value is the same: test split, or validation with validation_size > 0)."""
+    if "test_accuracy" in row:
+        row = {("accuracy" if k == "test_accuracy" else k): v for k, v in row.items()}
+    return row
+
+
 def load_cells(cells_dir: Path) -> list[dict]:
+    """Every finished cell, its rows read by `cell_row` (old and new cell files alike)."""
     cells = []
     for path in sorted(cells_dir.glob("*.json")):
         try:
-            cells.append(json.loads(path.read_text()))
+            cell = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # a half-written file cannot exist (atomic writes), but never crash the report
+        cells.append({**cell, "rows": [cell_row(r) for r in cell.get("rows", [])]})
     return cells
 
 
@@ -187,7 +198,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
         writer = csv.DictWriter(fh, fieldnames=CURVE_COLUMNS)
         writer.writeheader()
         for r in sorted(rows, key=lambda r: (r["strategy"], int(r["seed"]), int(r["cycle"]))):
-            writer.writerow({**r, "test_accuracy": f"{float(r['test_accuracy']):.6f}"})
+            writer.writerow({**r, "accuracy": f"{float(r['accuracy']):.6f}"})
     os.replace(root / "curves.csv.tmp", root / "curves.csv")
     settings = cells[0]["settings"] if cells else {}
     split = "validation" if cells and _validation_size(cells[0]) else "test"
@@ -256,7 +267,7 @@ def rebuild_report(root: Path, name: str, strategies: list[str], seeds: list[int
               "", f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
               f"{platform.python_version()}, torch {_torch_version()}; CPU runs are deterministic "
               "(same command, same numbers), times depend on load.", "",
-              "Files: `curves.csv` (strategy, seed, cycle, n_labeled, test_accuracy), `cells/*.json` (one per "
+              "Files: `curves.csv` (strategy, seed, cycle, n_labeled, accuracy), `cells/*.json` (one per "
               "finished cell), `learning_curves.png`. Not committed: `mlflow.db`, `runs/`, `mlartifacts/`.", ""]
     _atomic_write(root / "README.md", "\n".join(lines))
 
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None, configure_env: bool = True) -> dict[str,
                 record = run_cell(root, args.name, strategy, seed, params_path, overrides)
                 _atomic_write(path, json.dumps(record, indent=1) + "\n")
                 ran.append(path.stem)
-                accs = " ".join(f"{r['test_accuracy']:.4f}" for r in record["rows"])
+                accs = " ".join(f"{r['accuracy']:.4f}" for r in record["rows"])
                 print(f"[al_curves] {args.name}: {path.stem} done in {record['wall_s']:.1f} s: {accs}", flush=True)
                 rebuild_report(root, args.name, strategies, seeds, command)
         rebuild_report(root, args.name, strategies, seeds, command)

@@ -455,7 +455,7 @@ def snapshot(work: Work, exp: str) -> dict:
             "labeled": state.get("labeled"),
             "pending": sorted(state.get("pending", {})),
             "awaiting_labels": state.get("awaiting_labels"),
-            "history": [[h["cycle"], h["n_labeled"], h["test_accuracy"], h["n_queried"]]
+            "history": [[h["cycle"], h["n_labeled"], h["accuracy"], h["n_queried"]]
                         for h in state.get("history", [])],
             # The imports that changed labels: a rerun of an import that had finished before its kill
             # is recorded too, as one that changed nothing (0 new, all unchanged), as any repeated import is.
@@ -720,6 +720,12 @@ def load_points(points_dir: Path) -> list[dict]:
     return sorted(found, key=lambda p: (p.get("seed", 0), p["point"]))
 
 
+def _curve_accuracy(row: dict[str, str]) -> str:
+    """A learning_curve.csv row's accuracy: `accuracy`, or `test_accuracy` in the reference.json
+    committed before the pipeline renamed it."""
+    return row["accuracy"] if "accuracy" in row else row["test_accuracy"]
+
+
 def rebuild_report(out: Path, command: str, ref: dict | None) -> None:
     points = load_points(out / "points")
     passed = [p for p in points if p["passed"]]
@@ -776,7 +782,7 @@ def rebuild_report(out: Path, command: str, ref: dict | None) -> None:
                   "| command | seconds |", "|---|---|"]
         lines += [f"| {step_name(s, len(steps) // 2)} | {d:.1f} |" for s, d in zip(steps, ref["durations"])]
         curve = ref["snapshot"]["curve"]
-        lines += ["", "Learning curve: " + ", ".join(f"{r['n_labeled']} labels {r['test_accuracy']}" for r in curve)
+        lines += ["", "Learning curve: " + ", ".join(f"{r['n_labeled']} labels {_curve_accuracy(r)}" for r in curve)
                   + ".", ""]
     walls = [p["wall_s"] for p in points]
     if walls:

@@ -41,7 +41,7 @@ def one_cycle(overrides: list[str]) -> dict:
     start_experiment(params, prepared["data_version"], prepared["pool_version"])
     start = time.perf_counter()
     done = pipeline.run_cycle(params, 0)
-    return {"seconds": time.perf_counter() - start, "steps": done["seconds"], "test_accuracy": done["test_accuracy"]}
+    return {"seconds": time.perf_counter() - start, "steps": done["seconds"], "accuracy": done["accuracy"]}
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
             for mode, overrides in (("frozen", frozen), ("scratch", scratch)):
                 record = one_cycle([*overrides, f"runs_dir={tmp}/runs", f"experiment={mode}-{r}"])
                 times[mode].append(record)
-                print(f"round {r} {mode}: {record['seconds']:.1f} s, accuracy {record['test_accuracy']:.4f}", flush=True)
+                print(f"round {r} {mode}: {record['seconds']:.1f} s, accuracy {record['accuracy']:.4f}", flush=True)
     median = {m: statistics.median(t["seconds"] for t in runs) for m, runs in times.items()}
     result = {
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "") + " python benchmarks/pretrained_speed.py "

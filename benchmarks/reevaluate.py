@@ -76,7 +76,7 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
         checkpoint = workspace / "cycles" / str(row["cycle"]) / "model.pt"
         backbone, _ = load_models(params, str(checkpoint), data)
         plain = predict_logits(backbone, data.test_images, device, params["score_batch_size"])
-        recorded = float(row["test_accuracy"])
+        recorded = float(row["accuracy"])
         if abs(float((plain.argmax(1) == data.test_labels).float().mean()) - recorded) > SAME_ACCURACY:
             raise SystemExit(f"{checkpoint} does not give the accuracy {recorded:.4f} the grid recorded for "
                              f"{cell['experiment']} cycle {row['cycle']}: not the model it evaluated")
@@ -84,9 +84,9 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
         if params["eval_hflip"]:  # predict_logits(hflip=True) without computing the one view twice
             logits = mean_of_views(plain, predict_logits(backbone, data.test_images.flip(-1), device,
                                                          params["score_batch_size"]))
-        rows.append({**row, "test_accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
+        rows.append({**row, "accuracy": float((logits.argmax(1) == data.test_labels).float().mean())})
     shown = {k: v for k, v in flatten(params).items() if k in al_curves.SHOWN_KEYS}
-    reevaluated = {"set": overrides, "recorded_accuracy": [r["test_accuracy"] for r in cell["rows"]],
+    reevaluated = {"set": overrides, "recorded_accuracy": [r["accuracy"] for r in cell["rows"]],
                    "workspace": workspace.name, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {**cell, "rows": rows, "settings": {**cell.get("settings", {}), **shown}, "reevaluated": reevaluated}
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         al_curves._atomic_write(path, json.dumps(record, indent=1) + "\n")
         ran.append(path.stem)
         print(f"[reevaluate] {path.stem}: " + " ".join(
-            f"{a:.4f}->{r['test_accuracy']:.4f}" for a, r in zip(record["reevaluated"]["recorded_accuracy"],
+            f"{a:.4f}->{r['accuracy']:.4f}" for a, r in zip(record["reevaluated"]["recorded_accuracy"],
                                                                  record["rows"])), flush=True)
     al_curves.rebuild_report(root, args.name, strategies, seeds, command)
     readme = root / "README.md"

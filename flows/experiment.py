@@ -23,6 +23,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 import tidal.experiment
 from tidal import pipeline, tracking
 from tidal.config import string_override
+from tidal.inputs import eval_split
 from tidal.labeling import imports
 from tidal.memory import peak_rss_mb
 from tidal.workspace import ExperimentLock, read_json, workspace
@@ -169,15 +170,15 @@ def reveal_oracle_labels(params: dict, ids: list[str]) -> dict[str, int]:
 
 @task(name="log-cycle", task_run_name="log-cycle-cycle-{cycle}", **OUTSIDE)
 def log_cycle(params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
-              test_accuracy: float, query_path: str, checkpoint: str) -> None:
+              accuracy: float, query_path: str, checkpoint: str) -> None:
     tracking.log_cycle(tracking.make_tracker(params["tracking"]), params, run_id, parent_run_id, cycle, n_labeled,
-                       test_accuracy, query_path, checkpoint)
+                       accuracy, query_path, checkpoint)
 
 
 @task(name="commit-cycle", task_run_name="commit-cycle-{cycle}", **OUTSIDE)
-def commit_cycle(params: dict, cycle: int, test_accuracy: float, query_path: str,
+def commit_cycle(params: dict, cycle: int, accuracy: float, query_path: str,
                  labels: dict[str, int] | None, run_id: str, ids: list[str]) -> dict:
-    return pipeline.commit_cycle(params, cycle, test_accuracy, query_path, labels,
+    return pipeline.commit_cycle(params, cycle, accuracy, query_path, labels,
                                  tracking={"mlflow_run_id": run_id,
                                            "prefect_flow_run_id": flow_run.get_id() or ""},
                                  queried_ids=ids)
@@ -187,12 +188,13 @@ def commit_cycle(params: dict, cycle: int, test_accuracy: float, query_path: str
 def publish_learning_curve(params: dict) -> None:
     """A Prefect table artifact, so the Prefect UI shows the learning curve and the lineage."""
     state = tidal.experiment.load_state(params)
-    rows = [{"cycle": h["cycle"], "n_labeled": h["n_labeled"], "test_accuracy": round(h["test_accuracy"], 4),
+    rows = [{"cycle": h["cycle"], "n_labeled": h["n_labeled"], "accuracy": round(h["accuracy"], 4),
              "query": h["query"], "mlflow_run_id": h.get("mlflow_run_id", ""),
              "data_version": state["data_version"]} for h in state["history"]]
     create_table_artifact(table=rows, key=artifact_key(params["experiment"]),
                           description=f"Learning curve of {params['experiment']} "
-                                      f"({params['strategy']}, seed {params['seed']})")
+                                      f"({params['strategy']}, seed {params['seed']}; accuracy on the "
+                                      f"{eval_split(params)} split)")
 
 
 def artifact_key(experiment: str) -> str:
@@ -224,7 +226,7 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     log_cycle(params, run_id, parent_run_id, cycle, n_labeled, acc, query, trained["checkpoint"])
     record = commit_cycle(params, cycle, acc, query, labels, run_id, ids)
     publish_learning_curve(params)
-    split = "validation" if params["validation_size"] else "test"  # the held-out part stands in for test
+    split = eval_split(params)  # the held-out part stands in for test
     logger.info("cycle %d: %d labeled, %s accuracy %.4f, query %s", cycle, n_labeled, split, acc, query)
     return record
 

@@ -29,6 +29,7 @@ from tidal import pipeline
 from tidal.config import load_params
 from tidal.device import resolve_device
 from tidal.experiment import load_state, prepare_data, start_experiment
+from tidal.inputs import eval_split
 from tidal.train import TrainConfig
 from tidal.workspace import write_csv, write_json
 
@@ -86,12 +87,12 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
             last[0] = now
 
         done = pipeline.run_cycle(params, cycle, on_epoch=on_epoch)
-        seconds, n_labeled, acc = done["seconds"], done["n_labeled"], done["test_accuracy"]
+        seconds, n_labeled, acc = done["seconds"], done["n_labeled"], done["accuracy"]
         train_s = seconds["train"]
         # The epochs it trained: train.min_steps raises them on small labeled sets.
         images = n_labeled * TrainConfig.from_params(params["train"]).for_labeled(n_labeled).epochs
         tflops = flops * images / train_s / 1e12 if train_s > 0 else 0.0
-        cycles.append({"cycle": cycle, "n_labeled": n_labeled, "test_accuracy": acc, "train_s": train_s,
+        cycles.append({"cycle": cycle, "n_labeled": n_labeled, "accuracy": acc, "train_s": train_s,
                        "epoch_s": epoch_times, "train_img_s": images / train_s if train_s > 0 else 0.0,
                        "train_tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
                        "eval_s": seconds["evaluate"], "score_s": seconds["score"], "commit_s": seconds["commit"],
@@ -101,6 +102,7 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
               flush=True)
     record = {"experiment": params["experiment"], "strategy": params["strategy"], "seed": params["seed"],
               "dataset": params["dataset"], "backbone": params["backbone"], "device": str(device),
+              "split": eval_split(params),  # what each cycle's accuracy was measured on
               "torch": torch.__version__, "train_flops_per_image": flops, "peak_tflops": peak_tflops,
               "wall_s": time.perf_counter() - start, "cycles": cycles, "overrides": overrides}
     write_json(out / "cells" / f"{cell_name(params['strategy'], params['seed'])}.json", record)
@@ -115,7 +117,7 @@ def summarize(out: str | Path) -> Path:
         rec = json.loads(cell.read_text())
         for c in rec["cycles"]:
             rows.append({"strategy": rec["strategy"], "seed": rec["seed"], "cycle": c["cycle"],
-                         "n_labeled": c["n_labeled"], "test_accuracy": c["test_accuracy"],
+                         "n_labeled": c["n_labeled"], "accuracy": c["accuracy"],
                          "train_s": round(c["train_s"], 3), "train_img_s": round(c["train_img_s"], 1),
                          "mfu": c["mfu"], "score_s": round(c["score_s"], 3), "wall_s": round(rec["wall_s"], 1)})
     path = out / "cycles.csv"

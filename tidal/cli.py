@@ -27,18 +27,25 @@ def _offline_defaults() -> None:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
-def format_curve(history: list[dict]) -> str:
-    lines = [f"{'cycle':>5}  {'n_labeled':>9}  {'test_accuracy':>13}", "-" * 31]
-    lines += [f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['test_accuracy']:>13.4f}" for h in history]
+def _accuracy_header(split: str) -> str:
+    """The accuracy column's header: the split it was measured on (tidal.inputs.eval_split)."""
+    return f"{split} accuracy"
+
+
+def format_curve(history: list[dict], split: str) -> str:
+    head = f"{'cycle':>5}  {'n_labeled':>9}  {_accuracy_header(split):>19}"
+    lines = [head, "-" * len(head)]
+    lines += [f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['accuracy']:>19.4f}" for h in history]
     return "\n".join(lines)
 
 
-def format_lineage(history: list[dict], data_version: str) -> str:
+def format_lineage(history: list[dict], data_version: str, split: str) -> str:
     """The learning curve with, per cycle, the ids that find it in Prefect, MLflow and DVC."""
-    head = f"{'cycle':>5}  {'n_labeled':>9}  {'test_acc':>8}  {'prefect flow run':<36}  {'mlflow run':<32}  data version"
+    head = (f"{'cycle':>5}  {'n_labeled':>9}  {_accuracy_header(split):>19}  {'prefect flow run':<36}  "
+            f"{'mlflow run':<32}  data version")
     lines = [head, "-" * len(head)]
     for h in history:
-        lines.append(f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['test_accuracy']:>8.4f}  "
+        lines.append(f"{h['cycle']:>5}  {h['n_labeled']:>9}  {h['accuracy']:>19.4f}  "
                      f"{h.get('prefect_flow_run_id') or '-':<36}  {h.get('mlflow_run_id') or '-':<32}  "
                      f"{data_version}")
     return "\n".join(lines)
@@ -94,7 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     done = "is waiting for labels after" if waiting else "finished in"
     print(f"\nExperiment '{params['experiment']}' ({params['strategy']}, seed {params['seed']}) "
           f"{done} {elapsed:.0f} s\n")
-    print(format_curve(history))
+    from tidal.inputs import eval_split
+
+    print(format_curve(history, eval_split(params)))
     last_query = history[-1]["query"] if history else "(none)"
     print(f"\nlearning curve:  {ws.learning_curve_path}")
     print(f"last query:      {last_query}")
@@ -143,13 +152,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"skipped:      {state['skipped_images']} image file(s) that cannot be decoded, left out of the "
               f"pool and test split (bad_images: skip): {ws.skipped_images_path}")
     if history:
-        split = "validation" if params["validation_size"] else "test"
+        from tidal.inputs import eval_split
+
+        split = eval_split(params)
         views = ", on each image and its mirror" if params["eval_hflip"] else ""
-        print(f"last {split} accuracy: {history[-1]['test_accuracy']:.4f} (cycle {history[-1]['cycle']}, "
+        print(f"last {split} accuracy: {history[-1]['accuracy']:.4f} (cycle {history[-1]['cycle']}, "
               f"{history[-1]['n_labeled']} labels{views})")
         print(f"last query:   {history[-1]['query']}")
         print()
-        print(format_lineage(history, state["data_version"]))
+        print(format_lineage(history, state["data_version"], split))
     parent = state.get("tracking", {}).get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
@@ -456,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_register.add_argument("--experiment", required=True, help="the experiment (params 'experiment'; found in its study too)")
     p_register.add_argument("--alias", default="champion", help="alias to set (default: champion)")
     p_register.add_argument("--pick", choices=["best", "last"], default="best",
-                            help="the cycle with the best test accuracy, or the last one")
+                            help="the cycle with the best accuracy, or the last one")
     p_register.add_argument("--name", default=None, help="registered model name (default: the experiment)")
     p_register.set_defaults(func=cmd_register)
     p_stack = sub.add_parser("stack", help="start, inspect or stop PostgreSQL + Prefect + MLflow servers")

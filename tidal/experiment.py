@@ -18,7 +18,7 @@ from tidal.data.dataset import Dataset
 from tidal.data.errors import DataError
 from tidal.data.sources import materialize
 from tidal.data.version import experiment_data_version, verify_data_version
-from tidal.inputs import dataset_for, frozen, model_data, pretrained_backbone
+from tidal.inputs import dataset_for, eval_split, frozen, model_data, pretrained_backbone
 from tidal.labeling.imports import finish_import
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_text, workspace, write_csv,
                              write_json)
@@ -175,7 +175,7 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
     ws.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ws.root / "params.yaml", dump_params(params))
     ws.save_state(state)
-    write_curve(ws, state)
+    write_curve(ws, state, eval_split(params))
     return state
 
 
@@ -210,15 +210,18 @@ def load_state(params: dict[str, Any]) -> dict[str, Any]:
     return workspace(params).load_state()
 
 
-def write_curve(ws: Workspace, state: dict) -> None:
+def write_curve(ws: Workspace, state: dict, split: str) -> None:
+    """learning_curve.csv and metrics.json from the history; `split` (tidal.inputs.eval_split)
+    is the split the accuracies were measured on."""
     rows = [{"strategy": state["strategy"], "seed": state["seed"], "cycle": h["cycle"],
-             "n_labeled": h["n_labeled"], "test_accuracy": f"{h['test_accuracy']:.6f}"} for h in state["history"]]
+             "n_labeled": h["n_labeled"], "accuracy": f"{h['accuracy']:.6f}"} for h in state["history"]]
     write_csv(ws.learning_curve_path, LEARNING_CURVE_COLUMNS, rows)
-    accs = [h["test_accuracy"] for h in state["history"]]
+    accs = [h["accuracy"] for h in state["history"]]
     write_json(ws.metrics_path, {
         "cycles_done": len(accs),
         "n_labeled": len(state["labeled"]),
-        "final_test_accuracy": accs[-1] if accs else None,
-        # AUBC as the plain mean of test accuracy over the cycles' budgets.
+        "final_accuracy": accs[-1] if accs else None,
+        # AUBC as the plain mean of the accuracy over the cycles' budgets.
         "aubc": sum(accs) / len(accs) if accs else None,
+        "split": split,
     })

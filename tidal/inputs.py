@@ -57,6 +57,12 @@ def _experiment_split(params: dict[str, Any], data: Dataset) -> Dataset:
     return data
 
 
+def eval_split(params: dict[str, Any]) -> str:
+    """The split each cycle's `accuracy` is measured on: "validation" when `validation_size` > 0
+    (the held-out part of the pool stands in for the test split), else "test"."""
+    return "validation" if params["validation_size"] else "test"
+
+
 def frozen(params: dict[str, Any]) -> bool:
     return params["train"]["backbone_mode"] == "frozen"
 

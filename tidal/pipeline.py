@@ -23,7 +23,7 @@ from tidal.device import resolve_device, set_deterministic
 from tidal.evaluate import accuracy, predict_logits
 from tidal.experiment import write_curve
 from tidal.faults import failpoint
-from tidal.inputs import dataset_for, frozen, model_data, pretrained_backbone, weights_file
+from tidal.inputs import dataset_for, eval_split, frozen, model_data, pretrained_backbone, weights_file
 from tidal.models import build_backbone
 from tidal.models.backbones import TIMM_PREFIX
 from tidal.models.frozen import FrozenHead
@@ -170,15 +170,17 @@ def _whole_network(params: dict[str, Any], data: Dataset, backbone: torch.nn.Mod
 
 
 def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
-    """Test accuracy of the cycle's model on the fixed test split (cycles/<k>/eval.json)."""
+    """Accuracy of the cycle's model on the fixed test split, or on the validation split with
+    `validation_size` > 0 (cycles/<k>/eval.json, whose `split` says which)."""
     out = workspace(params).cycle_dir(cycle) / "eval.json"
     if out.is_file():
-        return float(read_json(out)["test_accuracy"])
+        return float(read_json(out)["accuracy"])
     data = model_data(params)
     backbone, _ = load_models(params, checkpoint, data)
     acc = accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
                    params["score_batch_size"], hflip=params["eval_hflip"])
-    write_json(out, {"test_accuracy": acc, "n_test": len(data.test_labels), "eval_hflip": params["eval_hflip"]})
+    write_json(out, {"accuracy": acc, "split": eval_split(params), "n_evaluated": len(data.test_labels),
+                     "eval_hflip": params["eval_hflip"]})
     return acc
 
 
@@ -355,7 +357,7 @@ def reveal_oracle_labels(params: dict[str, Any], ids: list[str]) -> dict[str, in
     return dict(zip(ids, data.pool_labels[data.index_of(ids)].tolist()))
 
 
-def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query_path: str,
+def commit_cycle(params: dict[str, Any], cycle: int, accuracy: float, query_path: str,
                  new_labels: dict[str, int] | None, tracking: dict[str, Any] | None = None,
                  queried_ids: list[str] | None = None) -> dict[str, Any]:
     """The one state transition of a cycle: record its result and move to cycle k+1.
@@ -371,7 +373,7 @@ def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query
     overlap = set(queried) & set(state["labeled"])
     if overlap:
         raise ValueError(f"cycle {cycle} queried {len(overlap)} already labeled id(s), e.g. {sorted(overlap)[:3]}")
-    record = {"cycle": cycle, "n_labeled": len(state["labeled"]), "test_accuracy": test_accuracy,
+    record = {"cycle": cycle, "n_labeled": len(state["labeled"]), "accuracy": accuracy,
               "query": query_path, "query_id": query_id(params, cycle), "n_queried": len(queried),
               **(tracking or {})}
     state["history"].append(record)
@@ -383,7 +385,7 @@ def commit_cycle(params: dict[str, Any], cycle: int, test_accuracy: float, query
         state["awaiting_labels"] = True
     state["cycle"] = cycle + 1
     ws.save_state(state)
-    write_curve(ws, state)
+    write_curve(ws, state, eval_split(params))
     return record
 
 

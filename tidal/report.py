@@ -3,7 +3,7 @@ and each strategy's paired per-seed gain over random (the mean accuracy differen
 both runs of a seed have: their AUBC difference once both are complete). Plain rows in, files out;
 `check_one_protocol` refuses rows that are not one protocol.
 
-AUBC here is the plain mean of test accuracy over the cycles' budgets (every cycle adds the
+AUBC here is the plain mean of the accuracy (test or validation split) over the cycles' budgets (every cycle adds the
 same number of labels, so it equals the normalized trapezoid area up to the end points).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-CURVE_COLUMNS = ["experiment", "strategy", "seed", "n_labeled", "test_accuracy"]
+CURVE_COLUMNS = ["experiment", "strategy", "seed", "n_labeled", "accuracy"]
 
 
 def _t95(n: int) -> float:
@@ -102,12 +102,12 @@ def check_one_protocol(rows: list[dict], unchanged_result_keys: set[str]) -> Non
 
 
 def summarize(rows: list[dict], split: str = "test") -> dict:
-    """rows: strategy, seed, n_labeled, test_accuracy. Returns curves, AUBC and paired gains.
+    """rows: strategy, seed, n_labeled, accuracy. Returns curves, AUBC and paired gains.
     `split` names what the accuracy was measured on ("validation" when the runs held one out:
     `validation_size`), for the tables' and the plot's wording."""
     by_run: dict[tuple[str, int], dict[int, float]] = defaultdict(dict)
     for r in rows:
-        by_run[(r["strategy"], int(r["seed"]))][int(r["n_labeled"])] = float(r["test_accuracy"])
+        by_run[(r["strategy"], int(r["seed"]))][int(r["n_labeled"])] = float(r["accuracy"])
     strategies = sorted({s for s, _ in by_run}, key=lambda s: (s != "random", s))
     budgets = sorted({n for curve in by_run.values() for n in curve})
     curves, aubc, gains = {}, {}, {}

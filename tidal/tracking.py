@@ -1,10 +1,11 @@
 """The only module that talks to MLflow.
 
 One parent run per experiment (params, data version), one child run per cycle (per-epoch
-train metrics, test accuracy, n_labeled, the query and the checkpoint as artifacts, and the
+train metrics, accuracy, n_labeled, the query and the checkpoint as artifacts, and the
 cycle's model as a LoggedModel `cycle-<k>` with the cycle's metrics linked to it). The
-parent also gets test_accuracy with step = n_labeled, so the MLflow UI's chart compares
-strategies on the budget axis. Every call names its run id explicitly: MLflow's active run is
+parent also gets accuracy with step = n_labeled, so the MLflow UI's chart compares
+strategies on the budget axis, and the tag `tidal.eval_split` (EVAL_SPLIT_TAG): the split
+the accuracy is measured on, test or validation (`validation_size` > 0). Every call names its run id explicitly: MLflow's active run is
 thread-local and Prefect runs tasks in worker threads.
 
 `mlflow` is imported lazily so that the library trains on a box without it (tracking off).
@@ -26,6 +27,7 @@ CHECKPOINT_DIR = "checkpoint"
 MODEL_SPEC_TAG = "tidal.model_spec"
 RUN_KEY_TAG = "tidal.run_key"  # the workspace's key for its parent run, saved before the run exists
 EXPERIMENT_TAG = "tidal.experiment"  # on every run: the experiment it belongs to (a study holds several)
+EVAL_SPLIT_TAG = "tidal.eval_split"  # on the parent run: "test" or "validation", what `accuracy` is measured on
 
 
 def mlflow_experiment(params: dict[str, Any]) -> str:
@@ -79,6 +81,7 @@ class MlflowTracker:
         are every params key plus data_version (the experiment's pool and labels) and pool_version
         (the pool's content alone, which `tidal compare` needs equal across the runs it averages)."""
         from tidal.config import flatten
+        from tidal.inputs import eval_split
 
         experiment_id = self._experiment_id(mlflow_experiment(params))
         if run_key and (found := self._existing_run(experiment_id, {RUN_KEY_TAG: run_key})):
@@ -88,7 +91,8 @@ class MlflowTracker:
             run_name=f"{params['strategy']}-seed{params['seed']}",
             tags={"strategy": params["strategy"], "dataset": params["dataset"], EXPERIMENT_TAG: params["experiment"],
                   "data_version": data_version, "tidal.kind": "experiment",
-                  "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key})
+                  "prefect.flow_run_id": prefect_flow_run_id, RUN_KEY_TAG: run_key,
+                  EVAL_SPLIT_TAG: eval_split(params)})
         flat = {k: ("null" if v is None else v) for k, v in flatten(params).items()}
         flat["data_version"] = data_version
         if pool_version:
@@ -123,15 +127,15 @@ class MlflowTracker:
         self._log(run_id, metrics=self._not_logged(run_id, metrics))
 
     def log_cycle_result(self, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
-                         test_accuracy: float, query_path: str, model_id: str | None = None) -> None:
-        """The cycle run's test_accuracy and n_labeled (linked to its LoggedModel `model_id`, so the
+                         accuracy: float, query_path: str, model_id: str | None = None) -> None:
+        """The cycle run's accuracy and n_labeled (linked to its LoggedModel `model_id`, so the
         Models view shows them), the query, and the parent's curve point. Idempotent: a cycle
         redone after a crash logs no metric step a second time."""
         self._log(run_id, metrics=self._not_logged(
-            run_id, [("test_accuracy", test_accuracy, cycle), ("n_labeled", n_labeled, cycle)]), model_id=model_id)
+            run_id, [("accuracy", accuracy, cycle), ("n_labeled", n_labeled, cycle)]), model_id=model_id)
         self.client.log_artifact(run_id, query_path, artifact_path="query")
         self._log(parent_run_id, metrics=self._not_logged(
-            parent_run_id, [("test_accuracy", test_accuracy, n_labeled), ("test_accuracy_by_cycle", test_accuracy, cycle)]))
+            parent_run_id, [("accuracy", accuracy, n_labeled), ("accuracy_by_cycle", accuracy, cycle)]))
 
     def _not_logged(self, run_id: str, metrics: list[tuple]) -> list[tuple]:
         """The (key, value, step) metrics whose key has no value at that step in the run yet."""
@@ -264,7 +268,7 @@ class MlflowTracker:
             monitor.finish()
 
     def learning_curves(self, experiments: list[str] | None = None) -> tuple[list[dict], list[str]]:
-        """Every experiment parent run's test accuracy by number of labels, as plain rows (each
+        """Every experiment parent run's accuracy by number of labels, as plain rows (each
         with its run's flat `params`), and the runs left out. An experiment started over (its
         workspace deleted, the MLflow experiment kept) holds an older parent run of the same
         strategy and seed: only the newest counts; the others come back as "experiment/run id"."""
@@ -296,9 +300,9 @@ class MlflowTracker:
             else:
                 newest[key] = run
         for (experiment, strategy, seed), run in newest.items():
-            for m in self.client.get_metric_history(run.info.run_id, "test_accuracy"):
+            for m in self.client.get_metric_history(run.info.run_id, "accuracy"):
                 rows.append({"experiment": experiment, "strategy": strategy, "seed": seed, "n_labeled": m.step,
-                             "test_accuracy": m.value, "run_id": run.info.run_id,
+                             "accuracy": m.value, "run_id": run.info.run_id,
                              "experiment_id": run.info.experiment_id, "params": run.data.params})
         return rows, superseded
 
@@ -318,14 +322,14 @@ class MlflowTracker:
         return run.info.run_id
 
     def register_cycle_model(self, experiment: str, registered_name: str, alias: str, pick: str = "best") -> str:
-        """Register one cycle's model of an experiment (the best test accuracy, or the last
+        """Register one cycle's model of an experiment (the best accuracy, or the last
         cycle) and point `alias` at it; return `models:/<name>@<alias>`."""
         cycles = self._cycle_runs(experiment)
-        cycles = [r for r in cycles if "test_accuracy" in r.data.metrics]
+        cycles = [r for r in cycles if "accuracy" in r.data.metrics]
         if not cycles:
             raise ValueError(f"experiment '{experiment}' has no finished cycle with a model yet")
         if pick == "best":
-            chosen = max(cycles, key=lambda r: (r.data.metrics["test_accuracy"], int(r.data.tags["cycle"])))
+            chosen = max(cycles, key=lambda r: (r.data.metrics["accuracy"], int(r.data.tags["cycle"])))
         elif pick == "last":
             chosen = max(cycles, key=lambda r: int(r.data.tags["cycle"]))
         else:
@@ -461,14 +465,14 @@ def cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, pr
 
 
 def log_cycle(tracker: Tracker, params: dict, run_id: str, parent_run_id: str, cycle: int, n_labeled: int,
-              test_accuracy: float, query_path: str, checkpoint: str) -> None:
+              accuracy: float, query_path: str, checkpoint: str) -> None:
     """The cycle's model, results (linked to the model), query and checkpoint on its run, which
     then ends; safe to repeat."""
     if not tracker.enabled:
         return
     spec = checkpoint_spec(checkpoint)
     model_id = tracker.log_cycle_model(run_id, checkpoint, spec, cycle)
-    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, test_accuracy, query_path, model_id=model_id)
+    tracker.log_cycle_result(run_id, parent_run_id, cycle, n_labeled, accuracy, query_path, model_id=model_id)
     tracker.log_checkpoint(run_id, checkpoint, spec)
     tracker.end_run(run_id)
     from tidal.faults import failpoint

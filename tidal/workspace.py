@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-LEARNING_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+LEARNING_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
 
 
 class WorkspaceWriteError(RuntimeError):

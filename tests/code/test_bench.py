@@ -19,7 +19,7 @@ def test_trial_writes_a_timed_cell(tmp_path: Path, data_root: Path):
     assert [c["n_labeled"] for c in cell["cycles"]] == [40, 60]
     for c in cell["cycles"]:
         assert len(c["epoch_s"]) == 3 and all(t > 0 for t in c["epoch_s"])
-        assert c["train_img_s"] > 0 and 0 < c["test_accuracy"] <= 1
+        assert c["train_img_s"] > 0 and 0 < c["accuracy"] <= 1
         assert c["mfu"] == c["train_tflops"]  # peak 1 TFLOP/s
     assert cell["train_flops_per_image"] > 0 and cell["device"] == "cpu"
 
@@ -29,7 +29,7 @@ def test_grid_skips_finished_cells(tmp_path: Path, data_root: Path):
     cells = out / "cells"
     cells.mkdir(parents=True)
     (cells / "random-s0.json").write_text(json.dumps({"strategy": "random", "seed": 0, "wall_s": 1.0, "cycles": [
-        {"cycle": 0, "n_labeled": 40, "test_accuracy": 0.5, "train_s": 1.0, "train_img_s": 1.0, "mfu": None,
+        {"cycle": 0, "n_labeled": 40, "accuracy": 0.5, "train_s": 1.0, "train_img_s": 1.0, "mfu": None,
          "score_s": 0.1}]}))
     results = bench.run_grid(["random"], [0], ["preset=debug", f"data_root={data_root}"], out)
     assert results == []  # nothing left to run
@@ -94,3 +94,19 @@ def test_a_cell_written_before_settings_showed_validation_size_still_reads_as_va
     assert al_curves._validation_size({"settings": {"validation_size": 50}}) == 50
     assert al_curves._validation_size({"settings": {}, "overrides": ["tracking=false", "validation_size=300"]}) == 300
     assert al_curves._validation_size({"settings": {}, "overrides": ["seed=1"]}) == 0
+
+
+def test_committed_cells_written_with_test_accuracy_read_as_accuracy(benchmark_script, tmp_path: Path):
+    # benchmarks/results/**/cells/*.json predate the rename; new cells say `accuracy`
+    al_curves = benchmark_script("al_curves")
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    old = {"strategy": "random", "seed": 0, "rows": [{"strategy": "random", "seed": 0, "cycle": 0, "n_labeled": 40,
+                                                       "test_accuracy": 0.5}]}
+    new = {"strategy": "entropy", "seed": 0, "rows": [{"strategy": "entropy", "seed": 0, "cycle": 0, "n_labeled": 40,
+                                                        "accuracy": 0.6}]}
+    (cells / "random-s0.json").write_text(json.dumps(old))
+    (cells / "entropy-s0.json").write_text(json.dumps(new))
+    rows = {c["strategy"]: c["rows"] for c in al_curves.load_cells(cells)}
+    assert rows == {"random": [{"strategy": "random", "seed": 0, "cycle": 0, "n_labeled": 40, "accuracy": 0.5}],
+                    "entropy": new["rows"]}

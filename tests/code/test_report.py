@@ -10,7 +10,7 @@ from tidal.report import (NotComparable, check_one_protocol, labels_to_reach, la
 
 
 def _rows(strategy: str, seed: int, accs: list[float], start: int = 100, step: int = 100) -> list[dict]:
-    return [{"strategy": strategy, "seed": seed, "n_labeled": start + i * step, "test_accuracy": a}
+    return [{"strategy": strategy, "seed": seed, "n_labeled": start + i * step, "accuracy": a}
             for i, a in enumerate(accs)]
 
 
@@ -132,7 +132,7 @@ def test_labels_to_reach_interpolates_and_says_when_never():
 def test_labels_to_reach_table_shows_the_saving_against_random_on_shared_seeds():
     curves = {("random", 0): {100: 0.5, 200: 0.6, 300: 0.7}, ("random", 1): {100: 0.6, 200: 0.8, 300: 0.9},
               ("good", 0): {100: 0.5, 200: 0.7, 300: 0.8}, ("bad", 0): {100: 0.4, 200: 0.5, 300: 0.6}}
-    rows = [{"strategy": s, "seed": sd, "n_labeled": n, "test_accuracy": a}
+    rows = [{"strategy": s, "seed": sd, "n_labeled": n, "accuracy": a}
             for (s, sd), curve in curves.items() for n, a in curve.items()]
     table = labels_to_reach_table(summarize(rows))
     # good and bad only have seed 0: random's target is its seed-0 final accuracy, not the mean of 2
@@ -144,7 +144,7 @@ def test_labels_to_reach_table_shows_the_saving_against_random_on_shared_seeds()
 def test_html_report_holds_the_markdown_tables_numbers_and_run_links(tmp_path):
     from tidal.report import html_report, markdown_table, plot_curves, summarize
 
-    rows = [{"strategy": s, "seed": seed, "n_labeled": n, "test_accuracy": acc + 0.01 * seed}
+    rows = [{"strategy": s, "seed": seed, "n_labeled": n, "accuracy": acc + 0.01 * seed}
             for s, acc in (("random", 0.5), ("entropy", 0.55)) for seed in (0, 1) for n in (100, 200)]
     summary = summarize(rows)
     png = plot_curves(summary, tmp_path / "c.png")

@@ -85,7 +85,7 @@ def test_start_experiment_creates_state_and_empty_curve(params):
     assert len(state["labeled"]) == params["initial_size"]
     assert read_json(ws.state_path) == state
     columns, rows = _read_curve(ws.learning_curve_path)
-    assert columns == LEARNING_CURVE_COLUMNS == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert columns == LEARNING_CURVE_COLUMNS == ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
     assert rows == []
 
 
@@ -117,20 +117,20 @@ def test_commit_cycle_updates_state_and_learning_curve(params):
     assert state["cycle"] == 1
     assert len(state["labeled"]) == n0 + len(new)
     assert all(state["labeled"][i] == y for i, y in new.items())
-    assert state["history"][-1]["test_accuracy"] == 0.8125
+    assert state["history"][-1]["accuracy"] == 0.8125
 
     new2 = _unlabeled(params, state, params["budget"])
     pipeline.commit_cycle(params, 1, 0.875, "cycles/1/query.csv", new2)
     columns, rows = _read_curve(ws.learning_curve_path)
-    assert columns == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert columns == ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
     assert [r["strategy"] for r in rows] == ["entropy", "entropy"]
     assert [r["seed"] for r in rows] == [str(params["seed"])] * 2
     assert [int(r["cycle"]) for r in rows] == [0, 1]
     assert [int(r["n_labeled"]) for r in rows] == [n0, n0 + len(new)]
-    assert [float(r["test_accuracy"]) for r in rows] == [0.8125, 0.875]
+    assert [float(r["accuracy"]) for r in rows] == [0.8125, 0.875]
     metrics = read_json(ws.metrics_path)
     assert metrics["cycles_done"] == 2
-    assert metrics["final_test_accuracy"] == 0.875
+    assert metrics["final_accuracy"] == 0.875 and metrics["split"] == "test"
     assert metrics["aubc"] == pytest.approx((0.8125 + 0.875) / 2)
     assert [p.name for p in ws.root.iterdir() if p.name.endswith(".tmp")] == []
 

@@ -52,7 +52,9 @@ def test_an_experiment_on_the_validation_split_never_labels_or_reads_the_test_sp
     state = load_state(params)
     assert len(state["labeled"]) == 40 + 2 * 20 and not set(state["labeled"]) & held
     evaluated = json.loads((workspace(params).cycle_dir(1) / "eval.json").read_text())
-    assert evaluated["n_test"] == 300  # the validation split, not the 359 test images
+    assert evaluated["n_evaluated"] == 300  # the validation split, not the 359 test images
+    assert evaluated["split"] == "validation"
+    assert json.loads(workspace(params).metrics_path.read_text())["split"] == "validation"
     # What `tidal status` prints names the split the accuracy was measured on.
     from tidal.cli import main as tidal_main
 

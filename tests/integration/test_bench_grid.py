@@ -28,14 +28,14 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
     assert set(cells) == {"random-s0", "entropy-s0"}
     for name, cell in cells.items():
         assert [r["n_labeled"] for r in cell["rows"]] == [40, 60]  # debug preset: 40 + 20 per cycle
-        assert all(0 < r["test_accuracy"] <= 1 for r in cell["rows"])
+        assert all(0 < r["accuracy"] <= 1 for r in cell["rows"])
         assert cell["wall_s"] > 0 and cell["experiment"] == f"tiny-{name}"
     # Paired seeds: both strategies start from the same initial labels, so cycle 0 is identical.
-    assert cells["random-s0"]["rows"][0]["test_accuracy"] == cells["entropy-s0"]["rows"][0]["test_accuracy"]
+    assert cells["random-s0"]["rows"][0]["accuracy"] == cells["entropy-s0"]["rows"][0]["accuracy"]
 
     with open(root / "curves.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert list(rows[0]) == ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
     assert sorted((r["strategy"], r["cycle"]) for r in rows) == [
         ("entropy", "0"), ("entropy", "1"), ("random", "0"), ("random", "1")]
     assert (root / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,9 +80,9 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
         for row, new in zip(cell["rows"], flipped["rows"]):
             model, _ = load_models(params, root / "runs" / cell["experiment"] / "cycles" / str(row["cycle"]) / "model.pt")
             expected = accuracy(model, data.test_images, data.test_labels, torch.device("cpu"), hflip=True)
-            assert new["test_accuracy"] == expected and new["n_labeled"] == row["n_labeled"]
-            changed += new["test_accuracy"] != row["test_accuracy"]
-        assert flipped["reevaluated"]["recorded_accuracy"] == [r["test_accuracy"] for r in cell["rows"]]
+            assert new["accuracy"] == expected and new["n_labeled"] == row["n_labeled"]
+            changed += new["accuracy"] != row["accuracy"]
+        assert flipped["reevaluated"]["recorded_accuracy"] == [r["accuracy"] for r in cell["rows"]]
         assert flipped["settings"]["eval_hflip"] is True and cell["settings"]["eval_hflip"] is False
     assert changed  # digits are not mirror-symmetric: the mirrored view moves some accuracies
     flip_readme = (out / "tiny-flip" / "README.md").read_text()
@@ -130,15 +130,15 @@ def test_ablation_pairs_variants_on_a_validation_split_and_resumes(prefect_harne
                           ("tidal-entropy-detached", "tidal-entropy")]}
     for cell in cells.values():
         for row in cell["rows"]:
-            assert math.isclose(row["test_accuracy"] * 50, round(row["test_accuracy"] * 50), abs_tol=1e-4)  # float32
-    first = {v: c["rows"][0]["test_accuracy"] for v, c in cells.items() if v != "tidal-entropy"}
+            assert math.isclose(row["accuracy"] * 50, round(row["accuracy"] * 50), abs_tol=1e-4)  # float32
+    first = {v: c["rows"][0]["accuracy"] for v, c in cells.items() if v != "tidal-entropy"}
     assert first["random"] == first["entropy"] == first["tidal-entropy-detached"]
     assert all(c["settings"]["validation_size"] == 50 for c in cells.values())
     variant_readme = (out / "tiny/variants/tidal-entropy-detached/README.md").read_text()
     assert "--set train.td_detach=true" in variant_readme
     assert "## Validation accuracy and AUBC" in variant_readme and "mean validation accuracy" in variant_readme
 
-    aubc = {v: sum(r["test_accuracy"] for r in c["rows"]) / len(c["rows"]) for v, c in cells.items()}
+    aubc = {v: sum(r["accuracy"] for r in c["rows"]) / len(c["rows"]) for v, c in cells.items()}
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
             for line in (out / "tiny/README.md").read_text().splitlines() if line.startswith("| ")}
     assert rows["entropy"][5] == f"{aubc['entropy'] - aubc['random']:+.4f} (n=1)"  # paired gain over random

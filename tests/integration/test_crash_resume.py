@@ -21,7 +21,7 @@ def _final(runs: Path) -> dict:
     return {
         "labeled": state["labeled"],
         "cycle": state["cycle"],
-        "curve": [(h["cycle"], h["n_labeled"], h["test_accuracy"]) for h in state["history"]],
+        "curve": [(h["cycle"], h["n_labeled"], h["accuracy"]) for h in state["history"]],
         # with the workspace's own folder written as RUNS: query.csv names the PNGs written under it
         "queries": [(ws / f"cycles/{k}/query.csv").read_text().replace(str(runs), "RUNS")
                     for k in range(state["cycle"])],

@@ -106,7 +106,7 @@ def test_scheduled_cycle_deployment_runs_on_a_worker(servers):
     assert child[0].data.tags["prefect.flow_run_id"]  # lineage back to the Prefect run
     assert child[0].data.tags["data_version"] == parent[0].data.params["data_version"]
     assert [m.step for m in client.get_metric_history(child[0].info.run_id, "train_loss")] == [1, 2, 3]
-    assert 0 < child[0].data.metrics["test_accuracy"] <= 1
+    assert 0 < child[0].data.metrics["accuracy"] <= 1
     assert [a.path for a in client.list_artifacts(child[0].info.run_id, "query")] == ["query/query.csv"]
     assert [a.path for a in client.list_artifacts(child[0].info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
     # Artifacts landed where the server keeps them, not in the working directory.

@@ -37,9 +37,9 @@ def test_experiment_flow_writes_workspace(finished_experiment):
     assert [h["cycle"] for h in finished_experiment["history"]] == [0, 1]
 
     curve = _read_csv(ws / "learning_curve.csv")
-    assert list(curve[0]) == ["strategy", "seed", "cycle", "n_labeled", "test_accuracy"]
+    assert list(curve[0]) == ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
     assert [(r["cycle"], r["n_labeled"]) for r in curve] == [("0", "40"), ("1", "60")]
-    assert all(0.0 < float(r["test_accuracy"]) <= 1.0 for r in curve)
+    assert all(0.0 < float(r["accuracy"]) <= 1.0 for r in curve)
 
     state = json.loads((ws / "state.json").read_text())
     data = load_dataset(tmp / "data", "digits")
@@ -57,6 +57,11 @@ def test_experiment_flow_writes_workspace(finished_experiment):
     truth = dict(zip(data.pool_ids, data.pool_labels.tolist()))
     assert all(state["labeled"][i] == truth[i] for i in q0 + q1)
     assert state["data_version"] == dvc_dir_md5(tmp / "data")
+    evaluated = json.loads((ws / "cycles/1/eval.json").read_text())
+    assert evaluated["split"] == "test" and evaluated["n_evaluated"] == len(data.test_labels)
+    assert evaluated["accuracy"] == state["history"][1]["accuracy"]
+    metrics = json.loads((ws / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["final_accuracy"] == evaluated["accuracy"]
 
 
 def test_experiment_flow_tracks_in_mlflow(finished_experiment):
@@ -73,8 +78,10 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
     assert parent.data.params["dataset"] == "digits"
     assert parent.data.params["budget"] == "20"
     assert parent.data.params["data_version"] == dvc_dir_md5(finished_experiment["tmp"] / "data")
-    curve = client.get_metric_history(parent.info.run_id, "test_accuracy")
+    curve = client.get_metric_history(parent.info.run_id, "accuracy")
     assert sorted(m.step for m in curve) == [40, 60]
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "accuracy_by_cycle")) == [0, 1]
+    assert parent.data.tags["tidal.eval_split"] == "test"  # validation_size 0: the test split
 
     children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
                       key=lambda r: int(r.data.tags["cycle"]))
@@ -83,7 +90,7 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
         run_id = child.info.run_id
         assert child.info.status == "FINISHED"
         assert child.data.metrics["n_labeled"] == n_labeled
-        assert 0 < child.data.metrics["test_accuracy"] <= 1
+        assert 0 < child.data.metrics["accuracy"] <= 1
         for key in ("train_loss", "train_accuracy", "module_kl_loss"):
             assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2, 3], key
         kl = [m.value for m in client.get_metric_history(run_id, "module_kl_loss")]
@@ -110,7 +117,7 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
         model = models[child.info.run_id]
         assert model.name == f"cycle-{cycle}"
         linked = {m.key: m.value for m in model.metrics}
-        assert linked == {"test_accuracy": child.data.metrics["test_accuracy"], "n_labeled": child.data.metrics["n_labeled"]}
+        assert linked == {"accuracy": child.data.metrics["accuracy"], "n_labeled": child.data.metrics["n_labeled"]}
         loaded = mlflow.pytorch.load_model(model.model_uri)
         ckpt = finished_experiment["tmp"] / f"runs/it-digits/cycles/{cycle}/model.pt"
         backbone, _ = pipeline.load_models(params, ckpt)
@@ -132,7 +139,7 @@ def test_rerun_resumes_and_extends(finished_experiment):
     exp = client.get_experiment_by_name("it-digits")
     parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("tidal.kind") == "experiment"]
     assert len(parents) == 1
-    assert sorted(m.step for m in client.get_metric_history(parents[0].info.run_id, "test_accuracy")) == [40, 60, 80]
+    assert sorted(m.step for m in client.get_metric_history(parents[0].info.run_id, "accuracy")) == [40, 60, 80]
 
 
 def test_status_reports_the_workspace(finished_experiment, capsys):
@@ -142,7 +149,7 @@ def test_status_reports_the_workspace(finished_experiment, capsys):
     last = finished_experiment["history"][-1]
     assert "cycle:        2 done of 2 planned" in out
     assert "labeled:      80" in out
-    assert f"last test accuracy: {last['test_accuracy']:.4f}" in out
+    assert f"last test accuracy: {last['accuracy']:.4f}" in out
     assert "cycles/1/query.csv" in out
     # Lineage: each cycle's Prefect flow run, MLflow run and the DVC data version.
     state = json.loads((tmp / "runs/it-digits/state.json").read_text())
@@ -178,7 +185,7 @@ def test_compare_reports_strategies_from_mlflow(finished_experiment, capsys):
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"random", "tidal-entropy"}
     tidal_row = [c.strip() for c in rows["tidal-entropy"].split("|")]
-    accs = [float(h["test_accuracy"]) for h in finished_experiment["history"]]
+    accs = [float(h["accuracy"]) for h in finished_experiment["history"]]
     assert tidal_row[3:5] == [f"{a:.4f}" for a in accs]  # per-budget accuracy of the only seed
     assert tidal_row[5] == f"{sum(accs) / 2:.4f}"  # AUBC = mean over cycles, one seed: no interval
     assert tidal_row[6].startswith(("+", "-"))  # paired gain over random
@@ -292,7 +299,7 @@ def test_register_refuses_a_cycle_without_model_or_checkpoint(mlflow_uri):
     tracker = MlflowTracker()
     run_id = tracker.client.create_run(tracker._experiment_id("no-ckpt"), tags={"tidal.kind": "cycle", "cycle": "0"}
                                        ).info.run_id
-    tracker.client.log_metric(run_id, "test_accuracy", 0.5)
+    tracker.client.log_metric(run_id, "accuracy", 0.5)
     with pytest.raises(ValueError, match="neither a logged model nor a checkpoint"):
         tracker.register_cycle_model("no-ckpt", "no-ckpt", "champion")
     assert tracker.client.search_registered_models() == []  # nothing half-registered

@@ -48,7 +48,7 @@ def test_the_flow_and_the_library_end_the_default_experiment_alike(prefect_harne
     records = [pipeline.run_cycle(params, cycle) for cycle in range(params["cycles"])]
 
     assert params["strategy"] == "tidal-entropy" and params["dataset"] == "digits"  # the default experiment
-    assert [r["test_accuracy"] for r in records] == [h["test_accuracy"] for h in flow_history]
+    assert [r["accuracy"] for r in records] == [h["accuracy"] for h in flow_history]
     by_flow, by_library = _end_state(tmp_path / "flow"), _end_state(tmp_path / "lib")
     assert by_flow["state"]["history"] == by_library["state"]["history"]
     assert by_flow["state"] == by_library["state"]

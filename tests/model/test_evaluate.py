@@ -59,9 +59,9 @@ def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root, caps
     assert (plain_eval["eval_hflip"], flip_eval["eval_hflip"]) == (False, True)
     data = pipeline.dataset_for(flip_params)
     backbone, _ = pipeline.load_models(flip_params, str(flip / "model.pt"), data)
-    assert flip_eval["test_accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU, hflip=True)
-    assert plain_eval["test_accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU)
-    assert flip_eval["test_accuracy"] != plain_eval["test_accuracy"]  # digits are not mirror-symmetric
+    assert flip_eval["accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU, hflip=True)
+    assert plain_eval["accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU)
+    assert flip_eval["accuracy"] != plain_eval["accuracy"]  # digits are not mirror-symmetric
     # the annotators' suggested labels and confidences are the model's predictions as evaluated
     with open(flip / "query.csv") as fh:
         rows = list(csv.DictReader(fh))

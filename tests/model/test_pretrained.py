@@ -65,7 +65,7 @@ def _run(params: dict, cycles: int = 1) -> list[dict]:
 def test_every_strategy_runs_on_a_timm_backbone_in_every_mode(tmp_path, photos, mode, strategy):
     params = _params(tmp_path, photos, mode, f"strategy={strategy}", "bald_passes=2")
     [result] = _run(params)
-    assert 0.0 <= result["test_accuracy"] <= 1.0 and result["n_queried"] == 4
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n_queried"] == 4
     saved = torch.load(tmp_path / f"runs/{mode}/cycles/0/model.pt", weights_only=True)
     # the checkpoint is always the whole network, whatever trained
     whole = TimmBackbone("tf_efficientnet_lite0", 3, 2)
