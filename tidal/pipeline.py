@@ -20,7 +20,7 @@ from tidal.data.dataset import Dataset
 from tidal.data.pool import candidate_positions
 from tidal.data.errors import DataError
 from tidal.device import resolve_device, set_deterministic
-from tidal.evaluate import accuracy, predict_logits
+from tidal import evaluate
 from tidal.experiment import write_curve
 from tidal.faults import failpoint
 from tidal.inputs import dataset_for, eval_split, frozen, model_data, pretrained_backbone, weights_file
@@ -177,7 +177,7 @@ def evaluate_step(params: dict[str, Any], cycle: int, checkpoint: str) -> float:
         return float(read_json(out)["accuracy"])
     data = model_data(params)
     backbone, _ = load_models(params, checkpoint, data)
-    acc = accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
+    acc = evaluate.accuracy(backbone, data.test_images, data.test_labels, resolve_device(params["device"]),
                    params["score_batch_size"], hflip=params["eval_hflip"])
     write_json(out, {"accuracy": acc, "split": eval_split(params), "n_evaluated": len(data.test_labels),
                      "eval_hflip": params["eval_hflip"]})
@@ -323,7 +323,7 @@ def export_query(params: dict[str, Any], cycle: int, scores_path: str, ids: list
     inputs = model_data(params)
     backbone, _ = load_models(params, out_dir / "model.pt", inputs)
     positions = data.index_of(ids)
-    logits = predict_logits(backbone, inputs.pool_images[positions], resolve_device(params["device"]),
+    logits = evaluate.predict_logits(backbone, inputs.pool_images[positions], resolve_device(params["device"]),
                             params["score_batch_size"], hflip=params["eval_hflip"])
     # The image file each annotator opens: the pool's own, or a PNG written here for array pools.
     if data.pool_files:
