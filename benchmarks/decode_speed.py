@@ -197,15 +197,9 @@ def side_decode_one_process(files: list[str]) -> np.ndarray:
 
 
 def side_probe(files: list[str]) -> list:
-    from tidal.data.decode import BadImage, probe
+    from tidal.data.cache import probe_files
 
-    out: list = []
-    for path in files:
-        try:
-            out.append(probe(path))
-        except BadImage as err:
-            out.append(str(err))
-    return out
+    return probe_files(files)
 
 
 SIDES = {

@@ -131,7 +131,8 @@ def _open_entry(base: Path) -> DecodedPool | None:
 
 # --- building an entry -------------------------------------------------------------------------
 
-def _probe_chunk(paths: list[str]) -> list[tuple[str, int, int] | str]:
+def probe_files(paths: list[str]) -> list[tuple[str, int, int] | str]:
+    """`decode.probe` of each file: (mode, width, height), or why it is not an image."""
     out: list[tuple[str, int, int] | str] = []
     for path in paths:
         try:
@@ -262,7 +263,7 @@ def _build(base: Path, files: Sequence[str], describe: Callable[[int], str], siz
     base.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(base)
     probe_workers = workers if len(files) >= PARALLEL_PROBE_FILES else 1
-    probes = list(_run(_probe_chunk, _chunks(files, probe_workers), probe_workers, len(files),
+    probes = list(_run(probe_files, _chunks(files, probe_workers), probe_workers, len(files),
                        "read image headers"))
     bad = {i: p for i, p in enumerate(probes) if isinstance(p, str)}
     good = [i for i in range(len(files)) if i not in bad]
