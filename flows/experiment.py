@@ -233,9 +233,10 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
 
 def open_experiment(params: dict, overrides: list[str]) -> dict:
     """What every flow does first, under the experiment's lock: finish an import a crash left
-    open, check the data against its pin (once per flow run: the cycles that follow change no
-    data, and a label import inside a flow comes before this), start or resume the workspace and
-    its MLflow parent run. Returns start_experiment's record."""
+    open, check the data against its pin (once per hold of the lock: the cycles that follow
+    change no data, a label import inside a flow comes before this, and under `tidal run`,
+    which holds the lock from its preflight on, the preflight's check is read), start or resume
+    the workspace and its MLflow parent run. Returns start_experiment's record."""
     imports.finish_import(params, tracking.data_version_recorder(params))
     version = prepare_data(params)
     return start_experiment(params, version["data_version"], version["pool_version"], overrides)

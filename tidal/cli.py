@@ -83,14 +83,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tidal.tracking import data_version_recorder
     from tidal.workspace import ExperimentLock, workspace
 
-    with ExperimentLock(workspace(params).root):
+    with ExperimentLock(workspace(params).root):  # held through the flow, whose own lock enters again
         preflight(params, data_version_recorder(params))
-    _offline_defaults()
-    from flows.experiment import experiment
+        _offline_defaults()
+        from flows.experiment import experiment
 
-    start = time.perf_counter()
-    history = experiment(params_path=params_path, overrides=args.set)
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        history = experiment(params_path=params_path, overrides=args.set)
+        elapsed = time.perf_counter() - start
     from tidal.workspace import workspace
     from tidal.tracking import tracking_uri
 

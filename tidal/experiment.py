@@ -17,11 +17,11 @@ from tidal.data.pool import initial_labeled_ids
 from tidal.data.dataset import Dataset
 from tidal.data.errors import DataError
 from tidal.data.sources import materialize
-from tidal.data.version import experiment_data_version, verify_data_version
+from tidal.data.version import LABELS_DIR, experiment_data_version, pin_file, verify_data_version
 from tidal.inputs import dataset_for, eval_split, frozen, model_data, pretrained_backbone
 from tidal.labeling.imports import finish_import
-from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_text, workspace, write_csv,
-                             write_json)
+from tidal.workspace import (LEARNING_CURVE_COLUMNS, ExperimentLock, Workspace, atomic_write_text, workspace,
+                             write_csv, write_json)
 
 # Keys that may change between runs of one experiment; every other key defines it.
 RESUMABLE_KEYS = {"cycles", "device", "score_batch_size", "runs_dir", "data_root", "preset", "tracking", "study",
@@ -81,9 +81,42 @@ def prepare_data(params: dict[str, Any]) -> dict[str, str]:
     DVC gives the whole data_root.
     """
     data_dir = materialize(params["data_root"], params["dataset"])
-    checked = verify_data_version(params["data_root"])
+    checked = _checked_data(params)
     own = experiment_data_version(params["data_root"], params["experiment"], pool=str(checked["pool_version"]))
     return {"data_dir": str(data_dir), **checked, "dir_version": checked["data_version"], "data_version": own}
+
+
+# The data checked while this process holds an experiment's lock: {data_root: (the hold's token,
+# the change marks, the check)}. `tidal run` checks the data before Prefect starts and its flow
+# opens the experiment under the same hold, so the flow reads the check instead of walking every
+# file again. What could change the data meanwhile, tidal's own label imports (of this or any
+# experiment on the data root), writes under labels/ and re-pins, which the marks see.
+_CHECKED: dict[Path, tuple[object, tuple, dict]] = {}
+
+
+def _change_marks(data_root: str | Path) -> tuple:
+    def mark(path: Path) -> tuple | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    return mark(pin_file(data_root)), mark(Path(data_root) / LABELS_DIR)
+
+
+def _checked_data(params: dict[str, Any]) -> dict:
+    """verify_data_version of the data root, once per hold of the experiment's lock unless the
+    change marks moved."""
+    token = ExperimentLock.holding(workspace(params).root)
+    key, marks = Path(params["data_root"]).absolute(), _change_marks(params["data_root"])
+    kept = _CHECKED.get(key)
+    if token is not None and kept is not None and kept[0] is token and kept[1] == marks:
+        return kept[2]
+    checked = verify_data_version(params["data_root"])
+    if token is not None:
+        _CHECKED[key] = (token, marks, checked)
+    return checked
 
 
 def preflight(params: dict[str, Any], on_version: Callable[[str], None] | None = None) -> None:

@@ -175,20 +175,51 @@ def test_conflicting_relabel_needs_flag_and_keeps_history(waiting_experiment, ca
 
 
 def test_second_run_refuses_while_locked_and_stale_lock_is_taken_over(waiting_experiment, capsys):
-    from tidal.workspace import ExperimentLock
-
     tmp, ws = waiting_experiment["tmp"], waiting_experiment["ws"]
-    with ExperimentLock(ws):
+    holder = subprocess.Popen(  # another process runs the experiment
+        [sys.executable, "-c", "import sys, time\nfrom tidal.workspace import ExperimentLock\n"
+         "with ExperimentLock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)", str(ws)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         assert tidal_main(["run", *_sets(tmp)]) == 2
         err = capsys.readouterr().err
-        assert "is being run by pid" in err and ".lock" in err
-    assert not (ws / ".lock").exists()  # released by its holder
+        assert f"is being run by pid {holder.pid}" in err and ".lock" in err
+    finally:
+        holder.kill()
+        holder.wait()
     # A lock left by a killed process (its pid no longer exists) does not block.
     dead = subprocess.Popen(["true"])
     dead.wait()
     (ws / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "since": "then"}))
     assert tidal_main(["run", *_sets(tmp)]) == 0
     assert not (ws / ".lock").exists()
+
+
+def test_a_run_walks_the_data_once_and_again_only_after_it_can_have_changed(waiting_experiment, monkeypatch):
+    """`tidal run` checks the data before Prefect starts and holds the experiment's lock through
+    the flow, which reads that check instead of walking every file again. Under a hold of the
+    lock, a label import (files under labels/, a new pin) or letting go of the lock means a new
+    walk."""
+    import tidal.experiment as experiment_mod
+    from tidal.workspace import ExperimentLock
+
+    tmp, ws = waiting_experiment["tmp"], waiting_experiment["ws"]
+    walks = []
+    real = experiment_mod.verify_data_version
+    monkeypatch.setattr(experiment_mod, "verify_data_version", lambda root: walks.append(root) or real(root))
+    assert tidal_main(["run", *_sets(tmp)]) == 0
+    assert len(walks) == 1
+    params = experiment_mod.experiment_params(None, _overrides(tmp))[0]
+    with ExperimentLock(ws):
+        first = experiment_mod.prepare_data(params)
+        assert experiment_mod.prepare_data(params) == first and len(walks) == 2
+        (tmp / "data" / "labels").mkdir(exist_ok=True)
+        (tmp / "data" / "labels" / "other.csv").write_text("id,label\n")  # another experiment's import
+        assert experiment_mod.prepare_data(params)["dir_version"] != first["dir_version"] and len(walks) == 3
+    with ExperimentLock(ws):  # a new hold: the data may have changed while nobody held the lock
+        experiment_mod.prepare_data(params)
+        assert len(walks) == 4
 
 
 @pytest.mark.parametrize("initial_size, message", [
