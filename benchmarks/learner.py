@@ -42,7 +42,8 @@ from tidal.data import materialize  # noqa: E402
 from tidal.device import resolve_device, set_deterministic  # noqa: E402
 from tidal.evaluate import accuracy  # noqa: E402
 from tidal.models import build_backbone  # noqa: E402
-from tidal.pipeline import build_models, model_data, weights_file  # noqa: E402
+from tidal.inputs import model_data, weights_file  # noqa: E402
+from tidal.pipeline import build_models  # noqa: E402
 from tidal.train import TrainConfig, steps_per_epoch, train_cycle  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "learner"

@@ -16,7 +16,7 @@ so scoring reads every unlabeled pool file, strategy tidal-entropy, tracking off
 
   cache    `load_dataset` with an empty cache dir: the decoded cache is built (probe + decode in
            `decode_workers()` forked processes); then loaded again from the cache, timed
-  load     `pipeline.dataset_for` alone, with the cache built: what every later step pays to list
+  load     `inputs.dataset_for` alone, with the cache built: what every later step pays to list
            the folder and map the cache
   prepare  `experiment.prepare_data` (materialize, the DVC-style md5 of data_root: every file read
            once, memoized in the cache dir) and `start_experiment`, as the flow's first tasks do
@@ -163,7 +163,7 @@ def run_phase(args: argparse.Namespace) -> dict:
     began = time.perf_counter()
     import torch
 
-    from tidal import pipeline
+    from tidal import inputs, pipeline
     from tidal.experiment import prepare_data, start_experiment
     from tidal.workspace import workspace
 
@@ -188,7 +188,7 @@ def run_phase(args: argparse.Namespace) -> dict:
         load_dataset(params["data_root"], "imagefolder", images=opts)
         record["reload_s"] = round(time.perf_counter() - again, 2)
     elif args.phase == "load":
-        data = pipeline.dataset_for(params)
+        data = inputs.dataset_for(params)
         record["pool"] = len(data.pool_ids)
     elif args.phase == "prepare":
         prepared = prepare_data(params)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from tidal import pipeline  # noqa: E402
+from tidal import inputs, pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
 from tidal.experiment import prepare_data, start_experiment  # noqa: E402
 
@@ -61,9 +61,9 @@ def main() -> None:
         frozen = [*base, "train.backbone_mode=frozen"]
         scratch = [*base, "train.backbone_mode=scratch", "backbone_weights=null"]
         params = load_params(None, frozen)
-        data = pipeline.dataset_for(params)  # decode the photos first: not part of the extraction's time
+        data = inputs.dataset_for(params)  # decode the photos first: not part of the extraction's time
         start = time.perf_counter()
-        pipeline.model_data(params)
+        inputs.model_data(params)
         extract_s = time.perf_counter() - start
         n_images = len(data.pool_ids) + len(data.test_labels)
         print(f"feature extraction: {n_images} images in {extract_s:.1f} s, {n_images / extract_s:.2f} img/s", flush=True)

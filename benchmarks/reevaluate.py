@@ -66,7 +66,8 @@ def reevaluate_cell(cell: dict[str, Any], workspace: Path, overrides: list[str])
     from tidal.config import flatten, load_params
     from tidal.device import resolve_device
     from tidal.evaluate import mean_of_views, predict_logits
-    from tidal.pipeline import dataset_for, load_models
+    from tidal.inputs import dataset_for
+    from tidal.pipeline import load_models
 
     params = load_params(str(workspace / "params.yaml"), overrides)
     data = dataset_for(params)

@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tidal import pipeline  # noqa: E402
+from tidal import inputs, pipeline  # noqa: E402
 from tidal.config import load_params  # noqa: E402
 from tidal.data.dataset import Dataset  # noqa: E402
 from tidal.device import set_deterministic  # noqa: E402
@@ -191,7 +191,7 @@ def run_baal(params: dict[str, Any], workers: int = 0) -> dict[str, Any]:
     from baal.modelwrapper import ModelWrapper, TrainingArgs
 
     t0 = time.perf_counter()
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     train_tf, test_tf = baal_transforms(params, data)
     pool = TensorImages(data.pool_images, data.pool_labels, train_tf)
     test = TensorImages(data.test_images, data.test_labels, test_tf)
@@ -259,7 +259,7 @@ def profile_epoch(params: dict[str, Any], reps: int = 3, workers: int = 0) -> di
 
     cfg = params["train"]
     n = params["initial_size"] + (params["cycles"] - 1) * params["budget"]
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     ids = initial_labeled({**params, "initial_size": n}, data)
     pos = data.index_of(ids)
     images, labels = data.pool_images[pos], data.pool_labels[pos]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.device import resolve_device
 from tidal.experiment import load_state, prepare_data, start_experiment
@@ -73,7 +73,7 @@ def run_trial(overrides: list[str], out: str | Path, peak_tflops: float | None =
     device = resolve_device(params["device"])
     info = prepare_data(params)
     start_experiment(params, info["data_version"], info["pool_version"])
-    data = pipeline.model_data(params)  # with a frozen backbone: its cached features (extracted here, once)
+    data = inputs.model_data(params)  # with a frozen backbone: its cached features (extracted here, once)
     backbone, _ = pipeline.build_models(params, data)
     flops = train_flops_per_image(backbone, tuple(data.pool_images.shape[1:]), device)
     cycles, start = [], time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import prepare_data, start_experiment
 from tidal.models import build_backbone
@@ -308,7 +308,7 @@ def test_every_strategy_selects_budget_new_pool_ids_through_the_pipeline(name, t
     trained = pipeline.train_step(params, 0)
     scores_path = pipeline.score_step(params, 0, trained["checkpoint"])
     ids = pipeline.select_step(scores_path, params["budget"])
-    pool = set(pipeline.dataset_for(params).pool_ids)
+    pool = set(inputs.dataset_for(params).pool_ids)
     assert len(ids) == params["budget"] == len(set(ids))
     assert not set(ids) & set(state["labeled"])
     assert set(ids) <= pool

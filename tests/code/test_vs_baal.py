@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import flatten, load_params
 from tidal.experiment import initial_labeled
 from tidal.train import augment, normalize, to_float
@@ -42,10 +42,10 @@ def test_ours_starts_from_the_ids_baal_is_given_and_scores_subset_size(tmp_path:
     overrides = [f"data_root={data_root}", *TINY]
     params = vs_baal.experiment_params(3, overrides)
     result = vs_baal.run_ours(params, overrides, tmp_path, "ours-t")
-    expected = initial_labeled(params, pipeline.dataset_for(params))
+    expected = initial_labeled(params, inputs.dataset_for(params))
     assert len(expected) == params["initial_size"] == 100
     assert result["initial_ids"] == expected
-    assert expected != initial_labeled(vs_baal.experiment_params(4, overrides), pipeline.dataset_for(params))
+    assert expected != initial_labeled(vs_baal.experiment_params(4, overrides), inputs.dataset_for(params))
     [cycle] = result["cycles"]
     assert cycle["n_labeled"] == 100 and cycle["n_candidates"] == params["subset_size"] == 500
     assert cycle["other_s"] >= 0 and cycle["cycle_s"] >= cycle["train_s"] + cycle["eval_s"] + cycle["score_s"]
@@ -55,7 +55,7 @@ def test_ours_starts_from_the_ids_baal_is_given_and_scores_subset_size(tmp_path:
 
 def test_baal_transforms_do_what_our_trainer_does(data_root: Path):
     params = vs_baal.experiment_params(0, [f"data_root={data_root}"])
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     train_tf, test_tf = vs_baal.baal_transforms(params, data)
     images = data.pool_images[:20]
     for img in images:

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import ExperimentMismatch, start_experiment
 from tidal.workspace import (LEARNING_CURVE_COLUMNS, Workspace, atomic_write_bytes, atomic_write_text,
@@ -100,7 +100,7 @@ def test_start_experiment_initial_set_depends_on_seed_not_strategy(tmp_path, dat
 
 
 def _unlabeled(params, state, n):
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     ids = [i for i in data.pool_ids if i not in state["labeled"]][:n]
     return dict(zip(ids, data.pool_labels[data.index_of(ids)].tolist()))
 

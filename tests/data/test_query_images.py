@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import prepare_data, start_experiment
 from tidal.workspace import workspace
@@ -25,7 +25,7 @@ def test_each_queried_array_sample_is_a_png_the_query_files_name(tmp_path, data_
     with open(cycle_dir / "query.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == params["budget"]
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     for rank, row in enumerate(rows, start=1):
         assert row["path"] == str((cycle_dir / "images" / f"{rank:05d}.png").resolve())
         pixels = np.asarray(Image.open(row["path"]))

@@ -70,7 +70,8 @@ def test_grid_writes_cells_and_report_resumes_and_reevaluates(prefect_harness, m
 
     from tidal.config import load_params
     from tidal.evaluate import accuracy
-    from tidal.pipeline import dataset_for, load_models
+    from tidal.inputs import dataset_for
+    from tidal.pipeline import load_models
 
     changed = 0
     for name, cell in cells.items():

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import ddp_worker
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import prepare_data, start_experiment
 from tidal.workspace import read_json, workspace
@@ -249,7 +249,7 @@ def test_train_step_on_two_processes_writes_what_one_process_writes(data_root, t
     # decision there is within rounding of its kink. On the Xeon, 30 starts one float apart from
     # this one all stayed below 0.2% of the bound; another seed and a doubled lr exceed it.
     backbone, aux = pipeline.load_models(one, single["checkpoint"])
-    pixels = pipeline.dataset_for(one).pool_images[0, 0].numel()
+    pixels = inputs.dataset_for(one).pool_images[0, 0].numel()
     terms = reordered_terms(sum(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules()),
                             one["train"]["batch_size"], pixels)
     # The optimizer's parameters, in order: the backbone's, then the TD module's.

@@ -104,14 +104,14 @@ def test_experiment_flow_tracks_in_mlflow(finished_experiment):
     import mlflow
     import torch
 
-    from tidal import pipeline
+    from tidal import inputs, pipeline
     from tidal.config import load_params
     from tidal.train import normalize, to_float
 
     models = {m.source_run_id: m for m in client.search_logged_models(experiment_ids=[exp.experiment_id])}
     assert set(models) == {c.info.run_id for c in children}
     params = load_params(None, _overrides(finished_experiment["tmp"]))
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     x = to_float(data.test_images[:16])
     for cycle, child in enumerate(children):
         model = models[child.info.run_id]
@@ -266,7 +266,7 @@ def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
     import mlflow
     import torch
 
-    from tidal import pipeline
+    from tidal import inputs, pipeline
     from tidal.config import load_params
     from tidal.train import normalize, to_float
 
@@ -276,7 +276,7 @@ def test_register_last_cycle_model_under_alias(finished_experiment, capsys):
     model = mlflow.pytorch.load_model("models:/it-digits@newest")
     params = load_params(None, _overrides(tmp))
     backbone, _ = pipeline.load_models(params, tmp / "runs/it-digits/cycles/1/model.pt")
-    data = pipeline.dataset_for(params)
+    data = inputs.dataset_for(params)
     x = to_float(data.test_images[:16])
     with torch.inference_mode():
         expected = backbone.eval()(normalize(x))[0]

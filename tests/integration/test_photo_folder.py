@@ -115,8 +115,9 @@ def test_a_pretrained_cycle_logs_the_whole_network_that_mlflow_loads_and_registe
     import mlflow
     import torch
 
-    from tidal import pipeline
+    from tidal import inputs
     from tidal.config import load_params
+    from tidal.models import build_backbone
     from tidal.train import normalize, to_float
 
     monkeypatch.chdir(tmp_path)
@@ -129,9 +130,9 @@ def test_a_pretrained_cycle_logs_the_whole_network_that_mlflow_loads_and_registe
     assert f"models:/ants-{mode}@newest" in capsys.readouterr().out
     model = mlflow.pytorch.load_model(f"models:/ants-{mode}@newest").eval()
     params = load_params(None, [s for s in sets if s != "--set"])
-    images = pipeline.dataset_for(params).test_images[:8]
+    images = inputs.dataset_for(params).test_images[:8]
     assert tuple(images.shape[1:]) == (3, 32, 32)
-    whole = pipeline.build_backbone(params["backbone"], 3, 2)
+    whole = build_backbone(params["backbone"], 3, 2)
     whole.load_state_dict(torch.load(tmp_path / f"runs/ants-{mode}/cycles/0/model.pt", weights_only=True)["backbone"])
     x = to_float(images)
     with torch.inference_mode():

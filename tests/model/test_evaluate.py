@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.evaluate import accuracy, predict_logits
 from tidal.experiment import prepare_data, start_experiment
@@ -57,7 +57,7 @@ def test_eval_hflip_changes_the_reported_accuracy_only(tmp_path, data_root, caps
     assert all(torch.equal(a[k], b[k]) for k in a)
     plain_eval, flip_eval = (json.loads((d / "eval.json").read_text()) for d in (plain, flip))
     assert (plain_eval["eval_hflip"], flip_eval["eval_hflip"]) == (False, True)
-    data = pipeline.dataset_for(flip_params)
+    data = inputs.dataset_for(flip_params)
     backbone, _ = pipeline.load_models(flip_params, str(flip / "model.pt"), data)
     assert flip_eval["accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU, hflip=True)
     assert plain_eval["accuracy"] == accuracy(backbone, data.test_images, data.test_labels, CPU)

@@ -77,7 +77,7 @@ def test_every_strategy_runs_on_a_timm_backbone_in_every_mode(tmp_path, photos, 
 
 def test_frozen_training_changes_only_the_head_and_finetune_moves_the_trunk_slower(tmp_path, photos):
     pretrained = TimmBackbone("tf_efficientnet_lite0", 3, 2)
-    load_backbone_weights(pretrained, pipeline.weights_file(_params(tmp_path, photos, "frozen")))
+    load_backbone_weights(pretrained, inputs.weights_file(_params(tmp_path, photos, "frozen")))
     trunk = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("head.")}
     for mode in ("frozen", "finetune"):
         _run(_params(tmp_path, photos, mode))
@@ -97,9 +97,9 @@ def test_frozen_predictions_equal_the_whole_network_on_the_images(tmp_path, phot
     params = _params(tmp_path, photos, "frozen")
     _run(params)
     ckpt = tmp_path / "runs/frozen/cycles/0/model.pt"
-    features = pipeline.model_data(params)
+    features = inputs.model_data(params)
     head, _ = pipeline.load_models(params, ckpt, features)
-    images = pipeline.dataset_for(params)
+    images = inputs.dataset_for(params)
     whole = TimmBackbone("tf_efficientnet_lite0", 3, 2)
     whole.load_state_dict(torch.load(ckpt, weights_only=True)["backbone"])
     cpu = torch.device("cpu")
@@ -111,37 +111,37 @@ def test_frozen_cache_is_reused_and_rebuilt_when_weights_or_size_change(tmp_path
     import tidal.features as features_mod
 
     params = _params(tmp_path, photos, "frozen")
-    first = pipeline.model_data(params)
+    first = inputs.model_data(params)
     calls = []
     real = features_mod.pooled_stages
     monkeypatch.setattr(features_mod, "pooled_stages", lambda s: calls.append(1) or real(s))
-    again = pipeline.model_data(params)
+    again = inputs.model_data(params)
     assert calls == [] and torch.equal(again.pool_images, first.pool_images)
     # every seed's validation split, and the imbalanced pool, read the one extraction
     for extra in (["validation_size=8", "seed=1"], ["validation_size=8", "seed=2"], ["imbalance_ratio=2.0"]):
-        subset = pipeline.model_data(_params(tmp_path, photos, "frozen", *extra))
-        images = pipeline.dataset_for(_params(tmp_path, photos, "frozen", *extra))
+        subset = inputs.model_data(_params(tmp_path, photos, "frozen", *extra))
+        images = inputs.dataset_for(_params(tmp_path, photos, "frozen", *extra))
         assert subset.pool_ids == images.pool_ids and torch.equal(subset.test_labels, images.test_labels)
     assert calls == []
     # another input size: new features
-    bigger = pipeline.model_data(_params(tmp_path, photos, "frozen", "image_size=40"))
+    bigger = inputs.model_data(_params(tmp_path, photos, "frozen", "image_size=40"))
     assert calls and not torch.equal(bigger.pool_images, first.pool_images)
     # other weights (one tensor changed): new features
     calls.clear()
-    state = torch.load(pipeline.weights_file(params), weights_only=True)
+    state = torch.load(inputs.weights_file(params), weights_only=True)
     state["conv_stem.weight"] = state["conv_stem.weight"] * 1.5
     other = tmp_path / "other.pth"
     torch.save(state, other)
-    changed = pipeline.model_data(_params(tmp_path, photos, "frozen", f"backbone_weights={other}"))
+    changed = inputs.model_data(_params(tmp_path, photos, "frozen", f"backbone_weights={other}"))
     assert calls and not torch.equal(changed.pool_images, first.pool_images)
 
 
 def test_a_killed_feature_extraction_resumes_to_the_same_features(tmp_path, photos):
     cache = tmp_path / "cache"
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-              "from tidal import pipeline\nfrom tidal.config import load_params\n"
+              "from tidal import inputs\nfrom tidal.config import load_params\n"
               f"params = load_params(None, {[*_flat(_params(tmp_path, photos, 'frozen')), 'score_batch_size=8']!r})\n"
-              "print(pipeline.model_data(params).pool_images.sum().item())\n")
+              "print(inputs.model_data(params).pool_images.sum().item())\n")
     env = {**os.environ, "TIDAL_CACHE_DIR": str(cache), "TIDAL_FAILPOINT": "features:batch"}
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert killed.returncode == -9

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tidal import pipeline
+from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.data import load_dataset
 from tidal.evaluate import accuracy
@@ -294,5 +294,5 @@ def test_warm_start_trains_cycle_one_from_cycle_zeros_models(tmp_path, data_root
     assert same is warm and same_module is warm
     if not warm:
         torch.manual_seed(pipeline.cycle_seed(params["seed"], 1))
-        fresh, _ = pipeline.build_models(params, pipeline.dataset_for(params))
+        fresh, _ = pipeline.build_models(params, inputs.dataset_for(params))
         assert all(torch.equal(backbone[k], v) for k, v in fresh.state_dict().items())
