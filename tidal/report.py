@@ -3,8 +3,9 @@ and each strategy's paired per-seed gain over random (the mean accuracy differen
 both runs of a seed have: their AUBC difference once both are complete). Plain rows in, files out;
 `check_one_protocol` refuses rows that are not one protocol.
 
-AUBC here is the plain mean of the accuracy (test or validation split) over the cycles' budgets (every cycle adds the
-same number of labels, so it equals the normalized trapezoid area up to the end points).
+AUBC here is the plain mean of the accuracy (test or validation split) over the cycles' budgets
+(every cycle adds the same number of labels, so it equals the normalized trapezoid area up to the
+end points).
 """
 from __future__ import annotations
 

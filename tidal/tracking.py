@@ -5,8 +5,8 @@ train metrics, accuracy, n_labeled, the query and the checkpoint as artifacts, a
 cycle's model as a LoggedModel `cycle-<k>` with the cycle's metrics linked to it). The
 parent also gets accuracy with step = n_labeled, so the MLflow UI's chart compares
 strategies on the budget axis, and the tag `tidal.eval_split` (EVAL_SPLIT_TAG): the split
-the accuracy is measured on, test or validation (`validation_size` > 0). Every call names its run id explicitly: MLflow's active run is
-thread-local and Prefect runs tasks in worker threads.
+the accuracy is measured on, test or validation (`validation_size` > 0). Every call names its
+run id explicitly: MLflow's active run is thread-local and Prefect runs tasks in worker threads.
 
 `mlflow` is imported lazily so that the library trains on a box without it (tracking off).
 """
