@@ -243,9 +243,16 @@ def open_experiment(params: dict, overrides: list[str]) -> dict:
 
 
 @flow(name="tidal-experiment")
-def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None) -> list[dict]:
-    """Run (or resume) the experiment described by params.yaml plus `key=value` overrides."""
-    params, overrides = tidal.experiment.experiment_params(params_path, overrides)
+def experiment(params_path: str | None = "params.yaml", overrides: list[str] | None = None,
+               params: dict | None = None) -> list[dict]:
+    """Run (or resume) the experiment described by params.yaml plus `key=value` overrides.
+
+    A deployment passes those two and the flow resolves them (tidal.experiment.experiment_params).
+    `tidal run` has resolved them already, under the experiment's lock it holds through this flow:
+    it passes the result, `params` and the overrides they came from, and nothing is resolved twice.
+    """
+    if params is None:
+        params, overrides = tidal.experiment.experiment_params(params_path, overrides)
     with ExperimentLock(workspace(params).root):
         started = open_experiment(params, overrides)
         for cycle in range(started["cycle"], params["cycles"]):

@@ -51,14 +51,19 @@ def format_lineage(history: list[dict], data_version: str, split: str) -> str:
     return "\n".join(lines)
 
 
-def _experiment_params(args: argparse.Namespace) -> dict:
-    """The params of the experiment the command names: its recorded overrides applied again."""
+def _resolved(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """The params of the experiment the command names, and the overrides they come from (its
+    recorded ones applied again under --set): tidal.experiment.experiment_params."""
     from tidal.experiment import experiment_params
 
     # --experiment is a name, taken as it is (string_override), not YAML; load_params checks it.
     named = getattr(args, "experiment", None)
     overrides = list(args.set) + ([string_override("experiment", named)] if named is not None else [])
-    return experiment_params(_params_path(args.params), overrides)[0]
+    return experiment_params(_params_path(args.params), overrides)
+
+
+def _experiment_params(args: argparse.Namespace) -> dict:
+    return _resolved(args)[0]
 
 
 def next_command(params: dict, command: str) -> str:
@@ -77,8 +82,7 @@ def next_command(params: dict, command: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    params_path = _params_path(args.params)
-    params = _experiment_params(args)  # fail fast, before Prefect starts
+    params, overrides = _resolved(args)  # fail fast, before Prefect starts
     from tidal.experiment import preflight
     from tidal.tracking import data_version_recorder
     from tidal.workspace import ExperimentLock, workspace
@@ -89,7 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.experiment import experiment
 
         start = time.perf_counter()
-        history = experiment(params_path=params_path, overrides=args.set)
+        # The flow gets the params resolved here, under this lock, and does not resolve them again.
+        history = experiment(params_path=_params_path(args.params), overrides=overrides, params=params)
         elapsed = time.perf_counter() - start
     from tidal.workspace import workspace
     from tidal.tracking import tracking_uri

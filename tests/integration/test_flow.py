@@ -142,6 +142,35 @@ def test_rerun_resumes_and_extends(finished_experiment):
     assert sorted(m.step for m in client.get_metric_history(parents[0].info.run_id, "accuracy")) == [40, 60, 80]
 
 
+def test_tidal_run_resolves_the_params_once_and_the_train_step_runs_on_them(finished_experiment, monkeypatch,
+                                                                            capsys):
+    """`tidal run` resolves the experiment's params (its recorded overrides under the new --set)
+    before any server starts; the flow, its tasks and the train step get exactly those, and
+    nothing resolves them again."""
+    import tidal.experiment
+    import tidal.pipeline
+
+    tmp = finished_experiment["tmp"]
+    resolved, trained_on = [], []
+    resolve, train_step = tidal.experiment.experiment_params, tidal.pipeline.train_step
+    monkeypatch.setattr(tidal.experiment, "experiment_params",
+                        lambda *a, **k: resolved.append(resolve(*a, **k)) or resolved[-1])
+    monkeypatch.setattr(tidal.pipeline, "train_step",
+                        lambda params, cycle: trained_on.append((params, cycle)) or train_step(params, cycle))
+    # Only the name, where it lives and one more cycle: preset=debug and data_root come from the
+    # overrides the experiment recorded.
+    assert tidal_main(["run", "--set", "experiment=it-digits", "--set", f"runs_dir={tmp}/runs",
+                       "--set", "cycles=3"]) == 0
+    assert "finished in" in capsys.readouterr().out
+    assert len(resolved) == 1
+    params, overrides = resolved[0]
+    assert params["preset"] == "debug" and params["data_root"] == f"{tmp}/data" and params["cycles"] == 3
+    assert [cycle for _, cycle in trained_on] == [2] and trained_on[0][0] == params
+    state = json.loads((tmp / "runs/it-digits/state.json").read_text())
+    assert state["overrides"] == overrides and f"data_root={tmp}/data" in overrides and "cycles=3" in overrides
+    assert [h["cycle"] for h in state["history"]] == [0, 1, 2]
+
+
 def test_status_reports_the_workspace(finished_experiment, capsys):
     tmp = finished_experiment["tmp"]
     assert tidal_main(["status", *sum((["--set", o] for o in _overrides(tmp)), [])]) == 0
