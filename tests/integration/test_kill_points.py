@@ -1,4 +1,4 @@
-"""benchmarks/kill_points.py: the suite's CI-sized subset of kill points, and a point whose end
+"""kill_points.py (beside this file): the suite's CI-sized subset of kill points, and a point whose end
 state is broken on purpose reported as failed.
 
 Ten points of a 1-cycle experiment (run, import, final run) in the command scope: the reference
@@ -15,6 +15,7 @@ import csv
 import json
 from pathlib import Path
 
+import kill_points as harness
 import pytest
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds leftover processes in /proc (Linux)")
@@ -23,21 +24,20 @@ POINTS, SEED = 10, 3
 ARGV = ["--points", str(POINTS), "--seed", str(SEED), "--cycles", "1", "--scope", "command"]
 
 
-def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path, benchmark_script):
+def test_a_point_rerun_in_a_kept_work_folder_gets_a_new_name(tmp_path):
     """A point stopped part way leaves its experiment (sequence scope) or its logs (command scope) in
     a kept work folder; its rerun is kp-<k>-try<n>, so nothing of the unfinished attempt is mixed in."""
-    module = benchmark_script("kill_points")
-    work = module.Work(tmp_path, cycles=1, timeout=60)
-    assert module._experiment_name(work, 4) == "kp-4"
+    work = harness.Work(tmp_path, cycles=1, timeout=60)
+    assert harness._experiment_name(work, 4) == "kp-4"
     (work.repo / "runs" / "kp-4").mkdir(parents=True)
-    assert module._experiment_name(work, 4) == "kp-4-try2"
+    assert harness._experiment_name(work, 4) == "kp-4-try2"
     work.point_dir("kp-4-try2").mkdir(parents=True)
-    assert module._experiment_name(work, 4) == "kp-4-try3"
+    assert harness._experiment_name(work, 4) == "kp-4-try3"
 
 
 @pytest.fixture(scope="module")
-def kill_points(tmp_path_factory, benchmark_script):
-    module = benchmark_script("kill_points")
+def kill_points(tmp_path_factory):
+    module = harness
     tmp = tmp_path_factory.mktemp("kill-points")
     argv = [*ARGV, "--out", str(tmp / "out"), "--work", str(tmp / "work")]
     return {"module": module, "tmp": tmp, "result": module.main(argv)}
@@ -118,7 +118,7 @@ def test_a_point_with_a_broken_end_state_is_reported_failed(kill_points):
     out = tmp / "out-broken"
     (out / "points").mkdir(parents=True)
     (out / "points/0.json").write_text(json.dumps(record))
-    module.rebuild_report(out, "benchmarks/kill_points.py " + " ".join(ARGV), ref)
+    module.rebuild_report(out, "tests/integration/kill_points.py " + " ".join(ARGV), ref)
     readme = (out / "README.md").read_text()
     assert "passed: **0**; failed: **1**" in readme and "## Failures" in readme
     assert "`labels_log`:" in readme

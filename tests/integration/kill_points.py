@@ -32,8 +32,8 @@ suite's CI-sized subset (tests/integration/test_kill_points.py) runs this way.
 One JSON file per point under OUT/points/<k>.json (skipped when present, so an interrupted run
 resumes); OUT/README.md is rebuilt from whatever points exist.
 
-    python benchmarks/kill_points.py --points 10 --seed 0
-    python benchmarks/kill_points.py --points 10 --seed 0 --cycles 1 --scope command
+    python tests/integration/kill_points.py --points 10 --seed 0
+    python tests/integration/kill_points.py --points 10 --seed 0 --cycles 1 --scope command
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -742,7 +742,7 @@ def rebuild_report(out: Path, command: str, ref: dict | None) -> None:
              f"Each point SIGKILLs one command of a {cycles}-cycle human-mode debug experiment (`tidal run` / "
              "`tidal import-labels`, MLflow tracking on, each run with its own temporary Prefect server, "
              f"in a git + DVC copy of the project) after a random delay, {what} "
-             "(`benchmarks/kill_points.py`).", "",
+             "(`tests/integration/kill_points.py`).", "",
              "Produced by (from the repository root):", "", "```bash", command, "```", "",
              f"Points run: **{len(points)}**; passed: **{len(passed)}**; failed: **{len(failed)}**"
              + (f"; {len(not_killed)} of them ended before their kill came (nothing was killed)." if not_killed
@@ -802,8 +802,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "points").mkdir(parents=True, exist_ok=True)
     gitignore = out / ".gitignore"
     if not gitignore.exists():
-        _atomic_write(gitignore, "# scratch of benchmarks/kill_points.py, if --work points here\nwork/\n*.db\n*.tmp\n")
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kill_points.py " + " ".join(
+        _atomic_write(gitignore, "# scratch of tests/integration/kill_points.py, if --work points here\nwork/\n*.db\n*.tmp\n")
+    command = "OMP_NUM_THREADS=1 .venv/bin/python tests/integration/kill_points.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     todo = [k for k in range(args.points) if not (out / "points" / f"{k}.json").is_file()]
     for saved in load_points(out / "points"):
