@@ -34,13 +34,23 @@ from tidal.workspace import atomic_write_text
 FEATURES_FORMAT = 1
 
 
+# file_digest's results in this process, by what would change with the file's bytes: every step
+# that reads frozen features names them by the weights' digest, and Lite0's file is 17 MB.
+_DIGESTS: dict[tuple, str] = {}
+
+
 def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (the weights a frozen backbone was given)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes (the weights a frozen backbone was given), read once per process
+    unless the file changed (another inode, size or modification time)."""
+    st = os.stat(path)
+    key = (str(Path(path).absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def images_identity(images: torch.Tensor, mapped: tuple = ()) -> str:

@@ -136,6 +136,25 @@ def test_frozen_cache_is_reused_and_rebuilt_when_weights_or_size_change(tmp_path
     assert calls and not torch.equal(changed.pool_images, first.pool_images)
 
 
+def test_the_weights_file_is_read_once_per_process_unless_it_changes(tmp_path, monkeypatch):
+    """Every step that reads frozen features names them by the weights' digest: the file is hashed
+    once, and again only when it is rewritten (same size and path, other bytes)."""
+    import hashlib
+
+    import tidal.features as features_mod
+
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"a" * 3000)
+    opened = []
+    monkeypatch.setattr(features_mod, "open", lambda *a, **k: opened.append(a[0]) or open(*a, **k), raising=False)
+    assert features_mod.file_digest(weights) == hashlib.sha256(b"a" * 3000).hexdigest() and len(opened) == 1
+    assert features_mod.file_digest(str(weights)) == hashlib.sha256(b"a" * 3000).hexdigest() and len(opened) == 1
+    weights.write_bytes(b"b" * 3000)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2_000_000_000))  # a coarse clock still moves
+    assert features_mod.file_digest(weights) == hashlib.sha256(b"b" * 3000).hexdigest() and len(opened) == 2
+
+
 def test_a_killed_feature_extraction_resumes_to_the_same_features(tmp_path, photos):
     cache = tmp_path / "cache"
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"

