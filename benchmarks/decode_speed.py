@@ -21,7 +21,7 @@ Extra, for the profile (not targets): (d) ours without the cache: `tidal.data.de
     alone (`tidal.data.decode.probe` over every file, a bad one's reason kept, as the cache's
     probe pass does) in this one process.
 
-Files: ants-bees (/work/shared/data/ants-bees.tar.gz, 398 files: the 397 JPEGs are used, the
+Files: ants-bees (../shared/data/ants-bees.tar.gz beside the checkout, 398 files: the 397 JPEGs are used, the
 placeholder GIF left out because torchvision's ImageFolder does not read .gif), unpacked into
 --work; and phone-size copies: the first N of those JPEGs (sorted by path), centre-cropped to
 4:3 and upscaled with Pillow (bicubic) to 4000×3000, saved at JPEG quality 90. Upscaled photos
