@@ -153,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"data version: {state['data_version']}")
     print(f"cycle:        {state['cycle']} done of {params['cycles']} planned")
     print(f"labeled:      {n_labeled}   unlabeled: {state['pool_size'] - n_labeled}")
-    if state.get("skipped_images"):
+    if state["skipped_images"]:
         print(f"skipped:      {state['skipped_images']} image file(s) that cannot be decoded, left out of the "
               f"pool and test split (bad_images: skip): {ws.skipped_images_path}")
     if history:
@@ -166,7 +166,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"last query:   {history[-1]['query']}")
         print()
         print(format_lineage(history, state["data_version"], split))
-    parent = state.get("tracking", {}).get("parent_run_id")
+    parent = state["tracking"].get("parent_run_id")
     if parent:
         print(f"\nMLflow parent run: {parent}")
     from tidal.labeling.imports import waiting_for_labels
@@ -184,7 +184,7 @@ def _print_history(params: dict, sample_id: str) -> int:
 
     state = workspace(params).load_state()
     rows = label_history(labels_file(params), sample_id) if labels_file(params).is_file() else []
-    if not rows and sample_id not in state["labeled"] and sample_id not in state.get("pending", {}):
+    if not rows and sample_id not in state["labeled"] and sample_id not in state["pending"]:
         print(f"error: no label history for '{sample_id}' in experiment '{params['experiment']}'", file=sys.stderr)
         return 1
     print(f"label history of {sample_id} in {params['experiment']}:")
@@ -194,7 +194,7 @@ def _print_history(params: dict, sample_id: str) -> int:
         extra = f", supersedes {r['supersedes']}" if r.get("supersedes") else ""
         print(f"  {r['label']}  by {r.get('annotator') or '?'} at {r['imported_at']} "
               f"(cycle {r['cycle']}, query {r['query_id']}, from {r['source']}{extra})")
-    if sample_id in state.get("pending", {}):
+    if sample_id in state["pending"]:
         print(f"  pending in query {state['pending'][sample_id]['query_id']}")
     return 0
 
@@ -283,7 +283,7 @@ def _labelstudio_push(args: argparse.Namespace) -> int:
     params = _experiment_params(args)
     ws = workspace(params)
     with ExperimentLock(ws.root):
-        pending = ws.load_state().get("pending", {}) if ws.exists() else {}
+        pending = ws.load_state()["pending"] if ws.exists() else {}
         if not pending:
             print("no query has pending ids: nothing to push")
             return 0

@@ -59,7 +59,7 @@ def experiment_params(params_path: str | Path | None, overrides: list[str] | Non
     overrides = list(overrides or [])
     params = load_params(params_path, overrides)
     ws = workspace(params)
-    recorded = ws.load_state().get("overrides", []) if ws.exists() else []
+    recorded = ws.load_state()["overrides"] if ws.exists() else []
     if not recorded:
         return params, overrides
     merged = merge_overrides(recorded, overrides)
@@ -166,7 +166,7 @@ def start_experiment(params: dict[str, Any], data_version: str, pool_version: st
     if ws.exists():
         state = ws.load_state()
         _check_resumable(state, params, pool_version, ws)
-        if overrides is not None and state.get("overrides", []) != overrides:
+        if overrides is not None and state["overrides"] != overrides:
             state["overrides"] = overrides
             ws.save_state(state)
         return state

@@ -222,7 +222,7 @@ def _taken_ids(params: dict[str, Any], state: dict, data: Dataset) -> set[str]:
 
     Refuses a pool with fewer unlabeled samples left than the budget.
     """
-    taken = set(state["labeled"]) | set(state.get("pending", {}))
+    taken = set(state["labeled"]) | set(state["pending"])
     n_unlabeled = len(data.pool_ids) - len(taken)
     if n_unlabeled == 0:
         raise DataError(f"no unlabeled samples are left in the pool of {len(data.pool_ids)}; "

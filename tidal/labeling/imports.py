@@ -54,7 +54,7 @@ def import_labels(params: dict[str, Any], path: str | Path, fmt: str | None = No
     # Rows of the provenance log are the truth even where state.json lags behind them.
     logged = current_labels(log_path) if log_path.is_file() else {}
     labeled = {**state["labeled"], **logged}
-    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
+    pending = {i: q for i, q in state["pending"].items() if i not in logged}
     data = dataset_for(params)
     ann = read_annotations(Path(path), data.classes, fmt, conflicts=params["label_conflicts"])
     plan = check_against_state(ann, experiment=params["experiment"], pool_ids=set(data.pool_ids),
@@ -107,13 +107,13 @@ def finish_import(params: dict[str, Any], on_version: Callable[[str], None] | No
         journal.unlink()
         return None
     state = ws.load_state()
-    pending = {i: q for i, q in state.get("pending", {}).items() if i not in logged}
+    pending = {i: q for i, q in state["pending"].items() if i not in logged}
     version = experiment_data_version(params["data_root"], params["experiment"])
     summary = {**summary, "still_pending": len(pending), "data_version": version}
     if summary["new"]:
         state["awaiting_labels"] = False
     state["labeled"], state["pending"], state["data_version"] = {**state["labeled"], **logged}, pending, version
-    imports = state.setdefault("imports", [])
+    imports = state["imports"]
     if not imports or imports[-1].get("imported_at") != summary["imported_at"]:
         imports.append(summary)
     ws.save_state(state)
@@ -141,7 +141,7 @@ def pull_labels(params: dict[str, Any], min_new: int | None = None,
     if not ws.exists():
         raise labelstudio.LabelStudioError(f"no experiment '{params['experiment']}' under {ws.root.parent}/")
     finish_import(params, on_version)  # an import a crash left open commits first
-    pending = ws.load_state().get("pending", {})
+    pending = ws.load_state()["pending"]
     cycle_of = {q["query_id"]: q["cycle"] for q in pending.values()}
     files = {q: ws.cycle_dir(c) / labelstudio.EXPORT_FILE for q, c in sorted(cycle_of.items(), key=lambda x: x[1])}
     found = labelstudio.pull_export(params, ws.root, files) if files else {}
@@ -164,7 +164,7 @@ def query_progress(params: dict[str, Any]) -> dict[str, int]:
     0 = the whole query)."""
     state = workspace(params).load_state()
     query_id = str(state["history"][-1]["query_id"]) if state["history"] else None
-    pending = sum(1 for q in state.get("pending", {}).values() if str(q["query_id"]) == query_id)
+    pending = sum(1 for q in state["pending"].values() if str(q["query_id"]) == query_id)
     log = labels_file(params)
     answered = len({r["id"] for r in provenance_rows(log) if r["query_id"] == query_id}) if log.is_file() else 0
     need = params["labelstudio"]["min_new"]
@@ -178,7 +178,7 @@ def waiting_for_labels(params: dict[str, Any]) -> dict[str, Any] | None:
     if not ws.exists():
         return None
     state = ws.load_state()
-    if not state.get("awaiting_labels"):
+    if not state["awaiting_labels"]:
         return None
     last = state["history"][-1]
-    return {"query_id": last["query_id"], "query": last["query"], "n_pending": len(state.get("pending", {}))}
+    return {"query_id": last["query_id"], "query": last["query"], "n_pending": len(state["pending"])}
