@@ -61,7 +61,7 @@ def start_experiment(params: dict, data_version: str, pool_version: str, overrid
 @task(name="start-cycle-run", task_run_name="start-cycle-run-cycle-{cycle}", **OUTSIDE)
 def start_cycle_run(params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str) -> str:
     tracker = tracking.make_tracker(params["tracking"])
-    return tracking.cycle_run(tracker, params, cycle, parent_run_id, prefect_flow_run_id)
+    return tracking.start_cycle_run(tracker, params, cycle, parent_run_id, prefect_flow_run_id)
 
 
 @task(name="train", task_run_name="train-cycle-{cycle}", **COMPUTE)
@@ -80,8 +80,8 @@ def evaluate(params: dict, cycle: int, checkpoint: str) -> float:
     return pipeline.evaluate_step(params, cycle, checkpoint)
 
 
-@task(name="score-candidates", task_run_name="score-candidates-cycle-{cycle}", **COMPUTE)
-def score_candidates(params: dict, cycle: int, checkpoint: str) -> str:
+@task(name="score", task_run_name="score-cycle-{cycle}", **COMPUTE)
+def score(params: dict, cycle: int, checkpoint: str) -> str:
     return pipeline.score_step(params, cycle, checkpoint)
 
 
@@ -148,8 +148,8 @@ def score_in_shards(params: dict, cycle: int, checkpoint: str) -> dict:
         return score_shards.with_options(task_runner=shard_runner(scoring))(params, cycle, checkpoint)
 
 
-@task(name="select-top-k", **COMPUTE)
-def select_top_k(scores_path: str, k: int) -> list[str]:
+@task(name="select", **COMPUTE)
+def select(scores_path: str, k: int) -> list[str]:
     return pipeline.select_step(scores_path, k)
 
 
@@ -214,10 +214,10 @@ def run_cycle(params: dict, cycle: int, parent_run_id: str = "") -> dict:
     trained = train(params, cycle, run_id)
     acc = evaluate(params, cycle, trained["checkpoint"])
     if params["scoring"]["shards"] == 1:
-        scores = score_candidates(params, cycle, trained["checkpoint"])
+        scores = score(params, cycle, trained["checkpoint"])
     else:
         scores = score_in_shards(params, cycle, trained["checkpoint"])["scores"]
-    ids = select_top_k(scores, params["budget"])
+    ids = select(scores, params["budget"])
     query = export_query(params, cycle, scores, ids)
     if params["label_mode"] == "human":
         push_query(params, cycle)  # to Label Studio, when one is connected

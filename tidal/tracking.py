@@ -448,7 +448,7 @@ def experiment_run(tracker: Tracker, params: dict, data_version: str, prefect_fl
     return parent
 
 
-def cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str = "") -> str:
+def start_cycle_run(tracker: Tracker, params: dict, cycle: int, parent_run_id: str, prefect_flow_run_id: str = "") -> str:
     """The cycle's child run id: the one state.json records, else found under the parent or
     created. "" with tracking off."""
     from tidal.faults import failpoint

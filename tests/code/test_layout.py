@@ -116,3 +116,43 @@ def test_no_module_over_600_lines():
     lines = {str(p.relative_to(PACKAGE.parent)): len(p.read_text().splitlines()) for p in sorted(PACKAGE.rglob("*.py"))}
     offenders = {path: n for path, n in lines.items() if n > MAX_LINES}
     assert offenders == {}, f"split these modules by job (at most {MAX_LINES} lines each): {offenders}"
+
+
+# Tasks whose work is Prefect's own (an artifact), so they call no step of tidal/ named after them.
+PREFECT_ONLY_TASKS = {"publish_learning_curve"}
+STEP_MODULES = {"pipeline", "tracking", "imports", "experiment"}  # flows/experiment.py's names for tidal's
+
+
+def _tasks(path: Path) -> dict[str, tuple[str, set[str]]]:
+    """Each @task function of a flows file: its Prefect name and the tidal step functions it calls
+    (`pipeline.x`, `tracking.x`, `imports.x`, `tidal.experiment.x`)."""
+    tasks = {}
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        for deco in node.decorator_list:
+            if isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "task":
+                name = next(k.value.value for k in deco.keywords if k.arg == "name")
+                calls = {c.func.attr for c in ast.walk(node) if isinstance(c, ast.Call)
+                         and isinstance(c.func, ast.Attribute) and isinstance(c.func.value, (ast.Name, ast.Attribute))
+                         and (getattr(c.func.value, "id", None) or c.func.value.attr) in STEP_MODULES}
+                tasks[node.name] = (name, calls)
+    return tasks
+
+
+def test_each_prefect_task_is_named_after_the_function_it_calls():
+    """A task's Prefect name is its function's, and it runs the tidal step of that name (or `<name>_step`)."""
+    tasks = _tasks(PACKAGE.parent / "flows" / "experiment.py")
+    assert len(tasks) >= 15, sorted(tasks)
+    for function, (name, calls) in tasks.items():
+        assert name == function.replace("_", "-"), (function, name)
+        if function not in PREFECT_ONLY_TASKS:
+            assert calls & {function, f"{function}_step"}, (function, sorted(calls))
+
+
+def test_the_task_name_check_finds_a_task_that_runs_another_step(tmp_path):
+    flows = tmp_path / "flows.py"
+    flows.write_text('@task(name="merge-labels")\ndef merge_labels(params):\n    return imports.import_labels(params)\n')
+    (name, calls), = _tasks(flows).values()
+    assert name == "merge-labels" and calls == {"import_labels"}
+    assert not calls & {"merge_labels", "merge_labels_step"}
