@@ -120,7 +120,7 @@ def test_imbalance_ratio_gives_exponential_profile_and_keeps_test_set(data_root)
     assert set(imbalanced.pool_ids) <= set(balanced.pool_ids)
     pos = balanced.index_of(imbalanced.pool_ids)
     assert torch.equal(balanced.pool_labels[pos], imbalanced.pool_labels)
-    assert torch.equal(balanced.pool_images[pos], imbalanced.pool_images)
+    assert torch.equal(balanced.pool_images[pos], imbalanced.pool_images[:])
     # the test set is untouched
     assert torch.equal(imbalanced.test_images, balanced.test_images)
     assert torch.equal(imbalanced.test_labels, balanced.test_labels)

@@ -192,7 +192,7 @@ def test_imbalance_applies_to_imagefolder_pool_only(tmp_path, cache):
     assert torch.equal(data.test_labels, balanced.test_labels)
     assert set(data.pool_ids) <= set(balanced.pool_ids)
     lookup = balanced.index_of(data.pool_ids)
-    assert torch.equal(balanced.pool_images[lookup], data.pool_images)
+    assert torch.equal(balanced.pool_images[lookup], data.pool_images[:])
     assert list(data.pool_files) == [balanced.pool_files[i] for i in lookup.tolist()]
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from test_npy_source import write_npy  # beside this file
 from tidal import pipeline
 from tidal.config import load_params
 from tidal.data.dataset import hold_out_validation
@@ -30,6 +31,30 @@ def test_the_held_out_split_is_disjoint_seeded_and_keeps_labels(data_root):
     again = hold_out_validation(data, 200, seed=0)
     assert list(again.pool_ids) == list(a.pool_ids)
     assert list(hold_out_validation(data, 200, seed=1).pool_ids) != list(a.pool_ids)
+
+
+def test_the_views_of_a_memory_mapped_pool_read_rows_and_copy_none(tmp_path):
+    """The validation split's pool and the imbalanced pool are rows of the mapped file, gathered
+    when indexed, never a copy of every row kept (a big pool would be read whole into memory)."""
+    import numpy as np
+
+    from tidal.data.dataset import PoolRows, imbalanced
+
+    data = load_dataset(write_npy(tmp_path / "npy", n_pool=60), "npy")
+    mapped = data.mapped[0].ctypes.data
+    assert data.pool_images.data_ptr() == mapped
+    val = hold_out_validation(data, 10, seed=0)
+    both = hold_out_validation(imbalanced(data, 2.0, seed=0), 10, seed=0)
+    for view in (val, imbalanced(data, 2.0, seed=0), both):
+        assert isinstance(view.pool_images, PoolRows) and view.pool_images.images.data_ptr() == mapped
+        assert view.mapped == data.mapped  # so release_pages still lets the read pages go
+        positions = data.index_of(list(view.pool_ids))
+        assert view.pool_images.shape == (len(view.pool_ids), *data.pool_images.shape[1:])
+        assert torch.equal(view.pool_images[:], data.pool_images[positions])
+        picks = torch.tensor([3, 0, len(view.pool_ids) - 1])
+        assert torch.equal(view.pool_images[picks], data.pool_images[positions[picks]])
+        assert torch.equal(view.pool_images[2], data.pool_images[positions[2]])
+    assert np.array_equal(both.pool_images.positions.numpy(), data.index_of(list(both.pool_ids)).numpy())
 
 
 def test_a_split_as_big_as_the_pool_is_a_clear_error(data_root):

@@ -3,7 +3,8 @@
 A `Dataset` is a pool to query from and a fixed test split, uint8 images N×C×H×W with a stable
 string id per pool sample (tidal.data.sources reads them). The views: `imbalanced` (the paper's
 exponential class imbalance on the pool) and `hold_out_validation` (a seeded validation split
-of the pool in place of the test split); `stratified_test_mask` splits a source without one.
+of the pool in place of the test split), whose pools are `PoolRows` of the source's (rows read
+when indexed, never copied whole); `stratified_test_mask` splits a source without one.
 """
 from __future__ import annotations
 
@@ -49,6 +50,40 @@ class PositionalIds(MadeNames):
         return i if i < self.n and self._format(i) == sid else None
 
 
+class PoolRows:
+    """Rows `positions` of `images` (N×C×H×W), gathered only when indexed: `rows[k]` is
+    `images[positions[k]]`, for an int, a slice or a tensor of positions.
+
+    What the views below keep of a pool: a copy of every kept row of a memory-mapped pool would
+    read all of it into this process's memory (150 GB for a million photos at 224 px), while
+    every step reads a pool by rows anyway (the labeled set, a batch of candidates)."""
+
+    def __init__(self, images: torch.Tensor, positions: torch.Tensor) -> None:
+        self.images, self.positions = images, positions
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.positions), *self.images.shape[1:]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.images.dtype
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, rows: int | slice | torch.Tensor) -> torch.Tensor:
+        return self.images[self.positions[rows]]
+
+
+def pool_rows(images: torch.Tensor | PoolRows, positions: np.ndarray) -> PoolRows:
+    """`images[positions]` as a PoolRows of the underlying tensor (a view of a view stays one level)."""
+    index = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+    if isinstance(images, PoolRows):
+        return PoolRows(images.images, images.positions[index])
+    return PoolRows(images, index)
+
+
 @dataclass
 class Dataset:
     """A pool to query from and a fixed test split, as uint8 images N×C×H×W.
@@ -63,7 +98,7 @@ class Dataset:
     name: str
     classes: list[str]
     pool_ids: Sequence[str]
-    pool_images: torch.Tensor
+    pool_images: torch.Tensor | PoolRows  # PoolRows in the views (imbalanced, validation split)
     pool_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
@@ -147,8 +182,8 @@ def imbalanced(data: Dataset, ratio: float, seed: int, where: str = "the pool") 
         raise DataError(f"imbalance_ratio={ratio} needs a label for every pool sample, but {where} has "
                         f"unlabeled ones; use imbalance_ratio 1")
     keep = imbalanced_indices(data.pool_labels.numpy(), ratio, data.num_classes, seed)
-    return replace(data, pool_ids=_take(data.pool_ids, keep), pool_images=data.pool_images[keep],
-                   pool_labels=data.pool_labels[keep], pool_files=_take(data.pool_files, keep), mapped=())
+    return replace(data, pool_ids=_take(data.pool_ids, keep), pool_images=pool_rows(data.pool_images, keep),
+                   pool_labels=data.pool_labels[keep], pool_files=_take(data.pool_files, keep))
 
 
 def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
@@ -165,9 +200,10 @@ def hold_out_validation(data: Dataset, size: int, seed: int) -> Dataset:
     held = np.sort(np.random.default_rng([seed, 1]).choice(known, size=size, replace=False))
     keep = np.setdiff1d(np.arange(len(data.pool_labels)), held)
     held_t, keep_t = torch.from_numpy(held), torch.from_numpy(keep)
-    return Dataset(data.name, data.classes, _take(data.pool_ids, keep), data.pool_images[keep_t],
+    return Dataset(data.name, data.classes, _take(data.pool_ids, keep), pool_rows(data.pool_images, keep),
                    data.pool_labels[keep_t], data.pool_images[held_t], data.pool_labels[held_t],
-                   _take(data.pool_files, keep), skipped=data.skipped, image_shape=data.image_shape)
+                   _take(data.pool_files, keep), mapped=data.mapped, skipped=data.skipped,
+                   image_shape=data.image_shape)
 
 
 def _take(names: Sequence[str], positions: np.ndarray) -> Sequence[str]:
