@@ -21,6 +21,7 @@ from typing import Iterator
 import yaml
 
 from tidal.data.errors import DataError
+from tidal.workspace import WorkspaceWriteError, atomic_write_text
 
 
 def _file_md5(path: Path) -> str:
@@ -80,12 +81,9 @@ def _file_entries(directory: str | Path) -> list[dict[str, str]]:
             entries.append({"md5": md5, "relpath": relpath})
     if fresh != memo:
         try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_path.with_name(f"{memo_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fresh))
-            os.replace(tmp, memo_path)
-        except OSError:
-            pass  # a read-only cache dir: the next call reads the files again
+            atomic_write_text(memo_path, json.dumps(fresh))
+        except (WorkspaceWriteError, OSError):
+            pass  # a read-only or full cache dir: the next call reads the files again
     return sorted(entries, key=lambda e: e["relpath"])
 
 
