@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from json.encoder import encode_basestring_ascii
 import os
 import shutil
 import subprocess
@@ -46,8 +47,8 @@ def _md5_memo_path(root: str) -> Path:
     return cache_dir() / f"md5-{hashlib.sha256(os.path.abspath(root).encode()).hexdigest()[:16]}.json"
 
 
-def _file_entries(directory: str | Path) -> list[dict[str, str]]:
-    """{md5, relpath} of every file below directory, sorted by relpath: what DVC hashes.
+def _file_entries(directory: str | Path) -> list[tuple[str, str]]:
+    """(relpath, md5) of every file below directory, sorted by relpath: what DVC hashes.
 
     A file whose size, mtime and inode are those of the last call keeps its md5 from then (a
     memo in the cache dir, outside the data, as DVC's own state db does): the check of a
@@ -75,16 +76,21 @@ def _file_entries(directory: str | Path) -> list[dict[str, str]]:
             st = _regular_file_stat(full)
             stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
             known = memo.get(relpath)
-            md5 = known[3] if isinstance(known, list) and known[:3] == stamp else _file_md5(Path(full))
+            if isinstance(known, list) and known[:3] == stamp:
+                md5 = known[3]
+            else:
+                md5, known = _file_md5(Path(full)), None
             if now - st.st_mtime_ns > RACY_NS:
-                fresh[relpath] = [*stamp, md5]
-            entries.append({"md5": md5, "relpath": relpath})
+                # The memo's own entry when unchanged: a million files are not a million new lists.
+                fresh[relpath] = known or [*stamp, md5]
+            entries.append((relpath, md5))
     if fresh != memo:
         try:
             atomic_write_text(memo_path, json.dumps(fresh))
         except (WorkspaceWriteError, OSError):
             pass  # a read-only or full cache dir: the next call reads the files again
-    return sorted(entries, key=lambda e: e["relpath"])
+    entries.sort()
+    return entries
 
 
 def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -127,9 +133,18 @@ def _regular_file_stat(path: str) -> os.stat_result:
     return st
 
 
-def _tree_md5(entries: list[dict[str, str]], exclude: tuple[str, ...] = ()) -> str:
-    kept = [e for e in entries if e["relpath"].split("/", 1)[0] not in exclude]
-    return hashlib.md5(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+def _tree_md5(entries: list[tuple[str, str]], exclude: tuple[str, ...] = ()) -> str:
+    """md5 of DVC's listing, `json.dumps([{"md5": ..., "relpath": ...}, ...], sort_keys=True)`,
+    fed to the hash a block of entries at a time (the same bytes, without the whole text)."""
+    digest, parts = hashlib.md5(b"["), []
+    kept = (e for e in entries if e[0].split("/", 1)[0] not in exclude)
+    for i, (relpath, md5) in enumerate(kept):
+        parts.append(f'{", " if i else ""}{{"md5": "{md5}", "relpath": {encode_basestring_ascii(relpath)}}}')
+        if len(parts) == 10_000:
+            digest.update("".join(parts).encode())
+            parts.clear()
+    digest.update(("".join(parts) + "]").encode())
+    return digest.hexdigest()
 
 
 def dvc_dir_md5(directory: str | Path, exclude: tuple[str, ...] = ()) -> str:
@@ -217,7 +232,7 @@ def verify_data_version(data_root: str | Path) -> dict[str, str | bool]:
     return {"data_version": version, "pool_version": pool, "pinned": True}
 
 
-def _changed_since_pin(pin: Path, pinned: str, entries: list[dict[str, str]]) -> list[str] | None:
+def _changed_since_pin(pin: Path, pinned: str, entries: list[tuple[str, str]]) -> list[str] | None:
     """The relpaths that differ from the pinned listing in the DVC cache; None without the cache."""
     for folder in (pin.parent, *pin.parent.parents):
         listing = folder / ".dvc" / "cache" / "files" / "md5" / pinned[:2] / f"{pinned[2:]}.dir"
@@ -226,7 +241,7 @@ def _changed_since_pin(pin: Path, pinned: str, entries: list[dict[str, str]]) ->
                 old = {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}
             except (OSError, ValueError, KeyError, TypeError):
                 return None
-            new = {e["relpath"]: e["md5"] for e in entries}
+            new = dict(entries)
             return sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
         if (folder / ".dvc").is_dir():
             return None
