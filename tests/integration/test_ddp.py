@@ -2,13 +2,13 @@
 
 Two ranks and one process do the same float32 arithmetic in other orders (BatchNorm statistics
 and gradients summed per rank, then all-reduced; other batch shapes, so other kernel blocking),
-so they agree up to float32 rounding. Every comparison is against `float32_bound`, derived from
-the arithmetic (unit roundoff × the additions whose order changes × the steps × the size of the
-value), never from the differences one machine showed. For scale, on a 2-core Xeon (torch 2.14.1
-CPU, OMP_NUM_THREADS=1 and 2; `pytest -s` prints the ratios) the largest difference was 5% of
-its bound (a parameter one float apart), most below 0.5%; another data seed (the control), per-
-rank BatchNorm (11×), a doubled lr on one rank (5×-31×), unaveraged gradients (97×-400×) or
-uneven shards weighted alike (48×-340×) exceed it.
+so they agree up to float32 rounding. Every comparison is against `float32_bound` (tests/rounding.py's
+bound at float32's unit roundoff), derived from the arithmetic (unit roundoff × the additions
+whose order changes × the steps × the size of the value), never from the differences one machine
+showed. For scale, on a 2-core Xeon (torch 2.14.1 CPU, OMP_NUM_THREADS=1 and 2; `pytest -s`
+prints the ratios) the largest difference was 5% of its bound (a parameter one float apart), most
+below 0.5%; another data seed (the control), per-rank BatchNorm (11×), a doubled lr on one rank
+(5×-31×), unaveraged gradients (97×-400×) or uneven shards weighted alike (48×-340×) exceed it.
 - Without BatchNorm this checks sharding, augmentation, loss scaling, TD record sync, gradient
   averaging and metric reduction.
 - With BatchNorm (small-cnn's), normalized with the global batch's statistics on CPU by
@@ -27,13 +27,18 @@ import pytest
 import torch
 
 import ddp_worker
-from tests.float32 import float32_bound
+from tests.rounding import EPS32, rounding_bound
 from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import prepare_data, start_experiment
 from tidal.workspace import read_json, workspace
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def float32_bound(magnitude: float, steps: int, terms: int, stored: float = 0.0) -> float:
+    """tests/rounding.py's bound for these float32 runs."""
+    return rounding_bound(magnitude, steps, terms, stored, u=EPS32)
 
 
 def reordered_terms(batchnorm_layers: int, batch: int, pixels: int) -> int:
