@@ -16,9 +16,13 @@ import torch
 
 
 class TDRecorder:
-    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu") -> None:
-        self.mean = torch.zeros(num_samples, num_classes, device=device)
-        self.count = torch.zeros(num_samples, device=device)
+    def __init__(self, num_samples: int, num_classes: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        # p̄ (and its counts, exact integers either way) in the model's dtype: float32, or float64
+        # for a float64 model (the reference test), whose probabilities a float32 buffer would
+        # round to float32 every epoch.
+        self.mean = torch.zeros(num_samples, num_classes, device=device, dtype=dtype)
+        self.count = torch.zeros(num_samples, device=device, dtype=dtype)
         # Rows this process updated since the last `combine` (what it contributes there).
         self.touched = torch.zeros(num_samples, dtype=torch.bool, device=device)
 
@@ -27,7 +31,7 @@ class TDRecorder:
 
         Each index must appear at most once per call (one pass over a sample per batch).
         """
-        probs = probs.detach().float()
+        probs = probs.detach().to(self.mean.dtype)
         count = self.count[indices] + 1
         mean = self.mean[indices] + (probs - self.mean[indices]) / count[:, None]
         self.count[indices] = count
@@ -38,7 +42,7 @@ class TDRecorder:
     def contribution(self) -> torch.Tensor:
         """This process's updates since the last combine, for a sum over processes: an N×(C+2)
         tensor with rows [p̄, count, 1] where updated here and zeros elsewhere."""
-        touched = self.touched.float()
+        touched = self.touched.to(self.mean.dtype)
         return torch.cat([self.mean * touched[:, None], (self.count * touched)[:, None], touched[:, None]], dim=1)
 
     def apply(self, total: torch.Tensor) -> None:

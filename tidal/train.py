@@ -114,15 +114,24 @@ def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
     raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {cfg.schedule!r}")
 
 
-def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float 0..1 (normalization lives in `normalize`, after augmentation)."""
-    return images_u8.float().div_(255.0)
+def to_float(images_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 0..255 -> float 0..1 (normalization lives in `normalize`, after augmentation).
+    `dtype` is the model's: float64 for a float64 model (tests/model/test_td_reference.py), so
+    its input is not first rounded to float32."""
+    return images_u8.to(dtype).div_(255.0)
 
 
-def model_input(batch: torch.Tensor) -> torch.Tensor:
-    """What the model reads: uint8 images normalized to floats; float rows (a frozen backbone's
-    cached features, tidal.features) as they are."""
-    return batch if batch.is_floating_point() else normalize(to_float(batch))
+def model_input(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What the model reads: uint8 images normalized to floats of `dtype`; float rows (a frozen
+    backbone's cached features, tidal.features) as they are."""
+    return batch if batch.is_floating_point() else normalize(to_float(batch, dtype))
+
+
+def loss_precision(x: torch.Tensor) -> torch.Tensor:
+    """A model output as the losses take it: half precision (bf16 or fp16 from CUDA's autocast)
+    raised to float32; float32 and float64 as they are (`.float()` would round a float64
+    model's outputs to float32, and is a no-op on float32)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def augment(x: torch.Tensor, crop_pad: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -222,7 +231,8 @@ class TDTask(AuxTask):
         self.detach = detach
 
     def start(self, num_samples: int, device: torch.device) -> None:
-        self.recorder = TDRecorder(num_samples, self.module.num_classes, device)
+        self.recorder = TDRecorder(num_samples, self.module.num_classes, device,
+                                   dtype=next(self.module.parameters()).dtype)
 
     def forward(self, features, epoch):
         if self.detach:  # the module learns from the features, the backbone only from CE
@@ -498,7 +508,9 @@ def train_cycle(
     # uint8 images are augmented and normalized per batch; float rows are a frozen backbone's
     # cached features (tidal.features), read as they are.
     is_images = not images_u8.is_floating_point()
-    images = to_float(images_u8.to(device)) if is_images else images_u8.to(device)
+    # In the parameters' dtype: float32 as always; float64 where a test trains a float64 model.
+    dtype = next(backbone.parameters()).dtype
+    images = to_float(images_u8.to(device), dtype) if is_images else images_u8.to(device)
     labels = labels.to(device)
     order_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -520,8 +532,8 @@ def train_cycle(
             with precision_context(device):
                 logits, features = net(x)
                 aux_out = task.forward(features, epoch)
-            logits = logits.float()  # losses in fp32 (a no-op on the CPU's fp32 path)
-            aux_loss = task.loss(aux_out.float() if aux_out is not None else None, idx, logits, y)
+            logits = loss_precision(logits)  # losses in fp32 under autocast (a no-op on fp32 and fp64)
+            aux_loss = task.loss(loss_precision(aux_out) if aux_out is not None else None, idx, logits, y)
             # This rank's part of the global batch's mean losses (shards may be uneven), times
             # world_size, since DDP averages the ranks' gradients: their mean is then the gradient
             # of the global batch's mean loss, as in one process (where both factors are 1).

@@ -97,3 +97,14 @@ def test_update_detaches_its_input():
     out = rec.update(torch.arange(3), torch.softmax(logits, dim=1))
     assert not out.requires_grad
     assert not rec.mean.requires_grad
+
+
+def test_a_float64_recorder_keeps_float64():
+    """A float64 model's p̄ (tests/model/test_td_reference.py) is not rounded to float32, and the
+    end-of-epoch merge (run in one process too) keeps it."""
+    rec = TDRecorder(3, 2, dtype=torch.float64)
+    p = torch.tensor([[1 / 3, 2 / 3], [0.1, 0.9], [0.7, 0.3]], dtype=torch.float64)
+    out = rec.update(torch.arange(3), p)
+    assert out.dtype == rec.mean.dtype == torch.float64 and torch.equal(out, p)  # first visit: p̄ = p exactly
+    rec.combine(lambda total: None)  # one process: nothing to sum
+    assert torch.equal(rec.mean, p) and torch.equal(rec.count, torch.ones(3, dtype=torch.float64))

@@ -11,7 +11,7 @@ differ by rounding; at a kink (a ReLU input near 0, two max-pool inputs within r
 other) that rounding picks a different branch and reroutes a whole gradient term. That happened:
 one max-pool near-tie at step 4 of 6 moved small-cnn's weights by 3e-5 between one process at 1
 and at 2 threads, 500× their rounding difference. A bound derived from float32 arithmetic
-(test_ddp.float32_bound) holds only where the results are smooth functions of the rounding.
+(test_ddp's float32_bound, tests/rounding.py) holds only where the results are smooth functions of the rounding.
 ReLU and max-pooling act on each sample alone, the same on every rank: what the ranks must get
 right (global BatchNorm, sharding, loss scaling, gradient averaging, TD record and metric
 sums) is all still here. The real small-cnn trains on two processes through train_step in
@@ -82,7 +82,8 @@ class SmoothLossPredictor(LossPredictor):
 def travelled() -> Iterator[dict]:
     """Records the SGD steps taken inside: `steps`, and `path`, per parameter (in the optimizer's
     order), Σ_t lr_t × max|momentum buffer_t|. SGD's update is exactly lr × buffer, so this is the
-    length of the path the parameter travelled, in the max norm (test_ddp.float32_bound's scale)."""
+    length of the path the parameter travelled, in the max norm (the scale of tests/rounding.py's
+    rounding_bound)."""
     record: dict = {"steps": 0, "path": {}}
 
     def after_step(opt: torch.optim.Optimizer, args, kwargs) -> None:

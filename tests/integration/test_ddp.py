@@ -2,13 +2,13 @@
 
 Two ranks and one process do the same float32 arithmetic in other orders (BatchNorm statistics
 and gradients summed per rank, then all-reduced; other batch shapes, so other kernel blocking),
-so they agree up to float32 rounding. Every comparison is against `float32_bound`, derived from
-the arithmetic (unit roundoff × the additions whose order changes × the steps × the size of the
-value), never from the differences one machine showed. For scale, on a 2-core Xeon (torch 2.14.1
-CPU, OMP_NUM_THREADS=1 and 2; `pytest -s` prints the ratios) the largest difference was 5% of
-its bound (a parameter one float apart), most below 0.5%; another data seed (the control), per-
-rank BatchNorm (11×), a doubled lr on one rank (5×-31×), unaveraged gradients (97×-400×) or
-uneven shards weighted alike (48×-340×) exceed it.
+so they agree up to float32 rounding. Every comparison is against `float32_bound` (tests/rounding.py's
+bound at float32's unit roundoff), derived from the arithmetic (unit roundoff × the additions
+whose order changes × the steps × the size of the value), never from the differences one machine
+showed. For scale, on a 2-core Xeon (torch 2.14.1 CPU, OMP_NUM_THREADS=1 and 2; `pytest -s`
+prints the ratios) the largest difference was 5% of its bound (a parameter one float apart), most
+below 0.5%; another data seed (the control), per-rank BatchNorm (11×), a doubled lr on one rank
+(5×-31×), unaveraged gradients (97×-400×) or uneven shards weighted alike (48×-340×) exceed it.
 - Without BatchNorm this checks sharding, augmentation, loss scaling, TD record sync, gradient
   averaging and metric reduction.
 - With BatchNorm (small-cnn's), normalized with the global batch's statistics on CPU by
@@ -27,13 +27,18 @@ import pytest
 import torch
 
 import ddp_worker
+from tests.rounding import EPS32, rounding_bound
 from tidal import inputs, pipeline
 from tidal.config import load_params
 from tidal.experiment import prepare_data, start_experiment
 from tidal.workspace import read_json, workspace
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-EPS32 = 2.0 ** -24  # float32's unit roundoff: one rounding moves a value by at most this fraction of it
+
+
+def float32_bound(magnitude: float, steps: int, terms: int, stored: float = 0.0) -> float:
+    """tests/rounding.py's bound for these float32 runs."""
+    return rounding_bound(magnitude, steps, terms, stored, u=EPS32)
 
 
 def reordered_terms(batchnorm_layers: int, batch: int, pixels: int) -> int:
@@ -43,33 +48,6 @@ def reordered_terms(batchnorm_layers: int, batch: int, pixels: int) -> int:
     gradient sum, each over at most the global batch's batch × pixels positions; and the
     all-reduce of that gradient over the ranks (counted as one more such sum, generously)."""
     return (4 * batchnorm_layers + 2) * batch * pixels
-
-
-def float32_bound(magnitude: float, steps: int, terms: int, stored: float = 0.0) -> float:
-    """The most two float32 runs of one smooth training computation can differ by, when `terms`
-    additions per step (reordered_terms) are done in another order, after `steps` optimizer
-    steps, for a value of size `magnitude`; for a parameter, `stored` is its largest |value|.
-
-    Derivation, u = 2^-24. (1) A float32 sum of K terms, in any order, is within (K-1)·u·Σ|x_i|
-    of the exact sum (Higham, Accuracy and Stability of Numerical Algorithms, §4.2): two orders
-    differ by less than 2·K·u·Σ|x_i|, a relative 2·K·u of the sum (its terms mostly of one sign:
-    Σ|x_i| ≈ |Σ x_i|). (2) Relative differences along a chain of such sums add, to first order:
-    a parameter's gradient, and so its update, differs by a relative 2·u·terms at most.
-    (3) SGD's update of a tensor at step t is exactly lr_t × its momentum buffer, so step t's
-    differences move it by at most 2·u·terms·lr_t·max|buffer_t|, and all steps' by
-    2·u·terms·path, path = Σ_t lr_t·max|buffer_t| (ddp_worker's `path`). (4) A difference made at
-    one step is passed on through every later step's computation, to first order and in a stable
-    run without growing: counted `steps` times, 2·u·terms·steps·path. (5) The parameter is
-    stored in float32 after every step: once the updates differ at all, the two runs may round
-    it to neighbouring floats, 2·u·|θ| apart, at each step: 2·u·steps·stored more.
-    Values computed from the parameters (losses, probabilities, logits) take their own size as
-    `magnitude`. For small-cnn with BatchNorm, batch 32 of 8×8 images, 6 steps: 2·u·terms·steps
-    = 2·2^-24·14·2048·6 = 2.1e-2 (of the path length); without BatchNorm 2.9e-3.
-
-    First order and smooth: at a kink (ReLU at 0, a max-pool near-tie) rounding can pick the
-    other branch and move the results by far more; see ddp_worker's docstring.
-    """
-    return 2 * EPS32 * steps * (terms * magnitude + stored)
 
 
 def _bounded(one: dict, ddp: dict) -> dict[str, float]:

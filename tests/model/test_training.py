@@ -13,7 +13,8 @@ from tidal.data import load_dataset
 from tidal.evaluate import accuracy
 from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.models import TDPredictor, build_backbone
-from tidal.train import ONECYCLE_START, TrainConfig, TrainingDiverged, epoch_batches, lr_factor, steps_per_epoch, train_cycle
+from tidal.train import (ONECYCLE_START, TrainConfig, TrainingDiverged, epoch_batches, loss_precision, lr_factor,
+                         model_input, steps_per_epoch, train_cycle)
 from tidal.workspace import read_csv, read_json, workspace
 
 CPU = torch.device("cpu")
@@ -193,6 +194,25 @@ def test_onecycle_rises_to_lr_then_falls_to_zero(digits):
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="train.schedule"):
         lr_factor(_cfg(schedule="cosine"), 4)
+
+
+def test_losses_raise_only_half_precision():
+    """CUDA's bf16 autocast outputs go to the losses in float32; float32 as it is (the same tensor),
+    float64 not rounded to float32 (tests/model/test_td_reference.py trains a float64 model)."""
+    x = torch.tensor([1 / 3])
+    assert loss_precision(x.bfloat16()).dtype == loss_precision(x.half()).dtype == torch.float32
+    assert loss_precision(x) is x
+    assert loss_precision(x.double()).dtype == torch.float64
+
+
+def test_a_float64_model_reads_float64_images():
+    """uint8 images in the model's dtype: float32 by default, float64 computed as float64 (not a
+    float32 input widened), normalized alike."""
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    as32, as64 = model_input(images), model_input(images, torch.float64)
+    assert as32.dtype == torch.float32 and as64.dtype == torch.float64
+    assert torch.equal(as64, (images.double() / 255 - 0.5) / 0.5)
+    assert not torch.equal(as64, as32.double())  # 1/255 is not a float32
 
 
 # --- the pipeline steps, twice with the same seed -------------------------------------------
