@@ -22,6 +22,7 @@ from typing import Iterator
 import yaml
 
 from tidal.data.errors import DataError
+from tidal.progress import progress
 from tidal.workspace import WorkspaceWriteError, atomic_write_text
 
 
@@ -67,23 +68,19 @@ def _file_entries(directory: str | Path) -> list[tuple[str, str]]:
         memo = {}
     entries, fresh = [], {}
     now = time.time_ns()
-    for dirpath, dirnames, filenames in _walk(root):
-        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")  # once per folder, not per file
-        prefix = "" if rel_dir == "." else rel_dir + "/"
-        for name in filenames:
-            full = os.path.join(dirpath, name)
-            relpath = prefix + name
-            st = _regular_file_stat(full)
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-            known = memo.get(relpath)
-            if isinstance(known, list) and known[:3] == stamp:
-                md5 = known[3]
-            else:
-                md5, known = _file_md5(Path(full)), None
-            if now - st.st_mtime_ns > RACY_NS:
-                # The memo's own entry when unchanged: a million files are not a million new lists.
-                fresh[relpath] = known or [*stamp, md5]
-            entries.append((relpath, md5))
+    # A bar on a terminal: the first check of a big photo folder reads every byte of it.
+    for full, relpath in progress(_files(root), desc=f"data version of {root}", unit="file"):
+        st = _regular_file_stat(full)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        known = memo.get(relpath)
+        if isinstance(known, list) and known[:3] == stamp:
+            md5 = known[3]
+        else:
+            md5, known = _file_md5(Path(full)), None
+        if now - st.st_mtime_ns > RACY_NS:
+            # The memo's own entry when unchanged: a million files are not a million new lists.
+            fresh[relpath] = known or [*stamp, md5]
+        entries.append((relpath, md5))
     if fresh != memo:
         try:
             atomic_write_text(memo_path, json.dumps(fresh))
@@ -91,6 +88,15 @@ def _file_entries(directory: str | Path) -> list[tuple[str, str]]:
             pass  # a read-only or full cache dir: the next call reads the files again
     entries.sort()
     return entries
+
+
+def _files(root: str) -> Iterator[tuple[str, str]]:
+    """(path, relpath with "/") of every file below root, in _walk's order."""
+    for dirpath, _, filenames in _walk(root):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")  # once per folder, not per file
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        for name in filenames:
+            yield os.path.join(dirpath, name), prefix + name
 
 
 def _walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
