@@ -6,9 +6,9 @@ again (the memo warm).
     .venv/bin/python benchmarks/data_check_memory.py --name before --repo /tmp/before   # older code
 
 The folder: --n files of 8 bytes under --work/data/train/c0..c9/ (written once). Each run is a
-fresh process with the `tidal` package of --repo (default this checkout) and an empty cache dir
-of its own, checked twice in a row (cold, then warm). Peak memory is VmHWM less VmRSS after the
-import (tidal.memory). It writes benchmarks/results/data_check_memory/<name>.json and rebuilds
+fresh process with the `tidal` package of --repo (default this checkout): the check with an empty
+cache dir of the run's own (cold), then, in another fresh process, again (warm). Peak memory is
+VmHWM less VmRSS after the import (tidal.memory). It writes benchmarks/results/data_check_memory/<name>.json and rebuilds
 README.md there from them.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def write_folder(work: Path, n: int) -> Path:
 
 
 def check(repo: Path, root: Path, cache: Path) -> dict:
-    """Both checks in this process (run through `--check`)."""
+    """One check in this process (run through `--check`)."""
     import os
 
     sys.path.insert(0, str(repo))
@@ -48,13 +48,10 @@ def check(repo: Path, root: Path, cache: Path) -> dict:
     from tidal.memory import status_kb
 
     base = status_kb("VmRSS") / 1024
-    record = {}
-    for run in ("cold", "warm"):
-        began = time.perf_counter()
-        version = verify_data_version(root)["data_version"]
-        record[run] = {"seconds": round(time.perf_counter() - began, 2),
-                       "peak_over_import_mb": round(status_kb("VmHWM") / 1024 - base, 1), "data_version": version}
-    return record
+    began = time.perf_counter()
+    version = verify_data_version(root)["data_version"]
+    return {"seconds": round(time.perf_counter() - began, 2),
+            "peak_over_import_mb": round(status_kb("VmHWM") / 1024 - base, 1), "data_version": version}
 
 
 def rebuild_readme() -> None:
@@ -86,13 +83,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     root = write_folder(Path(args.work), args.n)
     cache = Path(args.work) / f"cache-{args.name}"
     shutil.rmtree(cache, ignore_errors=True)
-    out = subprocess.run([sys.executable, __file__, "--repo", str(repo), "--check", str(root), str(cache)],
-                         check=True, capture_output=True, text=True).stdout
+    measured = {}
+    for run in ("cold", "warm"):
+        out = subprocess.run([sys.executable, __file__, "--repo", str(repo), "--check", str(root), str(cache)],
+                             check=True, capture_output=True, text=True).stdout
+        measured[run] = json.loads(out.strip().splitlines()[-1])
     shutil.rmtree(cache, ignore_errors=True)
     code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "tidal"], cwd=repo, capture_output=True, text=True).stdout
     record = {"name": args.name, "code": code + (" (tidal/ modified)" if dirty.strip() else ""), "n": args.n,
-              **json.loads(out.strip().splitlines()[-1]),
+              **measured,
               "command": ".venv/bin/python benchmarks/data_check_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
