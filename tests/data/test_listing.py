@@ -124,3 +124,28 @@ def test_a_loaded_pool_holds_no_python_string_per_file(tmp_path):
         tracemalloc.stop()
     assert len(data.pool_ids) == 3000 and data.pool_ids[0] == "train/cat/photo_000000"
     assert held / 3040 < 60, f"{held / 3040:.0f} bytes held per file"
+
+
+def test_photos_in_subfolders_of_a_class_folder_are_of_that_class(tmp_path):
+    """train/<class>/2019 trip/x.jpg is a photo of <class> (as torchvision's ImageFolder reads it),
+    even in a class folder that holds only subfolders; hidden folders are left out, and a linked
+    folder that leads back up is not listed twice."""
+    root = tmp_path / "photos"
+    _tiny(root / "train" / "cats" / "a.jpg", 1)
+    _tiny(root / "train" / "cats" / "2019 trip" / "b.jpg", 2)
+    _tiny(root / "train" / "cats" / "2019 trip" / "day 2" / "c.png", 3)
+    _tiny(root / "train" / "dogs" / "indoor" / "d.jpg", 4)  # only in a subfolder
+    _tiny(root / "train" / "dogs" / ".thumbnails" / "d.jpg", 5)  # hidden: not a photo of the set
+    _tiny(root / "test" / "cats" / "sub" / "e.jpg", 6)
+    _tiny(root / "test" / "dogs" / "f.jpg", 7)
+    (root / "train" / "cats" / "2019 trip" / "back up").symlink_to(root / "train" / "cats")
+    data = load_dataset(root, "imagefolder", images=ImageOptions(size=4))
+    assert list(data.pool_ids) == ["train/cats/2019 trip/b", "train/cats/2019 trip/day 2/c", "train/cats/a",
+                                   "train/dogs/indoor/d"]
+    assert data.pool_labels.tolist() == [0, 0, 0, 1] and data.test_labels.tolist() == [0, 1]
+    assert data.pool_files[1] == str(root / "train" / "cats" / "2019 trip" / "day 2" / "c.png")
+    assert data.index_of(["train/dogs/indoor/d", "train/cats/2019 trip/day 2/c"]).tolist() == [3, 1]
+    with pytest.raises(DataError):
+        data.index_of(["train/cats/b"])  # the stem alone is not its id
+    expected = np.asarray(Image.open(root / "train" / "cats" / "2019 trip" / "day 2" / "c.png").convert("RGB"))
+    assert np.array_equal(data.pool_images[1].permute(1, 2, 0).numpy(), expected)

@@ -60,14 +60,15 @@ class FolderListing:
         return np.asarray(self.labels, dtype=np.int64)[folders]
 
     def find(self, relstem: str) -> int | None:
-        """The row of `split/class/stem` (a relative path without its extension), or None."""
+        """The row of `split/class/stem` (a relative path without its extension, the stem itself
+        maybe in subfolders of the class folder), or None."""
         parts = relstem.split("/")
-        if len(parts) != 3 or not parts[2]:
+        if len(parts) < 3 or not all(parts[2:]):
             return None
         f = self._folder_of.get((parts[0], parts[1]))
         if f is None:
             return None
-        lo, hi, stem = int(self.starts[f]), int(self.starts[f + 1]), parts[2]
+        lo, hi, stem = int(self.starts[f]), int(self.starts[f + 1]), "/".join(parts[2:])
         # Names are sorted, so every name that starts with `stem.` sits in one run from here.
         row = bisect.bisect_left(_Names(self), stem + ".", lo, hi)
         while row < hi and self.name(row).startswith(stem + "."):
@@ -115,14 +116,30 @@ def list_folders(root: str, folders: list[tuple[str, str]], labels: list[int],
 
 
 def _image_names(folder: str, suffixes: tuple[str, ...]) -> Iterator[str]:
-    """Visible files with an image suffix (os.scandir: no stat to tell files from folders)."""
+    """Visible files with an image suffix below `folder`, as paths relative to it (`a.jpg`,
+    `2019 trip/b.jpg`): photos sorted into subfolders of a class folder are of that class, as in
+    torchvision's ImageFolder. Hidden files and folders (a leading ".") are left out; a linked
+    folder is followed, but never into a folder already listed (a link back up would loop).
+    os.scandir: no stat to tell files from folders."""
     if not os.path.isdir(folder):
         return
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if (not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in suffixes
-                    and entry.is_file()):
-                yield entry.name
+    pending, listed = [""], set()
+    while pending:
+        sub = pending.pop()
+        here = os.path.join(folder, sub)
+        real = os.path.realpath(here)
+        if real in listed:
+            continue
+        listed.add(real)
+        with os.scandir(here) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                name = sub + entry.name
+                if entry.is_dir():
+                    pending.append(name + "/")
+                elif os.path.splitext(entry.name)[1].lower() in suffixes and entry.is_file():
+                    yield name
 
 
 def duplicate_stem(listing: FolderListing) -> str | None:
