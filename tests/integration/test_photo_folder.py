@@ -137,3 +137,55 @@ def test_a_pretrained_cycle_logs_the_whole_network_that_mlflow_loads_and_registe
     x = to_float(images)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), whole.eval()(normalize(x))[0])
+
+
+def test_unlabeled_photos_in_a_manifest_go_round_the_human_loop_from_a_frozen_network(
+        ants_bees, prefect_harness, mlflow_uri, tmp_path, monkeypatch, capsys):
+    """The user's case: a pool of photos without labels (a manifest whose pool rows have an empty
+    label, 5 labeled per class), a labeled test split, the shipped pretrained network frozen,
+    annotators in the loop. The first run trains on the 10 labeled photos and exports a query of
+    unlabeled ones only; their labels come back by file; the next run trains on 20."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TIDAL_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "mine"
+    root.mkdir()
+    for split in ("train", "test"):
+        (root / split).symlink_to(ants_bees / split)  # a link inside the root is followed
+    rows, truth = [], {}
+    for split in ("train", "test"):
+        for cls in ("ants", "bees"):
+            for i, photo in enumerate(sorted((ants_bees / split / cls).iterdir())):
+                path = f"{split}/{cls}/{photo.name}"
+                truth[path.rsplit(".", 1)[0]] = cls
+                rows.append({"path": path, "label": cls if split == "test" or i < 5 else "", "split": split})
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "classes.txt").write_text("ants\nbees\n")
+    labeled = {r["path"].rsplit(".", 1)[0] for r in rows if r["split"] == "train" and r["label"]}
+
+    sets = ["--set", "preset=photos-frozen", "--set", "dataset=manifest", "--set", f"data_root={root}",
+            "--set", f"runs_dir={tmp_path}/runs", "--set", "experiment=mine", "--set", "label_mode=human",
+            "--set", "image_size=64", "--set", "train.epochs=5", "--set", "train.min_steps=20"]
+    assert tidal_main(["run", *sets]) == 0
+    assert "WAITING FOR LABELS: query mine-cycle0 (10 samples pending)" in capsys.readouterr().out
+    state = json.loads((tmp_path / "runs/mine/state.json").read_text())
+    assert set(state["labeled"]) == labeled and set(state["pending"]).isdisjoint(labeled)
+    query = tmp_path / "runs/mine/cycles/0/query.csv"
+    with open(query, newline="") as fh:
+        asked = list(csv.DictReader(fh))
+    assert len(asked) == 10 and all(Path(r["path"]).is_file() for r in asked)
+    for r in asked:
+        r["label"] = truth[r["id"]]
+    with open(tmp_path / "back.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asked[0]))
+        writer.writeheader()
+        writer.writerows(asked)
+    assert tidal_main(["import-labels", str(tmp_path / "back.csv"), "--experiment", "mine",
+                       "--set", f"runs_dir={tmp_path}/runs"]) == 0
+    assert "imported 10 new label(s)" in capsys.readouterr().out
+    assert tidal_main(["run", "--set", "experiment=mine", "--set", f"runs_dir={tmp_path}/runs"]) == 0
+    history = json.loads((tmp_path / "runs/mine/state.json").read_text())["history"]
+    assert [h["n_labeled"] for h in history] == [10, 20]
+    assert (root / "labels" / "mine.csv").is_file()  # the labels live with the data, for DVC
