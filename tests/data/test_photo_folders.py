@@ -121,6 +121,28 @@ def test_jpeg_draft_decoding_keeps_the_picture(tmp_path):
 
 # --- a folder of photos ----------------------------------------------------------------------------
 
+def test_a_panorama_over_pillows_header_limit_decodes_and_the_limit_is_on_decoded_pixels(tmp_path, monkeypatch):
+    """Pillow refuses a 16000×12000 file from its header (over 179 M pixels); brought to 224 px
+    it is decoded at 1/8 of its size (2000×1500), so it is a photo like any other. The limit is
+    on the pixels decoded: at its own size it is refused, and so is any image that is decoded
+    whole above the limit; Pillow's own limit is left as it was."""
+    from PIL import Image
+
+    from tidal.data import decode as decode_mod
+
+    pano = _save(tmp_path / "pano.jpg", Image.new("L", (16000, 12000), 77), quality=80)
+    assert probe(str(pano)) == ("L", 16000, 12000)
+    array = decode(str(pano), gray=True, size=224)
+    assert array.shape == (1, 224, 224) and abs(int(array.mean()) - 77) <= 1
+    with pytest.raises(decode_mod.BadImage, match="too large to decode: 16000×12000 pixels.*set image_size"):
+        decode(str(pano), gray=True, size=0)
+    small = _save(tmp_path / "small.png", _rgb(40, 30, 1))
+    monkeypatch.setattr(decode_mod, "DECODED_PIXEL_LIMIT", 40 * 30 - 1)
+    with pytest.raises(decode_mod.BadImage, match="too large to decode: 40×30 pixels"):
+        decode(str(small), gray=False, size=16)  # a PNG has no smaller decode
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
 def test_mixed_sizes_need_image_size_then_decode_to_it(tmp_path):
     root = _folder(tmp_path / "photos", {"ants": [(50, 30), (30, 50), (64, 48)], "bees": [(40, 40), (80, 20)]})
     with pytest.raises(DataError, match=r"different sizes.*image_size=224"):

@@ -41,9 +41,17 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message says why in a few words."""
 
 
+# Pillow refuses to open an image of over 179 M pixels (2 × Image.MAX_IMAGE_PIXELS) as a possible
+# decompression bomb, from its header alone: a 16000×12000 panorama is refused that way. A JPEG
+# is decoded here at 1/2 to 1/8 of its size when `size` allows it (draft), so the limit is put
+# on the pixels that are decoded (decode), not on the file's size.
+DECODED_PIXEL_LIMIT = 178_956_970
+
+
 def _open(path: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked in decode, after the draft
     try:
         return Image.open(path)
     except FileNotFoundError:
@@ -52,8 +60,10 @@ def _open(path: str) -> Any:
         import os
 
         raise BadImage("empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError, SyntaxError) as err:
         raise BadImage(f"unreadable ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def probe(path: str) -> tuple[str, int, int]:
@@ -129,6 +139,10 @@ def decode(path: str, gray: bool, size: int = 0, resize: str = "center-crop") ->
             if size and im.format == "JPEG":
                 width, height = im.size
                 im.draft(im.mode, _draft_size(width, height, size, resize))
+            if im.size[0] * im.size[1] > DECODED_PIXEL_LIMIT:
+                hint = "" if size else "; set image_size (a JPEG is then decoded at down to 1/8 of its size)"
+                raise BadImage(f"too large to decode: {im.size[0]}×{im.size[1]} pixels, over "
+                               f"{DECODED_PIXEL_LIMIT:,}{hint}")
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: an upright photo is not copied
             im = _eight_bit(im)
