@@ -38,7 +38,7 @@ from tidal.data.errors import DataError
 from tidal.progress import progress
 from tidal.workspace import atomic_write_text, pid_alive, write_csv
 
-CACHE_FORMAT = 2  # bump when the decoded layout changes, so old entries are not reused
+CACHE_FORMAT = 3  # bump when the decoded layout, or which files decode, changes: old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Starting a pool of workers costs about 0.05 s (benchmarks/photo_folders.md): the header pass
