@@ -143,6 +143,18 @@ def test_a_panorama_over_pillows_header_limit_decodes_and_the_limit_is_on_decode
     assert Image.MAX_IMAGE_PIXELS == 89_478_485
 
 
+def test_every_suffix_a_camera_or_browser_saves_is_read(tmp_path):
+    """JPEG as .jpe/.jfif (what browsers save), AVIF and WebP, in any case of the suffix."""
+    names = {"a": ["0.jpe", "1.JFIF", "2.avif"], "b": ["3.webp", "4.Jpeg", "5.tif"]}
+    for cls, files in names.items():
+        for i, name in enumerate(files):
+            fmt = {".jpe": "JPEG", ".jfif": "JPEG", ".jpeg": "JPEG"}.get(Path(name).suffix.lower())
+            _save(tmp_path / "train" / cls / name, _rgb(20 + i, 12, i), **({"format": fmt} if fmt else {}))
+        _save(tmp_path / "test" / cls / "t.png", _rgb(9, 9, 9))
+    data = load_dataset(tmp_path, "imagefolder", images=ImageOptions(size=8))
+    assert sorted(data.pool_ids) == sorted(f"train/{c}/{Path(n).stem}" for c, files in names.items() for n in files)
+
+
 def test_mixed_sizes_need_image_size_then_decode_to_it(tmp_path):
     root = _folder(tmp_path / "photos", {"ants": [(50, 30), (30, 50), (64, 48)], "bees": [(40, 40), (80, 20)]})
     with pytest.raises(DataError, match=r"different sizes.*image_size=224"):

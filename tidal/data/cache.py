@@ -40,7 +40,7 @@ from tidal.workspace import atomic_write_text, pid_alive, write_csv
 
 CACHE_FORMAT = 3  # bump when the decoded layout, or which files decode, changes: old entries are not reused
 DEFAULT_CACHE_DIR = Path(".cache") / "tidal"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff")
 # Starting a pool of workers costs about 0.05 s (benchmarks/photo_folders.md): the header pass
 # (about 20,000 files/s in one process) goes to workers only for this many files, the decode pass
 # (about 15 ms per megapixel decoded in full) only for this many source pixels in all.
