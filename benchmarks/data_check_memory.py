@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import code_label, save_result  # benchmarks/provenance.py, beside this file
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results" / "data_check_memory"
 
@@ -89,16 +91,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                              check=True, capture_output=True, text=True).stdout
         measured[run] = json.loads(out.strip().splitlines()[-1])
     shutil.rmtree(cache, ignore_errors=True)
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "tidal"], cwd=repo, capture_output=True, text=True).stdout
-    record = {"name": args.name, "code": code + (" (tidal/ modified)" if dirty.strip() else ""), "n": args.n,
+    record = {"name": args.name, "code": code_label(repo), "n": args.n,
               **measured,
               "command": ".venv/bin/python benchmarks/data_check_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    rebuild_readme()
-    print(json.dumps(record, indent=1))
-    return record
+    return save_result(OUT, args.name, record, rebuild_readme)
 
 
 if __name__ == "__main__":

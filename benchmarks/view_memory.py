@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from provenance import code_label, save_result  # benchmarks/provenance.py, beside this file
+
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,18 +105,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     repo = Path(args.repo).resolve()
     root = write_pool(Path(args.work), args.n, args.side)
     measured = {which: run_phase(repo, root, which) for which in ("map", "views")}
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "tidal"], cwd=repo, capture_output=True, text=True).stdout
-    record = {"name": args.name, "code": code + (" (tidal/ modified)" if dirty.strip() else ""), "n": args.n,
+    record = {"name": args.name, "code": code_label(repo), "n": args.n,
               "side": args.side, "pool_gb": round(args.n * 3 * args.side ** 2 / 1e9, 2), **measured,
               "ratio": round(measured["views"]["peak_rss_mb"] / measured["map"]["peak_rss_mb"], 2),
               "machine": platform.processor() or platform.machine(),
               "command": ".venv/bin/python benchmarks/view_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    rebuild_readme()
-    print(json.dumps(record, indent=1))
-    return record
+    return save_result(OUT, args.name, record, rebuild_readme)
 
 
 if __name__ == "__main__":
