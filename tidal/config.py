@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -89,6 +90,7 @@ def _merge(base: dict, update: dict, prefix: str = "") -> dict:
 
 # Keys whose value may be null; for every other key null is an error, not a crash later.
 NULLABLE = {"preset", "subset_size", "scoring.dask_address", "backbone_weights"}
+PATH_KEYS = ("data_root", "runs_dir", "backbone_weights")  # a leading ~ is the home folder
 
 # Keys whose default is false but which may also be one of these strings.
 FALSE_OR_CHOICE: dict[str, tuple[str, ...]] = {"train.compile": ("default", "reduce-overhead")}
@@ -217,6 +219,9 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
                               f"choose one of {sorted(PRESETS)} or null (the files of {PARAMS_DIR / 'presets'})")
         params = _merge(params, PRESETS[preset])
     params = _merge(params, override_values)
+    for key in PATH_KEYS:  # `~/photos` as a shell would give it: zsh leaves `--set key=~/x` as it is
+        if isinstance(params[key], str):
+            params[key] = os.path.expanduser(params[key])
     validate(params)
     return params
 

@@ -351,3 +351,19 @@ def test_a_key_whose_default_is_null_takes_a_string_or_null(key, value):
     with pytest.raises(ConfigError, match=f"'{key}' must be a string or null"):
         load_params(None, [f"{key}={value}"])
     load_params(None, [f"{key}=null"])
+
+
+def test_a_path_key_starting_with_a_tilde_is_in_the_home_folder(tmp_path, monkeypatch):
+    """`--set data_root=~/photos` reaches tidal as it is under zsh, and a params file is never
+    expanded by a shell: `~` is the home folder in every key that names a path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "lite0.pth").write_bytes(b"")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("runs_dir: ~/runs\n")
+    params = load_params(params_file, ["data_root=~/photos", "backbone=timm/tf_efficientnet_lite0",
+                                       "train.backbone_mode=frozen", "backbone_weights=~/lite0.pth"])
+    home = str(tmp_path / "home")
+    assert (params["data_root"], params["runs_dir"]) == (f"{home}/photos", f"{home}/runs")
+    assert params["backbone_weights"] == f"{home}/lite0.pth"
+    assert load_params(None, ["data_root=photos~1"])["data_root"] == "photos~1"  # only a leading ~
