@@ -1,7 +1,7 @@
 """The sources read from image files: an image folder and a manifest, and how their files decode.
 
-- `imagefolder`: data_root/{train,test}/<class>/<file>; classes sorted by folder name; ids
-  are the relative path without extension (`train/cat/0042`).
+- `imagefolder`: data_root/{train,test}/<class>/<file> (or in subfolders of <class>); classes
+  sorted by folder name; ids are the relative path without extension (`train/cat/0042`).
 - `manifest`: data_root/manifest.csv with columns `path,label,split` (see read_manifest) and
   data_root/classes.txt declaring the classes.
 
