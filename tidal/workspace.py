@@ -14,7 +14,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 LEARNING_CURVE_COLUMNS = ["strategy", "seed", "cycle", "n_labeled", "accuracy"]
 
@@ -59,9 +59,10 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    """Write `path` whole or not at all. `mode`: its permission bits, by default what open() gives
-    (0o666 less the umask); a secret passes 0o600, which it has from its first byte on."""
+def atomic_write_bytes(path: str | Path, data: bytes | Iterable[bytes], mode: int | None = None) -> None:
+    """Write `path` whole or not at all: `data`, or its blocks one after another (a big file
+    need not be held whole). `mode`: its permission bits, by default what open() gives (0o666
+    less the umask); a secret passes 0o600, which it has from its first byte on."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +74,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
             # mkstemp makes the file 0600; by default it gets the mode open() gives, so annotators
             # and a Label Studio under other accounts read what the umask lets them.
             os.fchmod(fh.fileno(), 0o666 & ~current_umask() if mode is None else mode)
-            fh.write(data)
+            fh.write(data) if isinstance(data, bytes) else fh.writelines(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

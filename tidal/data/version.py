@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import islice
 from json.encoder import encode_basestring_ascii
 import os
 import shutil
@@ -23,7 +24,7 @@ import yaml
 
 from tidal.data.errors import DataError
 from tidal.progress import progress
-from tidal.workspace import WorkspaceWriteError, atomic_write_text
+from tidal.workspace import WorkspaceWriteError, atomic_write_bytes
 
 
 def _file_md5(path: Path) -> str:
@@ -83,11 +84,20 @@ def _file_entries(directory: str | Path) -> list[tuple[str, str]]:
         entries.append((relpath, md5))
     if fresh != memo:
         try:
-            atomic_write_text(memo_path, json.dumps(fresh))
+            atomic_write_bytes(memo_path, _json_blocks(fresh))
         except (WorkspaceWriteError, OSError):
             pass  # a read-only or full cache dir: the next call reads the files again
     entries.sort()
     return entries
+
+
+def _json_blocks(memo: dict, block: int = 10_000) -> Iterator[bytes]:
+    """json.dumps(memo) a block of entries at a time: a million files' memo is not one text."""
+    items = iter(memo.items())
+    yield b"{"
+    for i, part in enumerate(iter(lambda: dict(islice(items, block)), {})):
+        yield ((", " if i else "") + json.dumps(part)[1:-1]).encode()
+    yield b"}"
 
 
 def _files(root: str) -> Iterator[tuple[str, str]]:
