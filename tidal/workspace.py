@@ -212,11 +212,12 @@ class ExperimentLock:
     """
 
     POLL_S = 2.0
-    # The locks this process holds: (pid, lock path) -> [depth, token]. A process that holds a lock
-    # may enter it again (`tidal run` holds it from its checks through the flow it calls, whose
-    # own `with` enters again); `token` is new each time the lock is taken afresh, so a result
-    # kept "while the lock is held" can tell whether it was let go in between (`holding`).
-    _held: dict[tuple[int, Path], list] = {}
+    # The locks this process holds: (pid, lock path) -> (the holding thread, token). The thread
+    # that holds a lock may enter it again (`tidal run` holds it from its checks through the flow
+    # it calls, whose own `with` enters again); any other thread waits for it like another
+    # process. `token` is new each time the lock is taken afresh, so a result kept "while the lock
+    # is held" can tell whether it was let go in between (`holding`).
+    _held: dict[tuple[int, Path], tuple[int, object]] = {}
 
     def __init__(self, root: str | Path, wait_s: float = 0.0) -> None:
         self.path = Path(root) / ".lock"
@@ -227,7 +228,8 @@ class ExperimentLock:
 
     @classmethod
     def holding(cls, root: str | Path) -> object | None:
-        """The token of this process's hold of root's lock, or None when it does not hold it."""
+        """The token of this process's hold of root's lock (taken by any of its threads: a flow's
+        tasks run in worker threads), or None when it does not hold it."""
         held = cls._held.get((os.getpid(), (Path(root) / ".lock").absolute()))
         return held[1] if held else None
 
@@ -235,15 +237,15 @@ class ExperimentLock:
         import time
 
         key = (os.getpid(), self.path.absolute())
-        if key in ExperimentLock._held:
-            ExperimentLock._held[key][0] += 1
+        held = ExperimentLock._held.get(key)
+        if held is not None and held[0] == threading.get_ident():
             self.reentered = True
             return self
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
                 self._take()
-                ExperimentLock._held[key] = [1, object()]
+                ExperimentLock._held[key] = (threading.get_ident(), object())
                 return self
             except ExperimentLocked:
                 if time.monotonic() + self.POLL_S > deadline:
@@ -287,11 +289,9 @@ class ExperimentLock:
         raise ExperimentLocked(f"could not take the lock {self.path}")
 
     def __exit__(self, *exc: object) -> None:
-        key = (os.getpid(), self.path.absolute())
-        ExperimentLock._held[key][0] -= 1
         if self.reentered:
             return
-        del ExperimentLock._held[key]
+        del ExperimentLock._held[(os.getpid(), self.path.absolute())]
         if self._owner().get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
         if self.created_root:

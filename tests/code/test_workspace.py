@@ -299,3 +299,34 @@ def test_the_lock_waits_for_a_live_owner_up_to_its_wait_time(tmp_path):
     finally:
         owner.kill()
         owner.wait()
+
+
+def test_the_lock_is_entered_again_by_its_holding_thread_only(tmp_path):
+    """`tidal run` enters its own lock again through the flow; another thread of the same process
+    (a second flow run in it) is refused like another process, and sees the hold's token."""
+    import threading
+
+    from tidal.workspace import ExperimentLock, ExperimentLocked
+
+    seen = {}
+
+    def other_thread() -> None:
+        seen["token"] = ExperimentLock.holding(tmp_path)
+        try:
+            ExperimentLock(tmp_path).__enter__()
+            seen["entered"] = True
+        except ExperimentLocked:
+            seen["entered"] = False
+
+    with ExperimentLock(tmp_path):
+        token = ExperimentLock.holding(tmp_path)
+        with ExperimentLock(tmp_path):  # the same thread: entered again
+            assert ExperimentLock.holding(tmp_path) is token
+        assert (tmp_path / ".lock").exists()  # the inner exit keeps the lock
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        assert seen == {"token": token, "entered": False}
+    assert not (tmp_path / ".lock").exists() and ExperimentLock.holding(tmp_path) is None
+    with ExperimentLock(tmp_path):
+        assert ExperimentLock.holding(tmp_path) is not token  # taken afresh: a new token
