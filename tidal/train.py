@@ -121,10 +121,10 @@ def to_float(images_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return images_u8.to(dtype).div_(255.0)
 
 
-def model_input(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """What the model reads: uint8 images normalized to floats of `dtype`; float rows (a frozen
-    backbone's cached features, tidal.features) as they are."""
-    return batch if batch.is_floating_point() else normalize(to_float(batch, dtype))
+def model_input(batch: torch.Tensor) -> torch.Tensor:
+    """What the model reads: uint8 images normalized to floats; float rows (a frozen backbone's
+    cached features, tidal.features) as they are."""
+    return batch if batch.is_floating_point() else normalize(to_float(batch))
 
 
 def loss_precision(x: torch.Tensor) -> torch.Tensor:

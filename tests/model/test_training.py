@@ -14,7 +14,7 @@ from tidal.evaluate import accuracy
 from tidal.experiment import load_state, prepare_data, start_experiment
 from tidal.models import TDPredictor, build_backbone
 from tidal.train import (ONECYCLE_START, TrainConfig, TrainingDiverged, epoch_batches, loss_precision, lr_factor,
-                         model_input, steps_per_epoch, train_cycle)
+                         steps_per_epoch, to_float, train_cycle)
 from tidal.workspace import read_csv, read_json, workspace
 
 CPU = torch.device("cpu")
@@ -206,12 +206,12 @@ def test_losses_raise_only_half_precision():
 
 
 def test_a_float64_model_reads_float64_images():
-    """uint8 images in the model's dtype: float32 by default, float64 computed as float64 (not a
-    float32 input widened), normalized alike."""
+    """train_cycle brings uint8 images to the model's dtype: float32 by default, float64 computed
+    as float64 (not a float32 input widened)."""
     images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
-    as32, as64 = model_input(images), model_input(images, torch.float64)
+    as32, as64 = to_float(images), to_float(images, torch.float64)
     assert as32.dtype == torch.float32 and as64.dtype == torch.float64
-    assert torch.equal(as64, (images.double() / 255 - 0.5) / 0.5)
+    assert torch.equal(as64, images.double() / 255)
     assert not torch.equal(as64, as32.double())  # 1/255 is not a float32
 
 
