@@ -120,3 +120,22 @@ def test_pin_lock_serializes_two_repins(tmp_path):
     for t in threads:
         t.join()
     assert not overlaps and time.perf_counter() - start >= 0.6
+
+
+def test_listing_and_memo_are_hashed_and_written_in_blocks_as_one_json_text_would_be():
+    """Over 10,000 entries (so across block boundaries), with names JSON escapes: DVC's listing
+    hash and the memo's bytes equal those of one json.dumps of everything."""
+    import hashlib
+    import json
+
+    from tidal.data.version import _json_blocks, _tree_md5
+
+    entries = sorted((f"train/c{i % 3}/é \"{i}\".jpg", f"{i:032x}") for i in range(25_001))
+    entries.append(("labels/exp.csv", "f" * 32))
+    listing = [{"md5": m, "relpath": r} for r, m in entries]
+    assert _tree_md5(entries) == hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+    kept = [e for e in listing if not e["relpath"].startswith("labels/")]
+    assert _tree_md5(entries, exclude=("labels",)) == hashlib.md5(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    assert _tree_md5([]) == hashlib.md5(b"[]").hexdigest()
+    memo = {r: [i, i * 7, i + 1, m] for i, (r, m) in enumerate(entries)}
+    assert b"".join(_json_blocks(memo.items(), lambda block: json.dumps(dict(block)), "{}")) == json.dumps(memo).encode()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from itertools import islice
-from json.encoder import encode_basestring_ascii
 import os
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import yaml
 
@@ -84,20 +83,22 @@ def _file_entries(directory: str | Path) -> list[tuple[str, str]]:
         entries.append((relpath, md5))
     if fresh != memo:
         try:
-            atomic_write_bytes(memo_path, _json_blocks(fresh))
+            atomic_write_bytes(memo_path, _json_blocks(fresh.items(), lambda block: json.dumps(dict(block)), "{}"))
         except (WorkspaceWriteError, OSError):
             pass  # a read-only or full cache dir: the next call reads the files again
     entries.sort()
     return entries
 
 
-def _json_blocks(memo: dict, block: int = 10_000) -> Iterator[bytes]:
-    """json.dumps(memo) a block of entries at a time: a million files' memo is not one text."""
-    items = iter(memo.items())
-    yield b"{"
-    for i, part in enumerate(iter(lambda: dict(islice(items, block)), {})):
-        yield ((", " if i else "") + json.dumps(part)[1:-1]).encode()
-    yield b"}"
+def _json_blocks(items: Iterable, dumps: Callable[[list], str], brackets: str = "[]") -> Iterator[bytes]:
+    """The bytes of one JSON list or object (`brackets`), a block of 10,000 items at a time:
+    `dumps(block)` is the block as json.dumps writes that container, whose brackets are dropped.
+    The same bytes as one json.dumps of everything, never held as one text (a million files)."""
+    it = iter(items)
+    yield brackets[0].encode()
+    for i, block in enumerate(iter(lambda: list(islice(it, 10_000)), [])):
+        yield ((", " if i else "") + dumps(block)[1:-1]).encode()
+    yield brackets[1].encode()
 
 
 def _files(root: str) -> Iterator[tuple[str, str]]:
@@ -151,15 +152,12 @@ def _regular_file_stat(path: str) -> os.stat_result:
 
 def _tree_md5(entries: list[tuple[str, str]], exclude: tuple[str, ...] = ()) -> str:
     """md5 of DVC's listing, `json.dumps([{"md5": ..., "relpath": ...}, ...], sort_keys=True)`,
-    fed to the hash a block of entries at a time (the same bytes, without the whole text)."""
-    digest, parts = hashlib.md5(b"["), []
+    fed to the hash a block of entries at a time."""
+    digest = hashlib.md5()
     kept = (e for e in entries if e[0].split("/", 1)[0] not in exclude)
-    for i, (relpath, md5) in enumerate(kept):
-        parts.append(f'{", " if i else ""}{{"md5": "{md5}", "relpath": {encode_basestring_ascii(relpath)}}}')
-        if len(parts) == 10_000:
-            digest.update("".join(parts).encode())
-            parts.clear()
-    digest.update(("".join(parts) + "]").encode())
+    for part in _json_blocks(kept, lambda block: json.dumps([{"md5": m, "relpath": r} for r, m in block],
+                                                            sort_keys=True)):
+        digest.update(part)
     return digest.hexdigest()
 
 
