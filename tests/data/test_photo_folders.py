@@ -125,7 +125,8 @@ def test_a_panorama_over_pillows_header_limit_decodes_and_the_limit_is_on_decode
     """Pillow refuses a 16000×12000 file from its header (over 179 M pixels); brought to 224 px
     it is decoded at 1/8 of its size (2000×1500), so it is a photo like any other. The limit is
     on the pixels decoded: at its own size it is refused, and so is any image that is decoded
-    whole above the limit; Pillow's own limit is left as it was."""
+    whole above the limit. Pillow's header check still refuses what even a 1/8 decode could not
+    bring under the limit."""
     from PIL import Image
 
     from tidal.data import decode as decode_mod
@@ -140,7 +141,9 @@ def test_a_panorama_over_pillows_header_limit_decodes_and_the_limit_is_on_decode
     monkeypatch.setattr(decode_mod, "DECODED_PIXEL_LIMIT", 40 * 30 - 1)
     with pytest.raises(decode_mod.BadImage, match="too large to decode: 40×30 pixels"):
         decode(str(small), gray=False, size=16)  # a PNG has no smaller decode
-    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    monkeypatch.setattr(decode_mod, "PILLOW_MAX_IMAGE_PIXELS", 16000 * 12000 // 2 - 1)
+    with pytest.raises(decode_mod.BadImage, match="decompression bomb"):
+        probe(str(pano))
 
 
 def test_every_suffix_a_camera_or_browser_saves_is_read(tmp_path):

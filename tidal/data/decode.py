@@ -41,17 +41,20 @@ class BadImage(Exception):
     """A file that cannot be used as an image; the message says why in a few words."""
 
 
-# Pillow refuses to open an image of over 179 M pixels (2 × Image.MAX_IMAGE_PIXELS) as a possible
-# decompression bomb, from its header alone: a 16000×12000 panorama is refused that way. A JPEG
-# is decoded here at 1/2 to 1/8 of its size when `size` allows it (draft), so the limit is put
-# on the pixels that are decoded (decode), not on the file's size.
+# Pillow refuses to open an image of over 2 × Image.MAX_IMAGE_PIXELS (179 M pixels by default) as
+# a possible decompression bomb, from its header alone: a 16000×12000 panorama would be refused.
+# A JPEG is decoded here at down to 1/8 of its size when `size` allows it (draft), so the limit
+# that matters is on the pixels decoded (DECODED_PIXEL_LIMIT, checked in decode); Pillow's header
+# check is raised to what a 1/8 decode brings under it (64×). Set for the whole process, always
+# to the same value: lowering it again after each open would race between threads.
 DECODED_PIXEL_LIMIT = 178_956_970
+PILLOW_MAX_IMAGE_PIXELS = DECODED_PIXEL_LIMIT * 64 // 2  # Pillow refuses at twice its setting
 
 
 def _open(path: str) -> Any:
     from PIL import Image, UnidentifiedImageError
 
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # checked in decode, after the draft
+    Image.MAX_IMAGE_PIXELS = PILLOW_MAX_IMAGE_PIXELS
     try:
         return Image.open(path)
     except FileNotFoundError:
@@ -60,10 +63,8 @@ def _open(path: str) -> Any:
         import os
 
         raise BadImage("empty file" if os.path.getsize(path) == 0 else "not an image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError) as err:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImage(f"unreadable ({err})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
 
 
 def probe(path: str) -> tuple[str, int, int]:
